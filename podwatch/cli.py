@@ -29,7 +29,7 @@ COMMAND_MODULES = (
     "podwatch.stream.commands",
     "podwatch.storage.commands",
     "podwatch.analytics.commands",
-    "podwatch.alerts_commands",
+    "podwatch.analytics.alerting.commands",
     "podwatch.dashboards.commands",
     "podwatch.demo",
 )
