@@ -50,7 +50,7 @@ def _register_all() -> None:
         try:
             module = importlib.import_module(name)
         except ModuleNotFoundError as exc:
-            if exc.name == name:  # stage not built yet
+            if exc.name and name.startswith(exc.name):  # stage not built yet
                 continue
             raise
         module.register(app)
