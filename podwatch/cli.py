@@ -29,6 +29,7 @@ COMMAND_MODULES = (
     "podwatch.stream.commands",
     "podwatch.storage.commands",
     "podwatch.analytics.commands",
+    "podwatch.analytics.capacity_commands",
     "podwatch.analytics.alerting.commands",
     "podwatch.dashboards.commands",
     "podwatch.demo",
