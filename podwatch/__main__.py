@@ -1,0 +1,3 @@
+from podwatch.cli import main
+
+main()
