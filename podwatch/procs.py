@@ -158,6 +158,22 @@ def mosquitto(port: int | None = None, host: str = "127.0.0.1", workdir: Path | 
     return ManagedProcess("mosquitto", [exe, "-c", str(conf)], host, port, workdir / "mosquitto.log")
 
 
+def amqtt_broker(port: int | None = None, host: str = "127.0.0.1", log_path: Path | None = None) -> ManagedProcess:
+    """The embedded amqtt broker in its own process (used when mosquitto is not installed)."""
+    import sys
+
+    port = port or free_port(host)
+    argv = [sys.executable, "-m", "podwatch.mqtt_broker", "--host", host, "--port", str(port)]
+    return ManagedProcess("amqtt", argv, host, port, log_path)
+
+
+def mqtt_broker(port: int | None = None, host: str = "127.0.0.1", workdir: Path | None = None) -> ManagedProcess:
+    """mosquitto when installed, else the embedded amqtt broker."""
+    if shutil.which("mosquitto") or Path("/usr/sbin/mosquitto").exists():
+        return mosquitto(port, host, workdir)
+    return amqtt_broker(port, host, (workdir / "amqtt.log") if workdir else None)
+
+
 def alertmanager(config_path: Path, port: int | None = None, host: str = "127.0.0.1",
                  workdir: Path | None = None) -> ManagedProcess:
     """Debian's prometheus-alertmanager with clustering off."""

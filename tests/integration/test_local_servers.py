@@ -17,3 +17,9 @@ def test_mosquitto_starts_answers_and_stops(tmp_path):
     with procs.mosquitto(workdir=tmp_path) as broker:
         assert procs.port_open(broker.host, broker.port)
     assert not procs.port_open(broker.host, broker.port)
+
+
+def test_embedded_amqtt_broker_starts_answers_and_stops():
+    with procs.amqtt_broker() as broker:
+        assert procs.port_open(broker.host, broker.port)
+    assert not procs.port_open(broker.host, broker.port)
