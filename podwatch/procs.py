@@ -49,7 +49,7 @@ def wait_for(predicate, timeout: float, interval: float = 0.02, what: str = "con
 
 
 class ManagedProcess:
-    def __init__(self, name: str, argv: list[str], host: str, port: int, log_path: Path | None = None,
+    def __init__(self, name: str, argv: list[str], host: str, port: int | None, log_path: Path | None = None,
                  env: dict | None = None, cwd: str | None = None) -> None:
         self.name, self.argv, self.host, self.port = name, argv, host, port
         self.log_path = log_path
@@ -69,6 +69,8 @@ class ManagedProcess:
         self._log = open(self.log_path, "ab")
         self.proc = subprocess.Popen(self.argv, stdout=self._log, stderr=subprocess.STDOUT, env=self.env,
                                      cwd=self.cwd, start_new_session=True)
+        if self.port is None:  # nothing to wait for but the process itself
+            return self
         try:
             wait_for(lambda: self.proc.poll() is not None or port_open(self.host, self.port), timeout,
                      what=f"{self.name} on {self.address}")
@@ -80,6 +82,13 @@ class ManagedProcess:
             self.stop()
             raise PodwatchError(f"{self.name} exited at start (rc={self.proc.returncode}): {tail}")
         return self
+
+    @property
+    def pid(self) -> int | None:
+        return self.proc.pid if self.proc else None
+
+    def alive(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
 
     def log_tail(self, n: int = 2000) -> str:
         try:
