@@ -1,0 +1,522 @@
+"""The Modbus collector: polls every Modbus device of a site on its interval and hands one
+`Reading` per device per interval to a sink.
+
+Owns: connections (one pymodbus async client per endpoint — gateway host:port, device
+host:port or serial port — shared by the endpoint's unit ids under one lock), the per-device
+poll schedule, error classification and back-off, decoding through the read plan
+(`planner.py`), quality flags and per-device sequence numbers.
+
+Lifecycle: `ModbusCollector(site, sink, settings)`; `await run(stop_event)` polls until the
+event is set, then closes its connections; `poll_once(device_id)` runs one poll (tests,
+benchmark). `close()` is idempotent.
+
+Contract with the sink (`podwatch.stream.producer.TelemetryProducer` or any object with
+`async send(reading)`): `send` returns once the reading is durable (Kafka or spool). A device's
+poll loop awaits it before the next poll, so a slow sink shows up as overruns, never as an
+unbounded queue.
+
+Error classes (docs/collectors.md has the full table):
+- exception 06 (busy): retried after a short delay, at most `busy_retries` times in the poll;
+- exceptions 01/02/03 (illegal function/address/value): configuration error — logged once at
+  ERROR, the request is disabled (its points are reported bad), never sent again;
+- exceptions 04/0A/0B, no response (timeout): the device is bad for this poll and its next
+  attempts back off exponentially (interval x 2^k, capped), so a dead unit on a shared gateway
+  costs at most one timeout per back-off period;
+- connection lost/refused: the endpoint reconnects with jittered exponential back-off; polls of
+  its devices meanwhile fail fast (bad readings, no waiting).
+Every scheduled tick emits exactly one reading: good/stale when polled, bad (all points null)
+when the poll failed or was skipped by back-off. Values are never invented.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+import time
+from collections import deque
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from typing import Protocol
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from podwatch.collectors.planner import ReadPlan, ReadRequest, decode_request, plan_reads
+from podwatch.collectors.profiles import ModbusProfile, available_profiles
+from podwatch.errors import ConfigError
+from podwatch.health import REGISTRY, ComponentHealth
+from podwatch.logs import fields
+from podwatch.samples import Quality, Reading
+from podwatch.site import Device, Site
+
+log = logging.getLogger(__name__)
+
+STATE_CODES = {"healthy": 0, "stale": 1, "bad": 2}
+
+
+class ReadingSink(Protocol):
+    """Where collectors put readings (implemented by `podwatch.stream.producer.TelemetryProducer`)."""
+
+    async def send(self, reading: Reading) -> None: ...
+
+    async def send_dead_letter(self, payload: bytes, reason: str, source: str, **meta) -> None: ...
+
+
+class ModbusSettings(BaseModel):
+    """Collector-wide Modbus settings (defaults suit a site of TCP gateways polled every second)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    max_registers_per_read: int | None = Field(None, ge=1, le=125, description="Override every profile's maximum")
+    max_gap: int | None = Field(None, ge=0, description="Override every profile's maximum gap read through")
+    busy_retries: int = Field(2, ge=0, description="Retries of a request answered with exception 06 (busy)")
+    busy_retry_delay_s: float = Field(0.02, ge=0, description="Delay before a busy retry (x attempt number)")
+    backoff_max_s: float = Field(30.0, gt=0, description="Longest back-off of a failing device")
+    reconnect_min_s: float = Field(0.2, gt=0, description="First reconnect delay of an endpoint")
+    reconnect_max_s: float = Field(30.0, gt=0, description="Longest reconnect delay of an endpoint")
+    stale_after_polls: int = Field(10, ge=0, description="Identical raw answers in a row that make a reading stale (0: off)")
+    stagger: bool = Field(True, description="Spread device start times over their interval")
+
+
+# --------------------------------------------------------------------------- errors
+
+
+class ModbusReadError(Exception):
+    """A classified read failure. `kind`: busy | illegal | device_failure | gateway | timeout | connection."""
+
+    def __init__(self, kind: str, message: str, code: int | None = None):
+        super().__init__(message)
+        self.kind = kind
+        self.code = code
+
+
+EXCEPTION_KIND = {1: "illegal", 2: "illegal", 3: "illegal", 4: "device_failure", 5: "busy", 6: "busy",
+                  8: "device_failure", 10: "gateway", 11: "gateway"}
+EXCEPTION_NAME = {1: "illegal function", 2: "illegal data address", 3: "illegal data value", 4: "device failure",
+                  5: "acknowledge (busy)", 6: "device busy", 8: "memory parity error", 10: "gateway path unavailable",
+                  11: "gateway target failed to respond"}
+
+
+def classify_exception_code(code: int) -> str:
+    return EXCEPTION_KIND.get(code, "device_failure")
+
+
+# --------------------------------------------------------------------------- connections
+
+
+def _jitter(delay_s: float) -> float:
+    """+-20 % so that many collectors/endpoints never retry in lock step."""
+    return delay_s * random.uniform(0.8, 1.2)
+
+
+class Endpoint:
+    """One connection (TCP, RTU-over-TCP or serial) shared by every unit id behind it.
+
+    pymodbus 3.16 serialises requests per client anyway (one transaction in flight), so one
+    asyncio lock guards the client; the per-request timeout is the device's own `timeout_s`."""
+
+    def __init__(self, key: str, device: Device, settings: ModbusSettings, health: ComponentHealth):
+        self.key = key
+        self.protocol = device.protocol
+        self.host, self.port, self.serial = device.host, device.port, device.serial
+        self.settings = settings
+        self.health = health
+        self.lock = asyncio.Lock()
+        self.client = None
+        self.failures = 0  # consecutive failed connects
+        self.next_connect_at = 0.0
+        self.down_logged = False
+        self.requests_sent = 0
+
+    def _new_client(self, timeout_s: float):
+        from pymodbus.client import AsyncModbusSerialClient, AsyncModbusTcpClient
+        from pymodbus.framer import FramerType
+
+        if self.protocol == "modbus-rtu":
+            s = self.serial
+            client = AsyncModbusSerialClient(s.port, framer=FramerType.RTU, baudrate=s.baudrate, bytesize=s.bytesize,
+                                             parity=s.parity, stopbits=s.stopbits, timeout=timeout_s, retries=0,
+                                             reconnect_delay=0)
+        else:
+            framer = FramerType.RTU if self.protocol == "modbus-rtu-over-tcp" else FramerType.SOCKET
+            client = AsyncModbusTcpClient(self.host, port=self.port, framer=framer, timeout=timeout_s, retries=0,
+                                          reconnect_delay=0)  # 0: we reconnect ourselves, with jittered back-off
+        # pymodbus closes a TCP connection after retries+3 unanswered requests; on a shared gateway
+        # a dead unit must not cost its healthy neighbours their connection.
+        client.set_max_no_responses(1_000_000)
+        return client
+
+    async def _ensure_connected(self, timeout_s: float) -> None:
+        if self.client is not None and self.client.connected:
+            return
+        loop = asyncio.get_running_loop()
+        if loop.time() < self.next_connect_at:
+            raise ModbusReadError("connection", f"{self.key} is down; next reconnect in "
+                                                f"{self.next_connect_at - loop.time():.1f} s")
+        if self.client is not None:
+            self.client.close()
+        self.client = self._new_client(timeout_s)
+        self.client.comm_params.timeout_connect = max(timeout_s, 0.05)
+        try:
+            ok = await asyncio.wait_for(self.client.connect(), timeout=max(timeout_s, 0.05) + 0.5)
+        except (asyncio.TimeoutError, OSError) as exc:
+            ok, err = False, exc
+        else:
+            err = None
+        if not ok:
+            self.failures += 1
+            delay = _jitter(min(self.settings.reconnect_min_s * 2 ** (self.failures - 1), self.settings.reconnect_max_s))
+            self.next_connect_at = loop.time() + delay
+            self.health.inc("retries")
+            if not self.down_logged:
+                log.warning("Cannot connect to Modbus endpoint; retrying with back-off",
+                            extra=fields(endpoint=self.key, error=err or "connect failed", retry_in_s=round(delay, 2)))
+                self.down_logged = True
+            raise ModbusReadError("connection", f"cannot connect to {self.key}")
+        if self.down_logged:
+            log.info("Modbus endpoint reconnected", extra=fields(endpoint=self.key, failed_attempts=self.failures))
+        self.failures = 0
+        self.down_logged = False
+
+    async def read(self, function_code: int, start: int, count: int, unit_id: int, timeout_s: float) -> list[int]:
+        """One read; returns the registers or raises a classified ModbusReadError."""
+        from pymodbus.exceptions import ConnectionException, ModbusIOException
+
+        async with self.lock:
+            await self._ensure_connected(timeout_s)
+            client = self.client
+            # One client, several devices with their own timeouts: set it per request (we hold the lock).
+            client.comm_params.timeout_connect = timeout_s
+            self.requests_sent += 1
+            try:
+                if function_code == 3:
+                    rr = await client.read_holding_registers(start, count=count, device_id=unit_id)
+                else:
+                    rr = await client.read_input_registers(start, count=count, device_id=unit_id)
+            except ConnectionException as exc:
+                self._lost(exc)
+                raise ModbusReadError("connection", f"{self.key}: {exc}") from None
+            except ModbusIOException as exc:
+                if not client.connected:
+                    self._lost(exc)
+                    raise ModbusReadError("connection", f"{self.key}: connection lost") from None
+                raise ModbusReadError("timeout", f"unit {unit_id} did not answer within {timeout_s:g} s") from None
+            except (OSError, asyncio.TimeoutError) as exc:
+                self._lost(exc)
+                raise ModbusReadError("connection", f"{self.key}: {exc}") from None
+        if rr.isError():
+            code = int(getattr(rr, "exception_code", 4))
+            raise ModbusReadError(classify_exception_code(code),
+                                  f"exception {code:02X} ({EXCEPTION_NAME.get(code, 'unknown')})", code)
+        return rr.registers
+
+    def _lost(self, exc: BaseException) -> None:
+        if self.client is not None:
+            self.client.close()
+        self.client = None
+        self.failures += 1
+        self.next_connect_at = asyncio.get_running_loop().time() + _jitter(self.settings.reconnect_min_s)
+        if not self.down_logged:
+            log.warning("Modbus connection lost; reconnecting", extra=fields(endpoint=self.key, error=exc))
+            self.down_logged = True
+
+    def close(self) -> None:
+        if self.client is not None:
+            self.client.close()
+            self.client = None
+
+
+# --------------------------------------------------------------------------- sequences
+
+
+class SequenceSource:
+    """Per-device sequence numbers that never repeat across restarts.
+
+    Every device starts at the collector's start time in microseconds since the epoch and counts
+    up by one per reading. A restarted collector starts above anything the previous run sent as
+    long as it emitted fewer than one reading per microsecond per device (true by 3+ orders of
+    magnitude) and the wall clock did not step back; no state file is needed. The sink drops
+    duplicates by (device, seq), so a reused number would lose data — hence the time base."""
+
+    def __init__(self, start: int | None = None):
+        self.start = time.time_ns() // 1000 if start is None else start
+        self._next: dict[str, int] = {}
+
+    def next(self, device_id: str) -> int:
+        seq = self._next.get(device_id, self.start)
+        self._next[device_id] = seq + 1
+        return seq
+
+
+# --------------------------------------------------------------------------- device state
+
+
+@dataclass
+class DeviceState:
+    device: Device
+    plan: ReadPlan
+    endpoint: Endpoint
+    health: ComponentHealth  # per-device gauge `state`
+    disabled: set[int] = field(default_factory=set)  # indexes of requests disabled by a config error
+    failures: int = 0
+    next_attempt_at: float = 0.0
+    last_error: str | None = None
+    last_raw: tuple | None = None
+    unchanged_polls: int = 0
+    state: str = "healthy"
+    polls: int = 0
+    poll_starts: deque = field(default_factory=lambda: deque(maxlen=256))  # loop.time() of each poll start
+
+
+class ModbusCollector:
+    """Polls the Modbus devices of a site into a sink. See the module docstring."""
+
+    component = "modbus_collector"
+
+    def __init__(self, site: Site, sink: ReadingSink, settings: ModbusSettings | None = None,
+                 devices: Iterable[Device] | None = None, sequences: SequenceSource | None = None):
+        self.site = site
+        self.sink = sink
+        self.settings = settings or ModbusSettings()
+        self.sequences = sequences or SequenceSource()
+        self.health = REGISTRY.component(self.component, site.id)
+        self._closed = False
+        profiles_dir = None
+        if site.spec.profiles_dir and site.source is not None:
+            profiles_dir = (site.source.parent / site.spec.profiles_dir).resolve()
+        profiles = available_profiles(profiles_dir)
+        gateways = {g.id: g for g in site.spec.gateways}
+        chosen = [d for d in (site.devices if devices is None else devices)
+                  if d.protocol != "mqtt" and d.enabled]
+        self.endpoints: dict[str, Endpoint] = {}
+        self.devices: dict[str, DeviceState] = {}
+        plans: dict[str, ReadPlan] = {}
+        errors: list[str] = []
+        for d in chosen:
+            profile = profiles.get(d.profile)
+            if not isinstance(profile, ModbusProfile):
+                errors.append(f"{d.path}.profile: '{d.profile}' is not a Modbus profile")
+                continue
+            if d.profile not in plans:
+                try:
+                    plans[d.profile] = plan_reads(profile, self.settings.max_registers_per_read, self.settings.max_gap)
+                except ConfigError as exc:
+                    errors.extend(exc.errors)
+                    continue
+            ep = self.endpoints.get(d.endpoint)
+            if ep is None:
+                ep = self.endpoints[d.endpoint] = Endpoint(d.endpoint, d, self.settings, self.health)
+            if d.gateway and d.gateway in gateways and gateways[d.gateway].max_concurrent > 1:
+                log.debug("pymodbus serialises requests per connection; max_concurrent > 1 has no effect",
+                          extra=fields(gateway=d.gateway))
+            self.devices[d.id] = DeviceState(d, plans[d.profile], ep, REGISTRY.component("modbus_device", d.id))
+        if errors:
+            raise ConfigError(f"site {site.id}", errors)
+        self._update_state_gauges()
+
+    # ------------------------------------------------------------------ polling
+
+    def plan_of(self, device_id: str) -> ReadPlan:
+        return self.devices[device_id].plan
+
+    async def poll_once(self, device_id: str) -> Reading:
+        """Poll one device now and return its reading (does not send it)."""
+        st = self.devices[device_id]
+        loop = asyncio.get_running_loop()
+        st.poll_starts.append(loop.time())
+        st.polls += 1
+        ts_ms = time.time_ns() // 1_000_000
+        dev = st.device
+        values: dict[str, float | None] = {}
+        point_quality: dict[str, Quality] = {}
+        raw_parts: list = []
+        polled_any = False
+        for index, req in enumerate(st.plan.requests):
+            if index in st.disabled:
+                for p in req.points:
+                    values[p.metric] = None
+                    point_quality[p.metric] = Quality.BAD
+                continue
+            try:
+                registers = await self._read(st, req)
+            except ModbusReadError as exc:
+                if exc.kind == "illegal":
+                    self._disable_request(st, index, req, exc)
+                    for p in req.points:
+                        values[p.metric] = None
+                        point_quality[p.metric] = Quality.BAD
+                    continue
+                return self._failed(st, exc, ts_ms)
+            decode_request(req, registers, values)
+            raw_parts.append(registers)
+            polled_any = True
+        if not polled_any:
+            self._failed(st, ModbusReadError("illegal", "every request of the plan is disabled (configuration error)"),
+                         ts_ms, count_error=False)
+            return self._bad_reading(st, ts_ms)
+        for metric, value in values.items():
+            if value is None:
+                point_quality.setdefault(metric, Quality.BAD)
+        quality = Quality.GOOD
+        raw = tuple(map(tuple, raw_parts))
+        if raw == st.last_raw:
+            st.unchanged_polls += 1
+        else:
+            st.unchanged_polls = 0
+            st.last_raw = raw
+        if self.settings.stale_after_polls and st.unchanged_polls >= self.settings.stale_after_polls:
+            quality = Quality.STALE
+        if st.failures:
+            log.info("Modbus device recovered", extra=fields(device=dev.id, failed_polls=st.failures, last_error=st.last_error))
+        st.failures = 0
+        st.last_error = None
+        st.next_attempt_at = 0.0
+        self._set_state(st, "stale" if quality is Quality.STALE else ("bad" if st.disabled else "healthy"))
+        self.health.inc("received")
+        return Reading(self.site.id, dev.id, self.sequences.next(dev.id), ts_ms, values, quality, point_quality)
+
+    async def _read(self, st: DeviceState, req: ReadRequest) -> list[int]:
+        dev = st.device
+        attempt = 0
+        while True:
+            try:
+                return await st.endpoint.read(req.function_code, req.start, req.count, dev.unit_id, dev.timeout_s)
+            except ModbusReadError as exc:
+                if exc.kind != "busy" or attempt >= self.settings.busy_retries:
+                    raise
+                attempt += 1
+                self.health.inc("retries")
+                await asyncio.sleep(self.settings.busy_retry_delay_s * attempt)
+
+    def _disable_request(self, st: DeviceState, index: int, req: ReadRequest, exc: ModbusReadError) -> None:
+        st.disabled.add(index)
+        self.health.inc("errors")
+        log.error("Modbus configuration error: the device rejects this read; it will not be sent again "
+                  "(fix the profile or the unit id and restart)",
+                  extra=fields(device=st.device.id, profile=st.device.profile, unit_id=st.device.unit_id,
+                               request=req.describe(), error=exc))
+        self._set_state(st, "bad")
+
+    def _failed(self, st: DeviceState, exc: ModbusReadError, ts_ms: int, count_error: bool = True) -> Reading:
+        st.failures += 1
+        st.last_error = f"{exc.kind}: {exc}"
+        if count_error:
+            self.health.inc("errors")
+        dev = st.device
+        if exc.kind != "connection":  # the endpoint backs off connects itself
+            delay = min(dev.poll_interval_s * 2 ** (st.failures - 1), max(self.settings.backoff_max_s, dev.poll_interval_s))
+            st.next_attempt_at = asyncio.get_running_loop().time() + _jitter(delay) if st.failures > 1 else 0.0
+        if st.failures == 1:
+            log.warning("Modbus poll failed; repeats are logged at debug level until the device recovers",
+                        extra=fields(device=dev.id, endpoint=st.endpoint.key, unit_id=dev.unit_id, kind=exc.kind, error=exc))
+        else:
+            log.debug("Modbus poll failed again", extra=fields(device=dev.id, kind=exc.kind, failures=st.failures))
+        self._set_state(st, "bad")
+        return self._bad_reading(st, ts_ms)
+
+    def _bad_reading(self, st: DeviceState, ts_ms: int) -> Reading:
+        points = dict.fromkeys(st.plan.metrics)
+        return Reading(self.site.id, st.device.id, self.sequences.next(st.device.id), ts_ms, points, Quality.BAD)
+
+    def _set_state(self, st: DeviceState, state: str) -> None:
+        if st.state != state:
+            st.state = state
+            self._update_state_gauges()
+        st.health.set("state", STATE_CODES[state])
+
+    def _update_state_gauges(self) -> None:
+        counts = dict.fromkeys(STATE_CODES, 0)
+        for s in self.devices.values():
+            counts[s.state] += 1
+        for state, n in counts.items():
+            self.health.set(f"devices_{state}", n)
+
+    # ------------------------------------------------------------------ schedule
+
+    async def _device_loop(self, st: DeviceState, first_at: float, stop: asyncio.Event) -> None:
+        loop = asyncio.get_running_loop()
+        interval = st.device.poll_interval_s
+        next_at = first_at
+        while not stop.is_set():
+            delay = next_at - loop.time()
+            if delay > 0:
+                try:
+                    await asyncio.wait_for(stop.wait(), timeout=delay)
+                    return
+                except asyncio.TimeoutError:
+                    pass
+            tick = next_at
+            if st.next_attempt_at and loop.time() < st.next_attempt_at:
+                reading = self._bad_reading(st, time.time_ns() // 1_000_000)  # backing off: no request
+            else:
+                reading = await self.poll_once(st.device.id)
+            await self._emit(reading)
+            next_at = tick + interval
+            now = loop.time()
+            if now > next_at:  # overran: skip the missed ticks (counted), never queue them
+                missed = int((now - tick) // interval)
+                self.health.inc("overruns", missed)
+                next_at = tick + (missed + 1) * interval
+
+    async def _emit(self, reading: Reading) -> None:
+        try:
+            await self.sink.send(reading)
+        except Exception as exc:  # the sink spools; an exception here means the reading is lost: count it loudly
+            self.health.inc("dropped")
+            log.error("Sink rejected a reading", extra=fields(device=reading.device, seq=reading.seq, error=exc))
+        else:
+            self.health.inc("sent")
+
+    async def run(self, stop: asyncio.Event) -> None:
+        """Poll every device on its interval until `stop` is set; then close the connections."""
+        loop = asyncio.get_running_loop()
+        t0 = loop.time()
+        states = list(self.devices.values())
+        n = max(1, len(states))
+        tasks = []
+        for i, st in enumerate(states):
+            offset = st.device.poll_interval_s * (i / n) if self.settings.stagger else 0.0
+            tasks.append(asyncio.create_task(self._device_loop(st, t0 + offset, stop), name=f"poll {st.device.id}"))
+        log.info("Modbus collector started", extra=fields(site=self.site.id, devices=len(states),
+                                                          endpoints=len(self.endpoints)))
+        try:
+            await stop.wait()
+            # A poll in flight finishes (bounded by its timeouts) so its reading is not lost.
+            await asyncio.gather(*tasks, return_exceptions=True)
+        finally:
+            for t in tasks:
+                t.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+            self.close()
+
+    def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        for ep in self.endpoints.values():
+            ep.close()
+
+
+def format_plan(collector_or_site, settings: ModbusSettings | None = None) -> str:
+    """Text of `podwatch collect --plan`: per device, its requests (fc, start, count, points)."""
+    site = collector_or_site
+    settings = settings or ModbusSettings()
+    profiles_dir = None
+    if site.spec.profiles_dir and site.source is not None:
+        profiles_dir = (site.source.parent / site.spec.profiles_dir).resolve()
+    profiles = available_profiles(profiles_dir)
+    plans: dict[str, ReadPlan] = {}
+    lines: list[str] = []
+    for d in site.devices:
+        if d.protocol == "mqtt":
+            continue
+        if d.profile not in plans:
+            plans[d.profile] = plan_reads(profiles[d.profile], settings.max_registers_per_read, settings.max_gap)
+        plan = plans[d.profile]
+        lines.append(f"{d.id}  profile={d.profile} {d.endpoint} unit={d.unit_id} interval={d.poll_interval_s:g}s "
+                     f"requests={len(plan.requests)} registers={plan.registers_read} points={len(plan.metrics)}"
+                     + ("" if d.enabled else " (disabled)"))
+        for r in plan.requests:
+            lines.append(f"  fc{r.function_code} start={r.start} count={r.count} gap={r.gap_registers}  "
+                         + ", ".join(f"{p.metric}@+{p.register_offset}" for p in r.points))
+    return "\n".join(lines)
