@@ -65,3 +65,214 @@ def ensure_shared_tables(con: duckdb.DuckDBPyConnection) -> None:
     """Create the analytics/alerting tables if missing (idempotent)."""
     for ddl in SHARED_TABLES_DDL:
         con.execute(ddl)
+
+
+# --------------------------------------------------------------------------- storage-owned tables
+#
+# Times in storage-owned tables are TIMESTAMP holding UTC (no time zone arithmetic on the hot
+# path; every connection also runs with TimeZone=UTC so TIMESTAMPTZ columns print as UTC).
+
+SAMPLES_DDL = """
+CREATE TABLE IF NOT EXISTS samples (
+    ts      TIMESTAMP NOT NULL,   -- UTC time the device was read (ms precision)
+    device  VARCHAR   NOT NULL,   -- device id from the site file (dictionary-compressed by DuckDB)
+    metric  VARCHAR   NOT NULL,   -- canonical metric name with unit suffix, podwatch/metrics.py
+    value   DOUBLE,               -- NULL when quality is bad
+    quality UTINYINT  NOT NULL,   -- 0 good, 1 stale, 2 bad
+    seq     UBIGINT   NOT NULL    -- the reading's per-device sequence number (dedup key with device)
+)
+"""
+
+STORAGE_TABLES_DDL = [
+    SAMPLES_DDL,
+    # Per-device dedup state: the highest sequence number stored and its time; the recent
+    # window of sequence numbers is rebuilt from `samples` on start (see dedup.py).
+    """
+    CREATE TABLE IF NOT EXISTS dedup_state (
+        device  VARCHAR PRIMARY KEY,
+        max_seq UBIGINT   NOT NULL,
+        max_ts  TIMESTAMP NOT NULL
+    )
+    """,
+    # Kafka position of the sink, written in the same transaction as the rows.
+    """
+    CREATE TABLE IF NOT EXISTS ingest_offsets (
+        topic       VARCHAR NOT NULL,
+        "partition" INTEGER NOT NULL,
+        next_offset BIGINT  NOT NULL,   -- offset of the next message to read
+        updated_at  TIMESTAMP NOT NULL,
+        PRIMARY KEY (topic, "partition")
+    )
+    """,
+    # How far each rollup has been computed: buckets with start < done_until are final
+    # (late samples below it trigger a recompute of their buckets).
+    """
+    CREATE TABLE IF NOT EXISTS rollup_state (
+        rollup     VARCHAR PRIMARY KEY,
+        done_until TIMESTAMP NOT NULL
+    )
+    """,
+    # Retention in force (written from StorageSettings on start, for people reading the file).
+    """
+    CREATE TABLE IF NOT EXISTS retention_settings (
+        relation  VARCHAR PRIMARY KEY,
+        keep_days DOUBLE              -- NULL: kept forever
+    )
+    """,
+    # Topology, loaded from the site file (replaced as a whole on every load).
+    """
+    CREATE TABLE IF NOT EXISTS topo_racks (
+        rack            VARCHAR PRIMARY KEY,
+        module          VARCHAR,
+        cdu             VARCHAR,
+        rated_kw        DOUBLE,
+        workload        VARCHAR,
+        feed_a          VARCHAR,   -- power node id of the A feed
+        feed_b          VARCHAR,
+        design_flow_lpm DOUBLE,
+        return_limit_c  DOUBLE
+    )
+    """,
+    """
+    CREATE TABLE IF NOT EXISTS topo_devices (
+        device   VARCHAR PRIMARY KEY,
+        kind     VARCHAR,          -- pdu | meter | cdu | rack
+        protocol VARCHAR,
+        profile  VARCHAR,
+        entity   VARCHAR,          -- rack / cdu / power-node id the device measures
+        module   VARCHAR,
+        side     VARCHAR,          -- a | b for PDUs and metered feeds
+        rack     VARCHAR,          -- entity when it is a rack
+        cdu      VARCHAR,          -- entity when it is a CDU
+        node     VARCHAR,          -- entity when it is a power node
+        poll_interval_s DOUBLE
+    )
+    """,
+    """
+    CREATE TABLE IF NOT EXISTS topo_power (
+        node        VARCHAR PRIMARY KEY,
+        kind        VARCHAR,       -- transformer | feeder | busway | rack_feed
+        parent      VARCHAR,
+        side        VARCHAR,
+        module      VARCHAR,
+        nameplate_kw DOUBLE,
+        usable_kw   DOUBLE         -- nameplate x derating x 80 %
+    )
+    """,
+    """
+    CREATE TABLE IF NOT EXISTS topo_cdus (
+        cdu          VARCHAR PRIMARY KEY,
+        module       VARCHAR,
+        capacity_kw  DOUBLE,
+        pumps        INTEGER,
+        supply_setpoint_c DOUBLE,
+        racks        VARCHAR        -- comma-separated rack ids
+    )
+    """,
+]
+
+# Rollups: one row per (bucket, device, metric). Mergeable columns (sum, n) let coarser
+# rollups be built from finer ones; value_last/last_ts give the last value in the bucket.
+ROLLUPS: dict[str, str] = {"rollup_1m": "1 minute", "rollup_15m": "15 minutes", "rollup_1h": "1 hour"}
+ROLLUP_SECONDS: dict[str, int] = {"rollup_1m": 60, "rollup_15m": 900, "rollup_1h": 3600}
+
+
+def _rollup_ddl(name: str) -> str:
+    return f"""
+    CREATE TABLE IF NOT EXISTS {name} (
+        ts          TIMESTAMP NOT NULL,   -- bucket start (UTC)
+        device      VARCHAR   NOT NULL,
+        metric      VARCHAR   NOT NULL,
+        value_min   DOUBLE,
+        value_max   DOUBLE,
+        value_avg   DOUBLE,
+        value_sum   DOUBLE,
+        value_last  DOUBLE,
+        last_ts     TIMESTAMP,
+        n           UBIGINT   NOT NULL,   -- readings in the bucket (rows, NULL values included)
+        n_values    UBIGINT   NOT NULL,   -- non-NULL values (denominator of value_avg)
+        quality_max UTINYINT  NOT NULL    -- worst quality seen in the bucket
+    )
+    """
+
+
+# Friendly wide views for people. Buckets of 10 s line up the A and B PDUs of a rack,
+# which are polled separately and so carry slightly different timestamps.
+VIEWS_DDL = [
+    """
+    CREATE OR REPLACE VIEW rack_power AS
+    WITH per_device AS (
+        SELECT time_bucket(INTERVAL '10 seconds', s.ts) AS ts, d.rack, d.module, d.side, s.device,
+               avg(s.value) AS power_kw
+        FROM samples s JOIN topo_devices d ON d.device = s.device
+        WHERE s.metric = 'pdu.power_kw' AND d.rack IS NOT NULL
+        GROUP BY ALL
+    )
+    SELECT p.ts, p.rack, p.module,
+           sum(p.power_kw) FILTER (WHERE lower(p.side) = 'a') AS feed_a_kw,
+           sum(p.power_kw) FILTER (WHERE lower(p.side) = 'b') AS feed_b_kw,
+           sum(p.power_kw) AS total_kw,
+           any_value(r.rated_kw) AS rated_kw,
+           sum(p.power_kw) / nullif(any_value(r.rated_kw), 0) * 100 AS load_pct
+    FROM per_device p LEFT JOIN topo_racks r ON r.rack = p.rack
+    GROUP BY p.ts, p.rack, p.module
+    """,
+    """
+    CREATE OR REPLACE VIEW cdu_loops AS
+    SELECT time_bucket(INTERVAL '10 seconds', s.ts) AS ts,
+           coalesce(d.cdu, s.device) AS cdu, s.device, any_value(d.module) AS module,
+           avg(value) FILTER (WHERE metric = 'cdu.supply_temp_c')      AS supply_temp_c,
+           avg(value) FILTER (WHERE metric = 'cdu.return_temp_c')      AS return_temp_c,
+           avg(value) FILTER (WHERE metric = 'cdu.delta_t_c')          AS delta_t_c,
+           avg(value) FILTER (WHERE metric = 'cdu.supply_setpoint_c')  AS supply_setpoint_c,
+           avg(value) FILTER (WHERE metric = 'cdu.flow_lpm')           AS flow_lpm,
+           avg(value) FILTER (WHERE metric = 'cdu.supply_pressure_kpa') AS supply_pressure_kpa,
+           avg(value) FILTER (WHERE metric = 'cdu.return_pressure_kpa') AS return_pressure_kpa,
+           avg(value) FILTER (WHERE metric = 'cdu.diff_pressure_kpa')  AS diff_pressure_kpa,
+           avg(value) FILTER (WHERE metric = 'cdu.valve_pct')          AS valve_pct,
+           avg(value) FILTER (WHERE metric = 'cdu.heat_removed_kw')    AS heat_removed_kw,
+           avg(value) FILTER (WHERE metric = 'cdu.facility_supply_temp_c') AS facility_supply_temp_c,
+           avg(value) FILTER (WHERE metric = 'cdu.reservoir_level_pct') AS reservoir_level_pct,
+           max(value) FILTER (WHERE metric = 'cdu.leak_state')         AS leak_state
+    FROM samples s LEFT JOIN topo_devices d ON d.device = s.device
+    WHERE s.metric LIKE 'cdu.%'
+    GROUP BY ALL
+    """,
+    """
+    CREATE OR REPLACE VIEW substation AS
+    SELECT time_bucket(INTERVAL '10 seconds', s.ts) AS ts,
+           coalesce(d.node, s.device) AS node, s.device,
+           avg(value) FILTER (WHERE metric = 'meter.power_kw')            AS power_kw,
+           avg(value) FILTER (WHERE metric = 'meter.reactive_power_kvar') AS reactive_power_kvar,
+           avg(value) FILTER (WHERE metric = 'meter.apparent_power_kva')  AS apparent_power_kva,
+           avg(value) FILTER (WHERE metric = 'meter.power_factor')        AS power_factor,
+           avg(value) FILTER (WHERE metric = 'meter.frequency_hz')        AS frequency_hz,
+           avg(value) FILTER (WHERE metric = 'meter.l1.voltage_v')        AS l1_voltage_v,
+           avg(value) FILTER (WHERE metric = 'meter.l2.voltage_v')        AS l2_voltage_v,
+           avg(value) FILTER (WHERE metric = 'meter.l3.voltage_v')        AS l3_voltage_v,
+           avg(value) FILTER (WHERE metric = 'meter.l1.current_a')        AS l1_current_a,
+           avg(value) FILTER (WHERE metric = 'meter.l2.current_a')        AS l2_current_a,
+           avg(value) FILTER (WHERE metric = 'meter.l3.current_a')        AS l3_current_a,
+           max(value) FILTER (WHERE metric = 'meter.energy_kwh')          AS energy_kwh
+    FROM samples s LEFT JOIN topo_devices d ON d.device = s.device
+    WHERE s.metric LIKE 'meter.%'
+    GROUP BY ALL
+    """,
+]
+
+
+def configure_connection(con: duckdb.DuckDBPyConnection) -> None:
+    """Session settings every podwatch connection uses."""
+    con.execute("SET TimeZone = 'UTC'")
+
+
+def ensure_schema(con: duckdb.DuckDBPyConnection) -> None:
+    """Create every podwatch table and view if missing (idempotent; safe on every start)."""
+    configure_connection(con)
+    for ddl in STORAGE_TABLES_DDL:
+        con.execute(ddl)
+    for name in ROLLUPS:
+        con.execute(_rollup_ddl(name))
+    ensure_shared_tables(con)
+    for ddl in VIEWS_DDL:
+        con.execute(ddl)

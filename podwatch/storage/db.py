@@ -1,0 +1,124 @@
+"""The one place a podwatch process opens its DuckDB file.
+
+DuckDB allows one writer process and no reader process beside it, so the process that owns
+the file (`podwatch serve` / `podwatch ingest`) holds one `Database`; everything in it gets a
+cursor from `Database.cursor()` (one per thread / request) and runs blocking queries through
+`Database.run()` in a worker thread, so the event loop is never blocked. Other processes read
+through the HTTP API, `podwatch sql` or the Parquet export.
+
+`<db file>.serve.json` next to the file says which process owns it and where its API listens
+(written by the service), so `podwatch sql` can go through the API without being told.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+import threading
+from pathlib import Path
+from typing import Any, Callable, TypeVar
+
+import duckdb
+
+from podwatch.errors import PodwatchError
+from podwatch.storage.schema import configure_connection, ensure_schema
+
+T = TypeVar("T")
+
+
+class DatabaseLocked(PodwatchError):
+    """Another process holds the DuckDB file."""
+
+
+def is_lock_error(exc: BaseException) -> bool:
+    return isinstance(exc, duckdb.IOException) and "lock" in str(exc).lower()
+
+
+def owner_file(path: str | Path) -> Path:
+    return Path(f"{path}.serve.json")
+
+
+def read_owner(path: str | Path) -> dict | None:
+    """The owner record of a DuckDB file ({"pid", "api_url"}), if its process is alive."""
+    try:
+        info = json.loads(owner_file(path).read_text())
+        os.kill(int(info["pid"]), 0)
+        return info
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+def write_owner(path: str | Path, api_url: str | None) -> None:
+    owner_file(path).write_text(json.dumps({"pid": os.getpid(), "api_url": api_url}))
+
+
+def remove_owner(path: str | Path) -> None:
+    with contextlib.suppress(OSError):
+        info = json.loads(owner_file(path).read_text())
+        if int(info.get("pid", -1)) == os.getpid():
+            owner_file(path).unlink()
+
+
+class Database:
+    """The read-write connection of the owning process. `close()` is idempotent."""
+
+    def __init__(self, path: str | Path, read_only: bool = False) -> None:
+        self.path = str(path)
+        self.read_only = read_only
+        try:
+            self._con = duckdb.connect(self.path, read_only=read_only)
+        except duckdb.Error as exc:
+            if is_lock_error(exc):
+                raise DatabaseLocked(f"{self.path} is in use by another process: {exc}") from None
+            raise PodwatchError(f"cannot open DuckDB file {self.path}: {exc}") from None
+        if read_only:
+            configure_connection(self._con)
+        else:
+            ensure_schema(self._con)
+        self._closed = False
+        self._lock = threading.Lock()
+
+    @property
+    def connection(self) -> duckdb.DuckDBPyConnection:
+        return self._con
+
+    def cursor(self) -> duckdb.DuckDBPyConnection:
+        """A new cursor (its own session on the same database); use one per thread/request."""
+        cur = self._con.cursor()
+        configure_connection(cur)
+        return cur
+
+    async def run(self, fn: Callable[[duckdb.DuckDBPyConnection], T]) -> T:
+        """Run `fn(cursor)` in a worker thread with a fresh cursor, closed afterwards."""
+
+        def call() -> T:
+            cur = self.cursor()
+            try:
+                return fn(cur)
+            finally:
+                cur.close()
+
+        return await asyncio.to_thread(call)
+
+    def query(self, sql: str, params: Any = None) -> list[tuple]:
+        cur = self.cursor()
+        try:
+            return cur.execute(sql, params).fetchall()
+        finally:
+            cur.close()
+
+    def file_size_bytes(self) -> int:
+        try:
+            return os.path.getsize(self.path) + (os.path.getsize(self.path + ".wal") if os.path.exists(self.path + ".wal") else 0)
+        except OSError:
+            return 0
+
+    def close(self) -> None:
+        with self._lock:
+            if self._closed:
+                return
+            self._closed = True
+        with contextlib.suppress(duckdb.Error):
+            self._con.close()

@@ -1,0 +1,540 @@
+"""The exactly-once Kafka -> DuckDB sink (`podwatch ingest`).
+
+Lifecycle: `await sink.start()` (opens Kafka clients, loads dedup state), `await sink.run()`
+(until `stop()`), `await sink.stop()` (idempotent: finishes the batch being written, closes
+clients). Or `async with DuckDBSink(...) as sink: await sink.run()`.
+
+Exactly once, in effect:
+- each batch's rows and the consumer's next offset per partition are written in ONE DuckDB
+  transaction (`ingest_offsets`); on assignment the consumer seeks to the stored offsets, so a
+  crash at any instant re-reads exactly what was not committed. Kafka's own committed offsets
+  are never used.
+- readings already stored are dropped by (device, seq) (`dedup.py`): producers retry without
+  idempotence and a recreated topic is re-read from the start.
+- a stored offset beyond the partition's end means the topic was recreated (a Tansu restart
+  loses everything): logged loudly, the partition is re-read from the earliest offset.
+- undecodable messages go to `podwatch.deadletter.v1` with the reason; ingest continues. Dead
+  letters are sent before the offsets that pass them are committed (at least once).
+
+Batches are pipelined: while one batch is written in a worker thread (DuckDB releases the
+GIL), the next one is fetched and decoded. `add_batch_listener(fn)` registers
+`fn(rows: polars.DataFrame[ts, device, metric, value, quality])`, sync or async, called after
+each committed batch, in commit order; this is where the streaming checks of analytics run.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import contextlib
+import inspect
+import logging
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from typing import Any, Awaitable, Callable
+
+import numpy as np
+import orjson
+import polars as pl
+import pyarrow as pa
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
+from aiokafka.abc import ConsumerRebalanceListener
+from aiokafka.errors import KafkaError, OffsetOutOfRangeError
+from pydantic import BaseModel, ConfigDict, Field
+
+from podwatch.health import REGISTRY, ComponentHealth
+from podwatch.logs import fields
+from podwatch.storage.db import Database
+from podwatch.storage.decode import DecodedBatch, decode_messages, select_readings
+from podwatch.storage.dedup import DEFAULT_WINDOW, SeqDeduper
+from podwatch.storage.rollups import (
+    StorageSettings,
+    advance_rollups,
+    apply_retention,
+    done_until,
+    recompute_buckets,
+    write_retention_settings,
+)
+
+try:  # the stream stage owns the topic names; fall back while it is being built
+    from podwatch.stream.topics import DEADLETTER_TOPIC, TELEMETRY_TOPIC  # type: ignore
+except ImportError:  # pragma: no cover - depends on the other stage's progress
+    TELEMETRY_TOPIC = "podwatch.telemetry.v1"
+    DEADLETTER_TOPIC = "podwatch.deadletter.v1"
+
+log = logging.getLogger(__name__)
+
+BatchListener = Callable[[pl.DataFrame], Any | Awaitable[Any]]
+MAINTAIN_EVERY_S = 2.0  # rollup/retention check period (a cheap query when nothing closed)
+LATENCY_BUCKETS_S = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+
+
+class SinkSettings(BaseModel):
+    """Settings of the DuckDB sink."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    kafka: str = Field(description="Bootstrap servers, host:port[,host:port]")
+    topic: str = TELEMETRY_TOPIC
+    dead_letter_topic: str = DEADLETTER_TOPIC
+    group_id: str | None = Field("podwatch-sink", description="Consumer group; None: assign every partition directly")
+    max_batch_messages: int = Field(20_000, gt=0, description="Messages per DuckDB transaction at most")
+    fetch_timeout_ms: int = Field(200, gt=0)
+    session_timeout_ms: int = Field(10_000, gt=0)
+    dedup_window: int = Field(DEFAULT_WINDOW, gt=0, description="Readings per device remembered for dedup")
+    stuck_after_s: float = Field(30.0, gt=0, description="/healthz fails when lag > 0 and nothing committed this long")
+    lag_limit_messages: int = Field(1_000_000, gt=0, description="/healthz fails when lag exceeds this and keeps growing")
+    storage: StorageSettings = Field(default_factory=StorageSettings)
+
+
+@dataclass
+class SinkStats:
+    """What /metrics and /api/pipeline report about the sink."""
+
+    messages: int = 0
+    points: int = 0
+    readings: int = 0
+    duplicates: int = 0
+    too_old: int = 0
+    dead_letters: int = 0
+    batches: int = 0
+    listener_errors: int = 0
+    topic_resets: int = 0
+    lag: dict[int, int] = field(default_factory=dict)
+    last_commit_monotonic: float | None = None
+    last_batch_latency_s: float = 0.0
+    latency_bucket_counts: list[int] = field(default_factory=lambda: [0] * (len(LATENCY_BUCKETS_S) + 1))
+    latency_sum_s: float = 0.0
+    started_monotonic: float = field(default_factory=time.monotonic)
+    _rate_window: deque = field(default_factory=lambda: deque(maxlen=64))
+    _lag_window: deque = field(default_factory=lambda: deque(maxlen=256))
+
+    def observe_latency(self, seconds: float) -> None:
+        self.last_batch_latency_s = seconds
+        self.latency_sum_s += seconds
+        for i, bound in enumerate(LATENCY_BUCKETS_S):
+            if seconds <= bound:
+                self.latency_bucket_counts[i] += 1
+                return
+        self.latency_bucket_counts[-1] += 1
+
+    def note_progress(self) -> None:
+        now = time.monotonic()
+        self._rate_window.append((now, self.points, self.messages))
+        self._lag_window.append((now, self.total_lag))
+
+    @property
+    def total_lag(self) -> int:
+        return sum(self.lag.values())
+
+    def rates(self, window_s: float = 10.0) -> tuple[float, float]:
+        """(points/s, messages/s) over about the last `window_s` seconds."""
+        now = time.monotonic()
+        samples = [s for s in self._rate_window if now - s[0] <= window_s]
+        samples.append((now, self.points, self.messages))
+        first, last = samples[0], samples[-1]
+        dt = last[0] - first[0]
+        if dt <= 0:
+            return 0.0, 0.0
+        return (last[1] - first[1]) / dt, (last[2] - first[2]) / dt
+
+    def lag_growing(self, window_s: float = 60.0) -> bool:
+        now = time.monotonic()
+        points = [lag for t, lag in self._lag_window if now - t <= window_s]
+        if len(points) < 5:
+            return False
+        return all(b >= a for a, b in zip(points, points[1:])) and points[-1] > points[0]
+
+
+class _SeekToStoredOffsets(ConsumerRebalanceListener):
+    def __init__(self, sink: "DuckDBSink") -> None:
+        self._sink = sink
+
+    async def on_partitions_revoked(self, revoked) -> None:
+        await self._sink._drain_write()
+
+    async def on_partitions_assigned(self, assigned) -> None:
+        await self._sink._seek_assigned(list(assigned))
+
+
+class DuckDBSink:
+    """Consume telemetry into DuckDB exactly once. See the module docstring for the contract."""
+
+    def __init__(self, db: Database, settings: SinkSettings, health: ComponentHealth | None = None) -> None:
+        self.db = db
+        self.settings = settings
+        self.health = health or REGISTRY.component("duckdb_sink")
+        self.stats = SinkStats()
+        self._dedup = SeqDeduper(settings.dedup_window)
+        self._listeners: list[BatchListener] = []
+        self._consumer: AIOKafkaConsumer | None = None
+        self._producer: AIOKafkaProducer | None = None
+        self._write_cursor = None
+        self._pending_write: asyncio.Task | None = None
+        self._stop = asyncio.Event()
+        self._run_finished = asyncio.Event()
+        self._stopped = False
+        self._running = False
+        self._rollup_marks: dict[str, datetime | None] = {}
+        self._last_retention = 0.0
+        self._last_maintain = 0.0
+        self._tps: list[TopicPartition] = []
+
+    # ------------------------------------------------------------------ lifecycle
+    def add_batch_listener(self, fn: BatchListener) -> None:
+        """`fn(rows)` after each committed batch; rows: ts (UTC), device, metric, value, quality."""
+        self._listeners.append(fn)
+
+    async def __aenter__(self) -> "DuckDBSink":
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc) -> None:
+        await self.stop()
+
+    async def start(self) -> None:
+        s = self.settings
+        self._write_cursor = self.db.cursor()
+        write_retention_settings(self._write_cursor, s.storage)
+        await asyncio.to_thread(self._dedup.load, self._write_cursor)
+        self._rollup_marks = done_until(self._write_cursor)
+        self._producer = AIOKafkaProducer(bootstrap_servers=s.kafka, acks="all", enable_idempotence=False,
+                                          linger_ms=5, request_timeout_ms=10_000)
+        self._consumer = AIOKafkaConsumer(
+            bootstrap_servers=s.kafka,
+            group_id=s.group_id,
+            enable_auto_commit=False,
+            # Offsets come from DuckDB; "none" makes an out-of-range stored offset an error we
+            # see (and log loudly) instead of a silent reset.
+            auto_offset_reset="none",
+            session_timeout_ms=s.session_timeout_ms,
+            heartbeat_interval_ms=min(1000, s.session_timeout_ms // 3),
+            max_poll_interval_ms=max(60_000, s.session_timeout_ms),
+            rebalance_timeout_ms=s.session_timeout_ms,
+            fetch_max_bytes=64 * 1024 * 1024,
+            max_partition_fetch_bytes=16 * 1024 * 1024,
+            metadata_max_age_ms=30_000,
+        )
+        await self._producer.start()
+        await self._consumer.start()
+        if s.group_id is not None:
+            self._consumer.subscribe([s.topic], listener=_SeekToStoredOffsets(self))
+        else:
+            partitions = await self._wait_for_partitions()
+            tps = [TopicPartition(s.topic, p) for p in sorted(partitions)]
+            self._consumer.assign(tps)
+            await self._seek_assigned(tps)
+        log.info("DuckDB sink started", extra=fields(db=self.db.path, kafka=s.kafka, topic=s.topic, group=s.group_id))
+
+    async def _wait_for_partitions(self) -> set[int]:
+        deadline = time.monotonic() + 30
+        while True:
+            await self._consumer.topics()
+            partitions = self._consumer.partitions_for_topic(self.settings.topic)
+            if partitions:
+                return partitions
+            if time.monotonic() > deadline:
+                raise KafkaError(f"topic {self.settings.topic} has no partitions after 30 s")
+            await asyncio.sleep(0.5)
+
+    async def stop(self) -> None:
+        """Finish the batch being written, then close Kafka clients (idempotent)."""
+        if self._stopped:
+            return
+        self._stopped = True
+        self._stop.set()
+        if self._running:  # let run() finish its current batch (it checks the stop flag each loop)
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(self._run_finished.wait(), 30)
+        with contextlib.suppress(Exception):
+            await self._drain_write()
+        for client in (self._consumer, self._producer):
+            if client is not None:
+                with contextlib.suppress(Exception):
+                    await client.stop()
+        if self._write_cursor is not None:
+            with contextlib.suppress(Exception):
+                self._write_cursor.close()
+        log.info("DuckDB sink stopped", extra=fields(points=self.stats.points, dead_letters=self.stats.dead_letters))
+
+    @property
+    def running(self) -> bool:
+        return self._running
+
+    # ------------------------------------------------------------------ offsets
+    def _stored_offsets(self) -> dict[int, int]:
+        cur = self.db.cursor()
+        try:
+            rows = cur.execute('SELECT "partition", next_offset FROM ingest_offsets WHERE topic = ?',
+                               [self.settings.topic]).fetchall()
+        finally:
+            cur.close()
+        return {int(p): int(o) for p, o in rows}
+
+    async def _seek_assigned(self, tps: list[TopicPartition]) -> None:
+        await self._drain_write()
+        stored = self._stored_offsets()
+        self._tps = sorted(set(self._tps) | set(tps), key=lambda tp: tp.partition)
+        for tp in tps:
+            if tp.partition in stored:
+                self._consumer.seek(tp, stored[tp.partition])
+            else:
+                await self._consumer.seek_to_beginning(tp)
+        log.info("partitions assigned; positions from DuckDB",
+                 extra=fields(partitions=[tp.partition for tp in tps], stored={p: stored.get(p) for p in (tp.partition for tp in tps)}))
+
+    async def _reset_to_earliest(self, tp: TopicPartition, stored: int, end: int | None) -> None:
+        self.stats.topic_resets += 1
+        self.health.inc("errors")
+        log.error(
+            "STORED OFFSET IS BEYOND THE END OF THE PARTITION: the topic was recreated (a broker restart with "
+            "memory storage does this). Re-reading it from the earliest offset; readings already stored are "
+            "skipped by (device, seq).",
+            extra=fields(topic=tp.topic, partition=tp.partition, stored_offset=stored, partition_end=end),
+        )
+        await self._consumer.seek_to_beginning(tp)
+
+    async def _update_lag(self) -> None:
+        consumer = self._consumer
+        for tp in list(consumer.assignment()):
+            highwater = consumer.highwater(tp)  # Tansu's end_offsets() is wrong; the fetch's HW is right
+            if highwater is None:
+                continue
+            try:
+                position = await consumer.position(tp)
+            except KafkaError:
+                continue
+            if position > highwater:
+                await self._reset_to_earliest(tp, position, highwater)
+                continue
+            self.stats.lag[tp.partition] = highwater - position
+        self.health.set("lag", float(self.stats.total_lag))
+
+    # ------------------------------------------------------------------ main loop
+    async def run(self) -> None:
+        """Consume until `stop()`. A failed DuckDB write stops the sink (raises): on restart the
+        dedup state and positions are rebuilt from the database, so nothing is lost."""
+        consumer = self._consumer
+        s = self.settings
+        self._running = True
+        self._run_finished.clear()
+        try:
+            while not self._stop.is_set():
+                try:
+                    data = await consumer.getmany(timeout_ms=s.fetch_timeout_ms, max_records=s.max_batch_messages)
+                except OffsetOutOfRangeError as exc:
+                    for tp, offset in (exc.args[0] if exc.args and isinstance(exc.args[0], dict) else {}).items():
+                        await self._reset_to_earliest(tp, offset, consumer.highwater(tp))
+                    continue
+                except KafkaError as exc:
+                    self.health.inc("errors")
+                    log.warning("Kafka fetch failed; retrying", extra=fields(error=repr(exc)))
+                    await asyncio.sleep(0.5)
+                    continue
+                if data:
+                    await self._handle(data)
+                await self._update_lag()
+                if data and self._pending_write is not None and self._pending_write.done():
+                    await self._drain_write()
+                self.stats.note_progress()
+                await self._maybe_maintain()
+            await self._drain_write()
+        finally:
+            self._running = False
+            self._run_finished.set()
+
+    async def _handle(self, data: dict[TopicPartition, list]) -> None:
+        started = time.perf_counter()
+        values: list[bytes | None] = []
+        origins: list[tuple[TopicPartition, int]] = []
+        next_offsets: dict[int, int] = {}
+        for tp, records in data.items():
+            if not records:
+                continue
+            values.extend(r.value for r in records)
+            origins.extend((tp, r.offset) for r in records)  # per message, needed only for dead letters
+            next_offsets[tp.partition] = records[-1].offset + 1
+        if not values:
+            return
+        self.stats.messages += len(values)
+        self.health.inc("received", len(values))
+        batch = decode_messages(values)
+        if batch.rejected:
+            await self._send_dead_letters(batch, values, origins)
+        outcome = self._dedup.check(batch.devices, batch.seqs, batch.ts_ms)
+        rows = select_readings(batch, outcome.keep) if batch.n_readings else batch.rows
+        if outcome.duplicates or outcome.too_old:
+            self.stats.duplicates += outcome.duplicates
+            self.stats.too_old += outcome.too_old
+            self.health.inc("dropped", outcome.duplicates + outcome.too_old)
+        dedup_rows = self._dedup.state_rows(outcome.changed_devices)
+        # One write at a time, in order: wait for the previous batch before starting this one.
+        await self._drain_write()
+        self._pending_write = asyncio.create_task(
+            self._write(rows, dedup_rows, next_offsets, int(outcome.keep.sum()), started))
+
+    async def _drain_write(self) -> None:
+        task, self._pending_write = self._pending_write, None
+        if task is not None:
+            await task
+
+    async def _write(self, rows: pl.DataFrame, dedup_rows, next_offsets: dict[int, int], readings: int,
+                     started: float) -> None:
+        await asyncio.to_thread(self._write_transaction, rows, dedup_rows, next_offsets)
+        latency = time.perf_counter() - started
+        self.stats.observe_latency(latency)
+        self.stats.points += rows.height
+        self.stats.readings += readings
+        self.stats.batches += 1
+        self.stats.last_commit_monotonic = time.monotonic()
+        self.health.inc("sent", rows.height)
+        if self._listeners and rows.height:
+            await self._notify(rows)
+
+    def _write_transaction(self, rows: pl.DataFrame, dedup_rows, next_offsets: dict[int, int]) -> None:
+        cur = self._write_cursor
+        now = datetime.now(timezone.utc).replace(tzinfo=None)
+        offsets = pa.table({
+            "topic": [self.settings.topic] * len(next_offsets),
+            "partition": pa.array(list(next_offsets), pa.int32()),
+            "next_offset": pa.array(list(next_offsets.values()), pa.int64()),
+            "updated_at": pa.array([now] * len(next_offsets), pa.timestamp("us")),
+        })
+        cur.execute("BEGIN TRANSACTION")
+        try:
+            if rows.height:
+                cur.register("_batch_rows", rows.to_arrow())
+                cur.execute("INSERT INTO samples SELECT ts, device, metric, value, quality, seq FROM _batch_rows")
+                cur.unregister("_batch_rows")
+            if dedup_rows:
+                state = pa.table({
+                    "device": [r[0] for r in dedup_rows],
+                    "max_seq": pa.array([r[1] for r in dedup_rows], pa.uint64()),
+                    "max_ts": pa.array([r[2] for r in dedup_rows], pa.timestamp("ms")),
+                })
+                cur.register("_batch_state", state)
+                cur.execute("INSERT OR REPLACE INTO dedup_state SELECT device, max_seq, max_ts FROM _batch_state")
+                cur.unregister("_batch_state")
+            cur.register("_batch_offsets", offsets)
+            cur.execute("INSERT OR REPLACE INTO ingest_offsets SELECT * FROM _batch_offsets")
+            cur.unregister("_batch_offsets")
+            mark_1m = self._rollup_marks.get("rollup_1m")
+            if rows.height and mark_1m is not None:
+                ts_min = rows["ts"].min()
+                if ts_min < mark_1m:
+                    late = rows.filter(pl.col("ts") < mark_1m)["ts"]
+                    recompute_buckets(cur, late.min(), late.max(), self._rollup_marks)
+            cur.execute("COMMIT")
+        except BaseException:
+            with contextlib.suppress(Exception):
+                cur.execute("ROLLBACK")
+            raise
+
+    async def _notify(self, rows: pl.DataFrame) -> None:
+        view = rows.select(pl.col("ts").dt.replace_time_zone("UTC"), "device", "metric", "value", "quality")
+        for fn in self._listeners:
+            try:
+                result = fn(view)
+                if inspect.isawaitable(result):
+                    await result
+            except Exception:  # a broken check must not stop ingest; it is counted and logged
+                self.stats.listener_errors += 1
+                self.health.inc("errors")
+                log.exception("batch listener failed", extra=fields(listener=getattr(fn, "__name__", repr(fn))))
+
+    async def _send_dead_letters(self, batch: DecodedBatch, values: list, origins: list) -> None:
+        ts_now = int(time.time() * 1000)
+        futures = []
+        for rej in batch.rejected:
+            tp, offset = origins[rej.index]
+            raw = values[rej.index] or b""
+            letter = {"v": 1, "source": "duckdb_sink", "reason": rej.reason, "topic": tp.topic,
+                      "partition": tp.partition, "offset": offset, "ts": ts_now,
+                      "payload_b64": base64.b64encode(raw).decode()}
+            futures.append(await self._producer.send(self.settings.dead_letter_topic, orjson.dumps(letter)))
+            log.warning("message sent to dead letters", extra=fields(partition=tp.partition, offset=offset, reason=rej.reason))
+        # The offsets that pass these messages are committed only after the dead letters are acked.
+        await asyncio.gather(*futures)
+        self.stats.dead_letters += len(batch.rejected)
+        self.health.inc("errors", len(batch.rejected))
+        self.health.set("dead_letters", float(self.stats.dead_letters))
+
+    async def _maybe_maintain(self) -> None:
+        """Advance rollups when a bucket closed; apply retention every `retention_every_s`."""
+        storage = self.settings.storage
+        now = time.monotonic()
+        if now - self._last_maintain < MAINTAIN_EVERY_S:
+            return
+        self._last_maintain = now
+        await self._drain_write()
+        cur = self._write_cursor
+        written = await asyncio.to_thread(advance_rollups, cur, storage.rollup_lateness_s)
+        if written:
+            self._rollup_marks = await asyncio.to_thread(done_until, cur)
+        if now - self._last_retention >= storage.retention_every_s:
+            self._last_retention = now
+            await asyncio.to_thread(apply_retention, cur, storage)
+
+    # ------------------------------------------------------------------ health
+    def health_problems(self) -> list[str]:
+        """Reasons the sink is unhealthy (empty list: healthy). Used by /healthz."""
+        problems = []
+        if not self._running:
+            problems.append("sink is not running")
+        lag = self.stats.total_lag
+        last = self.stats.last_commit_monotonic or self.stats.started_monotonic
+        idle_s = time.monotonic() - last
+        if lag > 0 and idle_s > self.settings.stuck_after_s:
+            problems.append(f"ingest stuck: lag {lag} messages and no batch committed for {idle_s:.0f} s")
+        if lag > self.settings.lag_limit_messages and self.stats.lag_growing():
+            problems.append(f"lag {lag} messages exceeds {self.settings.lag_limit_messages} and keeps growing")
+        return problems
+
+
+async def run_ingest(db_path: str, settings: SinkSettings, site_path: str | None = None) -> None:
+    """`podwatch ingest`: open the file, load topology, run the sink until SIGINT/SIGTERM."""
+    import signal
+
+    db = Database(db_path)
+    try:
+        if site_path:
+            from podwatch.storage.topology import load_topology_file
+
+            load_topology_file(db.connection, site_path)
+        sink = DuckDBSink(db, settings)
+        loop = asyncio.get_running_loop()
+        await sink.start()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, lambda: asyncio.ensure_future(sink.stop()))
+        try:
+            await sink.run()
+        finally:
+            await sink.stop()
+    finally:
+        db.close()
+
+
+def _main() -> None:  # `python -m podwatch.storage.sink --kafka H:P --db FILE [--no-group]`
+    import argparse
+
+    from podwatch.logs import configure_logging
+
+    parser = argparse.ArgumentParser(description="Kafka -> DuckDB sink")
+    parser.add_argument("--kafka", required=True)
+    parser.add_argument("--db", required=True)
+    parser.add_argument("--topic", default=TELEMETRY_TOPIC)
+    parser.add_argument("--dead-letter-topic", default=DEADLETTER_TOPIC)
+    parser.add_argument("--group", default="podwatch-sink", help="consumer group; 'none' to assign partitions directly")
+    parser.add_argument("--max-batch", type=int, default=20_000)
+    parser.add_argument("--site")
+    args = parser.parse_args()
+    configure_logging()
+    settings = SinkSettings(kafka=args.kafka, topic=args.topic, dead_letter_topic=args.dead_letter_topic,
+                            group_id=None if args.group == "none" else args.group, max_batch_messages=args.max_batch)
+    asyncio.run(run_ingest(args.db, settings, args.site))
+
+
+if __name__ == "__main__":
+    _main()
