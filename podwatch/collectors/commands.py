@@ -1,0 +1,109 @@
+"""`podwatch collect`: run a site's collectors into Kafka (or print the read plan / readings)."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+from pathlib import Path
+
+import typer
+
+from podwatch.errors import ConfigError, PodwatchError
+
+log = logging.getLogger(__name__)
+
+
+def _make_producer(kafka: str, site_id: str, spool_dir: Path | None):
+    """The stream stage's TelemetryProducer, imported lazily (the collectors do not depend on it)."""
+    try:
+        from podwatch.stream.producer import TelemetryProducer
+    except ModuleNotFoundError as exc:
+        raise PodwatchError(f"the Kafka producer (podwatch.stream.producer) is not available: {exc}; "
+                            "use --print to write readings to stdout") from None
+    import inspect
+
+    params = inspect.signature(TelemetryProducer).parameters
+    kwargs = {}
+    for name in ("bootstrap_servers", "bootstrap", "kafka"):
+        if name in params:
+            kwargs[name] = kafka
+            break
+    else:
+        return TelemetryProducer(kafka, **({"spool_dir": spool_dir} if spool_dir and "spool_dir" in params else {}))
+    if spool_dir is not None and "spool_dir" in params:
+        kwargs["spool_dir"] = spool_dir
+    if "site" in params:
+        kwargs["site"] = site_id
+    return TelemetryProducer(**kwargs)
+
+
+async def _run_collect(site, sink, modbus_settings, mqtt_settings, enable_mqtt: bool, health_interval_s: float,
+                       producer=None) -> None:
+    from podwatch.collectors.runner import CollectorRunner
+
+    if producer is not None and hasattr(producer, "start"):
+        await producer.start()
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    try:
+        runner = CollectorRunner(site, sink, modbus=modbus_settings, mqtt_settings=mqtt_settings,
+                                 health_log_interval_s=health_interval_s, enable_mqtt=enable_mqtt)
+        await runner.run(stop)
+    finally:
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.remove_signal_handler(sig)
+        if producer is not None and hasattr(producer, "stop"):
+            log.info("Flushing the producer")
+            await producer.stop()
+
+
+def register(app: typer.Typer) -> None:
+    @app.command("collect")
+    def collect(
+        site_file: Path = typer.Option(..., "--site", help="Site file (YAML)."),
+        kafka: str | None = typer.Option(None, "--kafka", help="Kafka bootstrap servers HOST:PORT."),
+        mqtt: str | None = typer.Option(None, "--mqtt", help="MQTT broker URL (overrides the site's mqtt.url)."),
+        no_mqtt: bool = typer.Option(False, "--no-mqtt", help="Do not run the MQTT collector."),
+        port_offset: int = typer.Option(0, "--port-offset", help="Shift every Modbus TCP port by N."),
+        spool_dir: Path | None = typer.Option(None, "--spool-dir", help="Producer spool directory (outages)."),
+        plan: bool = typer.Option(False, "--plan", help="Print each Modbus device's read plan and exit."),
+        print_readings: bool = typer.Option(False, "--print", help="Write readings as JSON lines to stdout instead of Kafka."),
+        max_registers: int | None = typer.Option(None, "--max-registers", min=1, max=125,
+                                                 help="Maximum registers per read for every device."),
+        max_gap: int | None = typer.Option(None, "--max-gap", min=0, help="Maximum unused registers read through."),
+        health_interval_s: float = typer.Option(30.0, "--health-interval", help="Seconds between health log lines."),
+    ) -> None:
+        """Poll a site's Modbus devices and subscribe to its MQTT devices, into Kafka."""
+        from podwatch.collectors.modbus import ModbusSettings, format_plan
+        from podwatch.site import load_site
+
+        site = load_site(site_file, port_offset=port_offset)
+        try:
+            modbus_settings = ModbusSettings(max_registers_per_read=max_registers, max_gap=max_gap)
+        except ValueError as exc:
+            raise ConfigError("options", [str(exc)]) from None
+        if plan:
+            typer.echo(format_plan(site, modbus_settings))
+            return
+        mqtt_settings = site.spec.mqtt
+        if mqtt:
+            from podwatch.site import MqttSettings
+
+            try:
+                mqtt_settings = MqttSettings(**{**site.spec.mqtt.model_dump(), "url": mqtt})
+            except ValueError as exc:
+                raise ConfigError("--mqtt", [f"{mqtt!r}: not mqtt://host:port or mqtts://host:port"]) from None
+        # pymodbus logs every timeout at ERROR; the collector logs first failures and recoveries itself.
+        logging.getLogger("pymodbus").setLevel(logging.CRITICAL)
+        if print_readings:
+            from podwatch.collectors.runner import StdoutSink
+
+            asyncio.run(_run_collect(site, StdoutSink(), modbus_settings, mqtt_settings, not no_mqtt, health_interval_s))
+            return
+        if not kafka:
+            raise ConfigError("options", ["--kafka HOST:PORT is required (or --print, or --plan)"])
+        producer = _make_producer(kafka, site.id, spool_dir)
+        asyncio.run(_run_collect(site, producer, modbus_settings, mqtt_settings, not no_mqtt, health_interval_s, producer))
