@@ -74,7 +74,7 @@ class ModbusSettings(BaseModel):
     backoff_max_s: float = Field(30.0, gt=0, description="Longest back-off of a failing device")
     reconnect_min_s: float = Field(0.2, gt=0, description="First reconnect delay of an endpoint")
     reconnect_max_s: float = Field(30.0, gt=0, description="Longest reconnect delay of an endpoint")
-    stale_after_polls: int = Field(10, ge=0, description="Identical raw answers in a row that make a reading stale (0: off)")
+    stale_after_polls: int = Field(10, ge=0, description="A raw answer repeated bit-identically this many times in a row makes the reading stale (0: off)")
     stagger: bool = Field(True, description="Spread device start times over their interval")
 
 

@@ -6,7 +6,7 @@ are counted too).
 
 Each register type's block covers its profile's whole address range (zeros in gaps) like a
 real device that answers reads through unused registers; `omit` leaves chosen points out so the
-device answers exception 02 for them.
+device answers exception 02 for them (omit points at the end of a register map).
 """
 
 from __future__ import annotations
@@ -39,13 +39,9 @@ def profile_blocks(profile: ModbusProfile, values: dict[str, float], omit: froze
         if not regs:
             blocks[rtype] = [SimData(60000, count=1, values=0, datatype=DataType.REGISTERS)]
             continue
-        lo, hi = min(regs), max(regs)
-        if omit:  # keep omitted points outside: serve only the kept points' span, in pieces
-            data = [SimData(a, count=1, values=v, datatype=DataType.REGISTERS) for a, v in sorted(regs.items())]
-        else:
-            data = [SimData(lo, count=hi - lo + 1, values=[regs.get(a, 0) for a in range(lo, hi + 1)],
-                            datatype=DataType.REGISTERS)]
-        blocks[rtype] = data
+        lo, hi = min(regs), max(regs)  # omitted points at the ends of the map fall outside the block
+        blocks[rtype] = [SimData(lo, count=1, values=[regs.get(a, 0) for a in range(lo, hi + 1)],
+                                 datatype=DataType.REGISTERS)]
     return blocks["holding"], blocks["input"]
 
 
@@ -62,6 +58,9 @@ class ProfileServer:
         self.omit = omit or {}
         self.baudrate, self.parity = baudrate, parity
         self.behaviour: dict[int, ExcCodes | None] = {}  # unit -> exception to answer
+        self.busy_remaining: dict[int, int] = {}  # unit -> answer DEVICE_BUSY this many more times
+        self.arrivals: dict[int, list[float]] = {}  # unit -> monotonic time of each request for its first address
+        self.first_address: dict[int, int] = {}
         self.requests: Counter = Counter()  # (unit, fc, address) -> requests received
         self.server = None
 
@@ -72,11 +71,17 @@ class ProfileServer:
         return SimDevice(id=unit, simdata=(bits, list(bits), hr, ir), action=functools.partial(self._action, unit))
 
     async def _action(self, unit, function_code, start_address, address, count, current_registers, set_values):
+        if self.busy_remaining.get(unit, 0) > 0:
+            self.busy_remaining[unit] -= 1
+            return ExcCodes.DEVICE_BUSY
         return self.behaviour.get(unit)
 
     def _trace(self, sending: bool, pdu):
         if not sending:
-            self.requests[(pdu.dev_id, pdu.function_code, getattr(pdu, "address", None))] += 1
+            address = getattr(pdu, "address", None)
+            self.requests[(pdu.dev_id, pdu.function_code, address)] += 1
+            if address == self.first_address.get(pdu.dev_id, -1):
+                self.arrivals.setdefault(pdu.dev_id, []).append(asyncio.get_running_loop().time())
         return pdu
 
     def requests_to(self, unit: int) -> int:
@@ -85,6 +90,10 @@ class ProfileServer:
     async def start(self) -> "ProfileServer":
         from pymodbus.server import ModbusSerialServer, ModbusTcpServer
 
+        from podwatch.collectors.planner import plan_reads
+
+        for u, (profile, _) in self.units.items():
+            self.first_address[u] = plan_reads(profile).requests[0].start
         devices = [self._device(u) for u in sorted(self.units)]
         if self.serial_port:
             self.server = ModbusSerialServer(devices, framer=FramerType.RTU, port=self.serial_port,
