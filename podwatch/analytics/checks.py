@@ -18,7 +18,7 @@ Checks (names are the `rule` of the observations and the `check:<name>` sources 
 | delta_t_high | rack | ΔT > `delta_t_max_ratio` × design ΔT at the present load (and > 2 K above it) |
 | approach_rising | CDU | approach (supply − facility water) > design + margin with supply above setpoint, or rising > K/h |
 | dew_point_margin_low | CDU | supply − dew point < site `thermal.dew_point_margin_c` |
-| pump_redundancy_lost | CDU | fewer pumps running than the redundancy needs (a pump down, no standby) |
+| pump_redundancy_lost | CDU | fewer pumps running than full flow needs, or a pump down and no standby left |
 | leak_detected | rack, CDU | leak state >= 1 (Warning) |
 | sensor_stale | device | no good sample for `stale_after_s` (default 5 × poll interval, >= 10 s) |
 | sensor_stuck | device | an analog signal has not changed at all for `stuck_after_s` |
@@ -147,6 +147,7 @@ class StreamingChecks:
         # derived series: (series, target, ts, value)
         self._history = pl.DataFrame(schema={"series": pl.String, "target": pl.String,
                                              "ts": pl.Datetime("us"), "value": pl.Float64})
+        self._pumps_seen_running: dict[str, set[int]] = {}
         self.batches = 0
 
     # ------------------------------------------------------------------ state
@@ -360,14 +361,20 @@ class StreamingChecks:
                       f"(need {margin_min:.1f} K)"])
             pumps = [row[f"pump{n}"] for n in range(1, cdu.pumps + 1)]
             if all(p is not None for p in pumps):
-                running = sum(1 for p in pumps if p >= 0.5)
+                running_set = {n for n, p in enumerate(pumps, start=1) if p >= 0.5}
+                seen = self._pumps_seen_running.setdefault(cdu.id, set())
+                seen |= running_set
+                # Standby pumps idle by design, so "stopped" alone is not "failed": a pump that has
+                # run and stopped is down; pumps never seen running are standby still available.
+                # (After a repair the repaired pump counts as down until it runs again.)
+                down = seen - running_set
+                spare = cdu.pumps - len(running_set) - len(down)
                 needed = cdu.working_pumps
-                # Redundancy is lost when the pumps still available (running) leave no spare beyond
-                # what full flow needs: with N+1 that is any pump down, with N it is flow loss itself.
-                lost = running < needed or (cdu.pump_redundancy != "N" and running < cdu.pumps
-                                            and self._standby_idles_by_design(cdu) is False)
-                emit("pump_redundancy_lost", lost, float(running),
-                     [f"{running} of {cdu.pumps} pumps running, {needed} needed for full flow ({cdu.pump_redundancy})"])
+                lost = len(running_set) < needed or spare < cdu.pumps - needed
+                detail = f"pump(s) {', '.join(map(str, sorted(down)))} down" if down else "no pump down"
+                emit("pump_redundancy_lost", lost, float(len(running_set)),
+                     [f"{len(running_set)} of {cdu.pumps} pumps running, {needed} needed for full flow, "
+                      f"{max(spare, 0)} standby left ({cdu.pump_redundancy}); {detail}"])
             if row["leak_state"] is not None:
                 state = int(row["leak_state"])
                 emit("leak_detected", state >= 1, state, [f"CDU leak detector {('OK', 'Warning', 'Critical')[min(state, 2)]}"])
@@ -382,11 +389,6 @@ class StreamingChecks:
                     emit("heat_balance_mismatch", abs(mismatch) > s.heat_balance_tolerance, mismatch,
                          [f"loop carries {coolant_kw:.0f} kW, racks put {expected_kw:.0f} kW into the liquid ({mismatch:+.0%})"])
         return out
-
-    def _standby_idles_by_design(self, cdu) -> bool:
-        """Whether the standby pump of an N+1/2N CDU idles (running=0) in normal operation.
-        Then a stopped pump is not a lost one and only `running < working_pumps` counts."""
-        return True
 
     def _sensor_checks(self, now: datetime, touched: Iterable[str]) -> list[Observation]:
         s = self.settings

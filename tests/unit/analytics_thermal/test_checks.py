@@ -69,6 +69,9 @@ def _cdu(metric, fn):
     ("approach_rising", CDU, _cdu("cdu.supply_temp_c", lambda t, v: v + 0.004 * t)),  # 14 K/h trend, small level
     ("dew_point_margin_low", CDU, _cdu("cdu.dew_point_c", lambda t, v: 30.0)),
     ("pump_redundancy_lost", CDU, _cdu("cdu.pump1.running", lambda t, v: 0.0)),
+    # pump 1 fails at 100 s and the standby (pump 3) takes over: flow is fine, redundancy is gone
+    ("pump_redundancy_lost", CDU, lambda t, k, e, m, v: (0.0 if t >= 100 else v) if (e, m) == (CDU, "cdu.pump1.running")
+     else (1.0 if t >= 100 else v) if (e, m) == (CDU, "cdu.pump3.running") else v),
     ("heat_balance_mismatch", CDU, _cdu("cdu.flow_lpm", lambda t, v: v * 0.5)),
     ("sensor_stuck", "bms-m1-r03", _rack("rack.liquid_return_temp_c", lambda t, v: 42.0)),
 ])

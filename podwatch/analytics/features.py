@@ -1,0 +1,197 @@
+"""Window features per rack for the thermal-risk model: pure polars functions over the long
+sample rows (ts, device, metric, value, quality) and the site model.
+
+`build_features(rows, site)` returns one row per (rack, ts) on a regular grid (`step_s`,
+default 10 s; each signal is averaged over its bucket and the row is stamped with the bucket's
+end, so a row at ts uses samples up to ts only) with:
+
+- levels of the rack (power from A + B PDUs, falling back on the BMS figure; supply, return,
+  flow) and of its CDU (supply, facility water, flow, pumps running, reservoir);
+- physics: flow per kW against design, ΔT against the design ΔT at the present load, the
+  steady-state ΔT the present flow and power lead to (ΔT_ss = P·f_liquid / (ṁ·c_p)), the return
+  temperature that implies and its margin to the rack's limit, CDU approach against design;
+- slopes (K/min, per minute) over 30 s, 2 min and 5 min of the return temperature, and over
+  2 and 5 min of supply, steady-state margin, flow per kW, approach, facility water, reservoir;
+- projections to the risk horizon: the return margin extrapolated linearly and the
+  steady-state margin moved by the supply trend, and the time to the limit at the present rate.
+
+Model inputs are the relative columns in `MODEL_FEATURES` (margins, ratios, slopes), not
+absolute temperatures, so a model trained on one site carries to sites with other setpoints and
+limits. Gaps up to `fill_limit_steps` are carried forward; longer gaps stay null (the
+gradient-boosting model handles nulls).
+"""
+
+from __future__ import annotations
+
+from datetime import timedelta
+
+import polars as pl
+
+from podwatch.analytics.checks import CP_WATER_KJ_PER_KG_K, DENSITY_KG_PER_L, normalise_rows
+from podwatch.site import Site
+
+DEFAULT_STEP_S = 10
+SLOPE_WINDOWS_S = {"30s": 30, "2m": 120, "5m": 300}
+
+_RACK_METRICS = {"rack.liquid_supply_temp_c": "supply_c", "rack.liquid_return_temp_c": "return_c",
+                 "rack.liquid_flow_lpm": "flow_lpm", "rack.power_kw": "bms_power_kw"}
+_CDU_METRICS = {"cdu.supply_temp_c": "cdu_supply_c", "cdu.return_temp_c": "cdu_return_c",
+                "cdu.flow_lpm": "cdu_flow_lpm", "cdu.facility_supply_temp_c": "facility_c",
+                "cdu.reservoir_level_pct": "reservoir_pct", "cdu.dew_point_c": "dew_point_c"}
+
+# Columns the model sees (relative quantities; see the module docstring).
+MODEL_FEATURES = [
+    "margin_c", "margin_ss_c", "power_frac", "flow_ratio", "dt_ratio", "dt_ss_ratio",
+    "return_slope_30s", "return_slope_2m", "return_slope_5m",
+    "supply_slope_2m", "supply_slope_5m", "margin_ss_slope_2m", "margin_ss_slope_5m",
+    "flow_ratio_slope_2m", "power_frac_slope_2m",
+    "supply_over_setpoint_c", "approach_excess_c", "approach_slope_5m", "facility_slope_5m",
+    "pump_deficit", "cdu_flow_ratio", "reservoir_slope_5m",
+    "proj_margin_c", "proj_margin_ss_c", "time_to_limit_s",
+]
+
+
+def site_frames(site: Site) -> tuple[pl.DataFrame, pl.DataFrame, pl.DataFrame]:
+    """(devices, racks, cdus) lookup frames from the site model."""
+    devices = pl.DataFrame(
+        [(d.id, d.kind, d.entity, d.side) for d in site.devices if d.enabled],
+        schema={"device": pl.String, "kind": pl.String, "entity": pl.String, "side": pl.String}, orient="row")
+    cdus = {c.id: c for c in site.cdus}
+    racks = pl.DataFrame(
+        [(r.id, r.cdu, r.rated_kw, r.design_flow_lpm, r.return_limit_c, cdus[r.cdu].heat_to_liquid)
+         for r in site.racks],
+        schema={"rack": pl.String, "cdu": pl.String, "rated_kw": pl.Float64, "design_flow_lpm": pl.Float64,
+                "limit_c": pl.Float64, "heat_to_liquid": pl.Float64}, orient="row")
+    cdu_frame = pl.DataFrame(
+        [(c.id, c.supply_setpoint_c, c.approach_c, float(c.working_pumps), float(c.pumps),
+          sum(r.design_flow_lpm for r in site.racks if r.cdu == c.id)) for c in site.cdus],
+        schema={"cdu": pl.String, "setpoint_c": pl.Float64, "design_approach_c": pl.Float64,
+                "working_pumps": pl.Float64, "pumps": pl.Float64, "cdu_design_flow_lpm": pl.Float64}, orient="row")
+    return devices, racks, cdu_frame
+
+
+def _bucketed(rows: pl.DataFrame, devices: pl.DataFrame, step_s: int) -> pl.DataFrame:
+    good = normalise_rows(rows).filter(pl.col("value").is_not_null() & (pl.col("quality") == 0))
+    return (good.join(devices, on="device", how="inner")
+            .with_columns(pl.col("ts").dt.truncate(f"{step_s}s").alias("ts"))
+            .group_by("ts", "device", "kind", "entity", "side", "metric")
+            .agg(pl.col("value").mean()))
+
+
+def _slope(col: str, steps: int, step_s: int, over: str) -> pl.Expr:
+    """Per-minute slope of `col` over `steps` grid steps (difference quotient)."""
+    return (pl.col(col) - pl.col(col).shift(steps).over(over)) / (steps * step_s / 60.0)
+
+
+def build_features(rows: pl.DataFrame, site: Site, *, step_s: int = DEFAULT_STEP_S,
+                   horizon_s: int | None = None, fill_limit_steps: int = 3) -> pl.DataFrame:
+    """Feature rows per (rack, ts); see the module docstring. Empty input -> empty frame."""
+    horizon_s = horizon_s or site.spec.thermal.risk_horizon_s
+    devices, racks, cdus = site_frames(site)
+    b = _bucketed(rows, devices, step_s)
+    if b.is_empty():
+        return pl.DataFrame(schema={"rack": pl.String, "ts": pl.Datetime("us"),
+                                    **{c: pl.Float64 for c in MODEL_FEATURES}})
+    t_min, t_max = b["ts"].min(), b["ts"].max()
+    grid_ts = pl.datetime_range(t_min, t_max, timedelta(seconds=step_s), time_unit="us", eager=True).alias("ts")
+    grid = racks.select("rack").join(grid_ts.to_frame(), how="cross")
+
+    rack_vals = (b.filter(pl.col("kind") == "rack").filter(pl.col("metric").is_in(list(_RACK_METRICS)))
+                 .with_columns(pl.col("metric").replace_strict(_RACK_METRICS))
+                 .pivot(on="metric", index=["entity", "ts"], values="value", aggregate_function="mean")
+                 .rename({"entity": "rack"}))
+    for name in _RACK_METRICS.values():
+        if name not in rack_vals.columns:
+            rack_vals = rack_vals.with_columns(pl.lit(None, pl.Float64).alias(name))
+    pdu = (b.filter((pl.col("kind") == "pdu") & (pl.col("metric") == "pdu.power_kw"))
+           .group_by("entity", "ts").agg(pl.col("value").sum().alias("pdu_power_kw"), pl.len().alias("pdu_n"))
+           .rename({"entity": "rack"}))
+    cdu_vals = (b.filter(pl.col("kind") == "cdu").filter(pl.col("metric").is_in(list(_CDU_METRICS)))
+                .with_columns(pl.col("metric").replace_strict(_CDU_METRICS))
+                .pivot(on="metric", index=["entity", "ts"], values="value", aggregate_function="mean")
+                .rename({"entity": "cdu"}))
+    for name in _CDU_METRICS.values():
+        if name not in cdu_vals.columns:
+            cdu_vals = cdu_vals.with_columns(pl.lit(None, pl.Float64).alias(name))
+    pumps = (b.filter((pl.col("kind") == "cdu") & pl.col("metric").str.contains(r"^cdu\.pump\d\.running$"))
+             .group_by("entity", "ts").agg((pl.col("value") >= 0.5).sum().cast(pl.Float64).alias("pumps_running"))
+             .rename({"entity": "cdu"}))
+    cdu_grid = cdus.select("cdu").join(grid_ts.to_frame(), how="cross")
+    cdu_all = (cdu_grid.join(cdu_vals, on=["cdu", "ts"], how="left").join(pumps, on=["cdu", "ts"], how="left")
+               .sort("cdu", "ts"))
+    cdu_fill = [c for c in cdu_all.columns if c not in ("cdu", "ts")]
+    cdu_all = cdu_all.with_columns(pl.col(cdu_fill).forward_fill(fill_limit_steps).over("cdu"))
+
+    f = (grid.join(rack_vals, on=["rack", "ts"], how="left").join(pdu, on=["rack", "ts"], how="left")
+         .join(racks, on="rack", how="left").sort("rack", "ts"))
+    fill = ["supply_c", "return_c", "flow_lpm", "bms_power_kw", "pdu_power_kw", "pdu_n"]
+    f = f.with_columns(pl.col(fill).forward_fill(fill_limit_steps).over("rack"))
+    f = (f.join(cdu_all, on=["cdu", "ts"], how="left").join(cdus, on="cdu", how="left").sort("rack", "ts"))
+
+    cp_per_lpm = DENSITY_KG_PER_L * CP_WATER_KJ_PER_KG_K / 60.0  # kW per (L/min · K)
+    f = f.with_columns(
+        pl.when(pl.col("pdu_n") >= 2).then(pl.col("pdu_power_kw")).otherwise(pl.col("bms_power_kw")).alias("power_kw"),
+        # the CDU supply stands in when the rack manifold supply sensor is missing
+        pl.coalesce("supply_c", "cdu_supply_c").alias("supply_c"),
+    ).with_columns(
+        (pl.col("power_kw") / pl.col("rated_kw")).alias("power_frac"),
+        (pl.col("limit_c") - pl.col("return_c")).alias("margin_c"),
+        (pl.col("return_c") - pl.col("supply_c")).alias("delta_t_c"),
+        (pl.col("flow_lpm") / pl.col("power_kw").clip(lower_bound=1.0)).alias("flow_per_kw"),
+        (pl.col("design_flow_lpm") / pl.col("rated_kw")).alias("design_flow_per_kw"),
+        # design ΔT at the present load, and the ΔT the present flow settles at
+        (pl.col("power_kw") * pl.col("heat_to_liquid") / (pl.col("design_flow_lpm") * cp_per_lpm)).alias("dt_design_c"),
+        (pl.col("power_kw") * pl.col("heat_to_liquid")
+         / (pl.col("flow_lpm").clip(lower_bound=1.0) * cp_per_lpm)).clip(upper_bound=200.0).alias("dt_ss_c"),
+    ).with_columns(
+        (pl.col("flow_per_kw") / pl.col("design_flow_per_kw")).alias("flow_ratio"),
+        (pl.col("delta_t_c") / pl.col("dt_design_c").clip(lower_bound=0.5)).alias("dt_ratio"),
+        (pl.col("dt_ss_c") / pl.col("dt_design_c").clip(lower_bound=0.5)).alias("dt_ss_ratio"),
+        (pl.col("limit_c") - pl.col("supply_c") - pl.col("dt_ss_c")).alias("margin_ss_c"),
+        (pl.col("cdu_supply_c") - pl.col("setpoint_c")).alias("supply_over_setpoint_c"),
+        (pl.col("cdu_supply_c") - pl.col("facility_c")).alias("approach_c"),
+        (pl.col("working_pumps") - pl.col("pumps_running")).alias("pump_deficit"),
+        (pl.col("cdu_flow_lpm") / pl.col("cdu_design_flow_lpm")).alias("cdu_flow_ratio"),
+    ).with_columns(
+        (pl.col("approach_c") - pl.col("design_approach_c")).alias("approach_excess_c"),
+    )
+    slopes = []
+    for name, window_s in SLOPE_WINDOWS_S.items():
+        steps = max(1, round(window_s / step_s))
+        slopes.append(_slope("return_c", steps, step_s, "rack").alias(f"return_slope_{name}"))
+        if name != "30s":
+            slopes += [_slope("supply_c", steps, step_s, "rack").alias(f"supply_slope_{name}"),
+                       _slope("margin_ss_c", steps, step_s, "rack").alias(f"margin_ss_slope_{name}")]
+    slopes += [
+        _slope("flow_ratio", round(120 / step_s), step_s, "rack").alias("flow_ratio_slope_2m"),
+        _slope("power_frac", round(120 / step_s), step_s, "rack").alias("power_frac_slope_2m"),
+        _slope("approach_c", round(300 / step_s), step_s, "rack").alias("approach_slope_5m"),
+        _slope("facility_c", round(300 / step_s), step_s, "rack").alias("facility_slope_5m"),
+        _slope("reservoir_pct", round(300 / step_s), step_s, "rack").alias("reservoir_slope_5m"),
+    ]
+    f = f.with_columns(slopes)
+    horizon_min = horizon_s / 60.0
+    f = f.with_columns(
+        # linear extrapolation of the return to the horizon (2-min trend, rises only)
+        (pl.col("margin_c") - pl.col("return_slope_2m").clip(lower_bound=0.0) * horizon_min).alias("proj_margin_c"),
+        # where the loop settles, moved by the supply trend over the horizon
+        (pl.col("margin_ss_c") - pl.col("supply_slope_5m").clip(lower_bound=0.0) * horizon_min).alias("proj_margin_ss_c"),
+        pl.when(pl.col("return_slope_2m") > 0.01)
+        .then((pl.col("margin_c").clip(lower_bound=0.0) / pl.col("return_slope_2m") * 60.0).clip(upper_bound=3600.0))
+        .otherwise(3600.0).alias("time_to_limit_s"),
+    )
+    keep = ["rack", "ts", "cdu", "power_kw", "supply_c", "return_c", "flow_lpm", "limit_c", "delta_t_c",
+            "flow_per_kw", "design_flow_per_kw", "dt_design_c", "dt_ss_c", "cdu_supply_c", "facility_c",
+            "setpoint_c", "approach_c", "design_approach_c", "pumps_running", "working_pumps", "reservoir_pct",
+            *MODEL_FEATURES]
+    seen: set[str] = set()
+    keep = [c for c in keep if not (c in seen or seen.add(c))]
+    # label each row with the END of its bucket: the features use data up to that time only
+    return f.select(keep).with_columns(pl.col("ts") + timedelta(seconds=step_s))
+
+
+def latest_features(rows: pl.DataFrame, site: Site, **kwargs) -> pl.DataFrame:
+    """The newest feature row per rack (for online scoring over a recent window of rows)."""
+    feats = build_features(rows, site, **kwargs)
+    return feats.filter(pl.col("return_c").is_not_null()).group_by("rack").agg(pl.all().sort_by("ts").last()) \
+        .sort("rack")

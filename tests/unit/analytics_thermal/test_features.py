@@ -1,0 +1,101 @@
+"""Feature pipeline correctness on hand-made frames."""
+
+from __future__ import annotations
+
+from datetime import timedelta
+from pathlib import Path
+
+import polars as pl
+import pytest
+
+from podwatch.analytics.features import MODEL_FEATURES, build_features, latest_features
+from podwatch.site import load_site
+
+from .frames import T0, healthy_rows
+
+SITE = load_site(Path(__file__).parents[3] / "examples/sites/demo.yaml")
+RACK = "m1-r03"
+
+
+def _rack_override(metric, fn):
+    def override(t, kind, entity, m, value):
+        return fn(t, value) if entity == RACK and m == metric else value
+    return override
+
+
+def test_levels_and_physics_on_a_healthy_site():
+    f = build_features(healthy_rows(SITE, 0, 140, load=0.9, noise=False), SITE)
+    assert set(MODEL_FEATURES) <= set(f.columns)
+    row = f.filter(pl.col("rack") == RACK).row(-1, named=True)
+    rack = SITE.rack(RACK)
+    assert row["power_kw"] == pytest.approx(rack.rated_kw * 0.9)  # A + B PDUs
+    assert row["power_frac"] == pytest.approx(0.9)
+    assert row["flow_ratio"] == pytest.approx(1 / 0.9)  # design flow at 90 % load
+    assert row["dt_ratio"] == pytest.approx(1.0)  # ΔT exactly the design ΔT at this load
+    assert row["dt_ss_ratio"] == pytest.approx(1.0)
+    # steady-state return equals the measured return on a settled loop
+    assert row["margin_ss_c"] == pytest.approx(row["margin_c"])
+    assert row["margin_c"] == pytest.approx(rack.return_limit_c - row["return_c"])
+    assert row["approach_excess_c"] == pytest.approx(32 - 26 - 4)
+    assert row["pump_deficit"] == 0
+    assert row["return_slope_2m"] == pytest.approx(0.0)
+    assert row["time_to_limit_s"] == 3600.0
+
+
+def test_rows_are_stamped_with_the_end_of_their_bucket():
+    f = build_features(healthy_rows(SITE, 0, 30, noise=False), SITE, step_s=10)
+    assert f["ts"].min() == T0 + timedelta(seconds=10)
+    assert f.filter(pl.col("rack") == RACK).height == 3
+
+
+def test_slopes_and_projection_of_a_rising_return():
+    # return rises 0.5 K/min (1/120 K per s) from t = 0
+    rows = healthy_rows(SITE, 0, 420, noise=False,
+                        override=_rack_override("rack.liquid_return_temp_c", lambda t, v: v + t / 120.0))
+    row = build_features(rows, SITE, horizon_s=300).filter(pl.col("rack") == RACK).row(-1, named=True)
+    for name in ("return_slope_30s", "return_slope_2m", "return_slope_5m"):
+        assert row[name] == pytest.approx(0.5, rel=1e-6), name
+    assert row["proj_margin_c"] == pytest.approx(row["margin_c"] - 0.5 * 5)
+    assert row["time_to_limit_s"] == pytest.approx(row["margin_c"] / 0.5 * 60)
+
+
+def test_low_flow_moves_the_steady_state_margin():
+    rows = healthy_rows(SITE, 0, 60, noise=False, load=1.0,
+                        override=_rack_override("rack.liquid_flow_lpm", lambda t, v: v / 2))
+    row = build_features(rows, SITE).filter(pl.col("rack") == RACK).row(-1, named=True)
+    assert row["flow_ratio"] == pytest.approx(0.5)
+    assert row["dt_ss_ratio"] == pytest.approx(2.0)
+    # ΔT_ss doubles: the settled return is one design ΔT above the measured one
+    assert row["margin_ss_c"] == pytest.approx(row["margin_c"] - row["dt_design_c"])
+
+
+def test_pumps_running_and_bms_power_fallback():
+    def override(t, kind, entity, m, value):
+        if entity == "cdu-m1" and m == "cdu.pump2.running":
+            return 0.0
+        return value
+
+    rows = healthy_rows(SITE, 0, 60, noise=False, override=override)
+    rows = rows.filter(pl.col("device") != "pdu-m1-r03-b")  # one PDU silent: use the BMS figure
+    f = build_features(rows, SITE)
+    row = f.filter(pl.col("rack") == RACK).row(-1, named=True)
+    assert row["pump_deficit"] == 1
+    assert row["power_kw"] == pytest.approx(SITE.rack(RACK).rated_kw * 0.9)
+
+
+def test_short_gaps_are_carried_forward_long_ones_stay_null():
+    rows = healthy_rows(SITE, 0, 200, noise=False)
+    gap = (pl.col("device") == "bms-m1-r03") & (pl.col("ts") >= T0 + timedelta(seconds=60))
+    short = rows.filter(~(gap & (pl.col("ts") < T0 + timedelta(seconds=80))))
+    long = rows.filter(~gap)
+    fs = build_features(short, SITE, fill_limit_steps=3).filter(pl.col("rack") == RACK)
+    fl = build_features(long, SITE, fill_limit_steps=3).filter(pl.col("rack") == RACK)
+    assert fs["return_c"].null_count() == 0
+    assert fl["return_c"].null_count() > 0
+    assert latest_features(long, SITE).filter(pl.col("rack") == RACK)["ts"][0] < fl["ts"].max()
+
+
+def test_empty_input_gives_an_empty_frame_with_the_model_columns():
+    empty = healthy_rows(SITE, 0, 1).clear()
+    f = build_features(empty, SITE)
+    assert f.is_empty() and set(MODEL_FEATURES) <= set(f.columns)
