@@ -1,0 +1,24 @@
+"""Alerting: rules (YAML), the alert lifecycle engine, receivers with a durable outbox.
+
+Public API (docs/alerts.md):
+- `Observation` — what analytics checks and the risk model emit (model.py).
+- `load_rules(path)` / `RuleSet` / `Rule` — rules, shipped defaults merged with a site file.
+- `AlertEngine(con, rules, receivers=..., target_labels=..., on_events=...)` — `observe(obs)`,
+  `evaluate_samples(df)`; persists to the DuckDB `alerts` table, queues events in `alert_outbox`.
+- `OutboxDispatcher(con, receivers)` — delivers the outbox (`tick()`, `kick()`, `run(stop)`).
+- `AlertingSettings` / `load_settings(path)`; receivers in receivers.py.
+- `attach_alerting(service, settings, publish=None, site=None)` — wiring for the serve process.
+"""
+
+from podwatch.analytics.alerting.engine import AlertEngine, AlertRecord, site_target_labels
+from podwatch.analytics.alerting.glue import AlertingRuntime, attach_alerting, build_runtime
+from podwatch.analytics.alerting.model import ALERTS_TOPIC, AlertState, Observation, alert_id
+from podwatch.analytics.alerting.outbox import DeliveryError, OutboxDispatcher
+from podwatch.analytics.alerting.rules import Rule, RuleSet, load_rules
+from podwatch.analytics.alerting.settings import AlertingSettings, load_settings
+
+__all__ = [
+    "ALERTS_TOPIC", "AlertEngine", "AlertRecord", "AlertState", "AlertingRuntime", "AlertingSettings", "DeliveryError",
+    "Observation", "OutboxDispatcher", "Rule", "RuleSet", "alert_id", "attach_alerting", "build_runtime", "load_rules",
+    "load_settings", "site_target_labels",
+]

@@ -1,0 +1,115 @@
+"""Rule files: shipped defaults cover every analytics check, site overrides merge by id, bad
+files are rejected with every error and its field path."""
+
+from __future__ import annotations
+
+import pytest
+
+from podwatch.analytics.alerting.rules import load_rules, parse_duration_s, render_template
+from podwatch.analytics.alerting.settings import settings_from_dict
+from podwatch.errors import ConfigError
+
+ANALYTICS_CHECKS = ["cdu_supply_temp_high", "rack_return_temp_high", "flow_per_kw_low", "heat_balance_mismatch",
+                    "delta_t_high", "approach_rising", "dew_point_margin_low", "pump_redundancy_lost", "leak_detected",
+                    "sensor_stale", "sensor_stuck", "thermal_risk_high"]
+
+
+def test_defaults_cover_every_check_and_risk():
+    rules = load_rules().by_id()
+    assert set(ANALYTICS_CHECKS) <= set(rules)
+    assert rules["thermal_risk_high"].source == "risk"
+    assert rules["cdu_supply_temp_high"].metric == ["cdu.supply_temp_c"]
+    assert rules["cdu_supply_temp_high"].hold_s == 120.0
+
+
+@pytest.mark.parametrize(("text", "seconds"), [("500ms", 0.5), ("30s", 30), ("2m", 120), ("1h", 3600), (5, 5.0), ("1.5m", 90)])
+def test_durations(text, seconds):
+    assert parse_duration_s(text) == pytest.approx(seconds)
+
+
+@pytest.mark.parametrize("bad", ["2 minutes", "-1", True, "m"])
+def test_bad_durations(bad):
+    with pytest.raises(ValueError):
+        parse_duration_s(bad)
+
+
+def test_site_override_merges_by_id_and_extends(tmp_path):
+    site = tmp_path / "site-rules.yaml"
+    site.write_text("""
+labels: {site: dc7}
+rules:
+  - id: cdu_supply_temp_high
+    threshold: 38
+    clear_threshold: 37
+    labels: {team: cooling}
+  - id: sensor_stuck
+    enabled: false
+  - id: busway_power_high
+    source: metric
+    metric: meter.power_kw
+    op: ">"
+    threshold: 1600
+    severity: warning
+    annotations: {summary: "busway {target} at {value:.0f} kW"}
+""")
+    rs = load_rules(site)
+    rules = rs.by_id()
+    assert rules["cdu_supply_temp_high"].threshold == 38
+    assert rules["cdu_supply_temp_high"].hold_s == 120.0  # kept from the default
+    assert rules["cdu_supply_temp_high"].labels == {"team": "cooling"}
+    assert rules["cdu_supply_temp_high"].annotations.summary.startswith("CDU {target}")
+    assert "sensor_stuck" not in {r.id for r in rs.enabled_rules()}
+    assert rules["busway_power_high"].metric == ["meter.power_kw"]
+    assert rs.labels == {"team": "facilities", "site": "dc7"}
+
+
+def test_bad_rules_file_reports_every_error_with_path(tmp_path):
+    site = tmp_path / "bad.yaml"
+    site.write_text("""
+rules:
+  - id: cdu_supply_temp_high
+    threshold: 30
+    clear_threshold: 31
+  - id: new_rule
+    source: metric
+    metric: cdu.flow_lpm
+    op: "=>"
+    threshold: 1
+    annotations: {summary: "x"}
+  - id: typo_rule
+    source: check:flow_per_kw_low
+    severty: critical
+    annotations: {summary: "{nope}"}
+""")
+    with pytest.raises(ConfigError) as info:
+        load_rules(site)
+    text = str(info.value)
+    assert "rules[0] (cdu_supply_temp_high)" in text and "clear_threshold 31.0 must be <= threshold 30.0" in text
+    assert "rules[1] (new_rule).op" in text
+    assert "rules[2] (typo_rule).severty: unknown field" in text
+    assert len(info.value.errors) == 3
+
+
+def test_bad_template_is_rejected_at_load():
+    with pytest.raises(ConfigError) as info:
+        load_rules(text="rules: [{id: r1, source: 'check:x', annotations: {summary: '{nope} at {value:.1f}'}}]",
+                   include_defaults=False)
+    assert "rules[0] (r1): annotations.summary: bad template" in str(info.value)
+
+
+def test_template_renders_missing_value_as_na():
+    out = render_template("{target} at {value:.1f} ({reasons}) {labels[rack]}", target="rack-1", value=None,
+                          reasons=["a", "b"], threshold=1.0, rule="r", severity="critical", labels={})
+    assert out == "rack-1 at n/a (a; b) "
+
+
+def test_settings_errors_name_fields():
+    with pytest.raises(ConfigError) as info:
+        settings_from_dict({"receivers": [
+            {"type": "webhook", "name": "a", "url": "ftp://x"},
+            {"type": "email", "name": "a", "host": "h", "sender": "s", "to": ["t"], "port": 99999},
+            {"type": "pager", "name": "c"}]})
+    errors = info.value.errors
+    assert any(e.startswith("receivers[0].webhook.url: must be an http(s) URL") for e in errors)
+    assert any(e.startswith("receivers[1].email.port") for e in errors)
+    assert any(e.startswith("receivers[2]") and "pager" in e for e in errors)
