@@ -1,0 +1,329 @@
+"""Quantile forecasts (P50/P95/P99) of the peak demand of every node over the next 24 h and 7 days.
+
+This module owns the forecasting method; `headroom.py` turns its output into headroom rows and
+`backtest.py` evaluates it. Method (docs/analytics.md, "Forecasts"):
+
+- Input: hourly peaks per node (max of the bucketed design load in each clock hour, `load.py`).
+- Target at an origin hour t: the peak over hours t+1 .. t+H (H = 24 or 168) — the number
+  headroom is about — divided by the node's scale (its mean load over the last 7 days), so one
+  *global* model learns from every node at once whatever its size.
+- Features (all scaled the same way): the load now, peaks of the last 24 h and 7 days, the same
+  window one and two weeks ago (the seasonal-naive forecast and its predecessor), recent means
+  (trend), recent variability, and the calendar of the window start (local hour, day of week).
+  Missing lags are NaN, which the gradient boosting handles natively.
+- Model: scikit-learn `HistGradientBoostingRegressor(loss="quantile")`, one per quantile and horizon.
+- Calibration: split conformal (conformalised quantile regression, one-sided per quantile). The
+  latest part of the training origins is held out; for each quantile level τ the model's
+  quantile is shifted by the finite-sample τ-quantile of the held-out residuals, so P95 covers
+  ~95 % of peaks on exchangeable data. Quantiles are then made non-crossing.
+- Baseline: seasonal naive — the peak of the same window one week earlier (24 h) or the last
+  7 days' peak (7 d) — with quantiles from its own empirical residuals on the same training rows.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+import polars as pl
+from pydantic import BaseModel, ConfigDict, Field
+
+HORIZON_HOURS = {"24h": 24, "7d": 168}
+QUANTILES = (0.5, 0.95, 0.99)
+MODEL_VERSION = "hgb-quantile-cqr/1"
+NAIVE_VERSION = "seasonal-naive/1"
+WEEK_H = 168
+MIN_SCALE_KW = 1.0  # an idle node has no meaningful relative scale; below this use 1 kW
+
+FEATURES = ("now", "peak_24h", "peak_7d", "naive", "naive_2w", "daily_peak_mean_7d", "weekly_peak_mean_4w",
+            "mean_24h", "mean_7d_prev", "std_7d", "hour", "dow")
+
+
+class ForecastConfig(BaseModel):
+    """Settings of the peak forecaster (defaults were chosen on simulated histories, see the backtest)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    quantiles: tuple[float, ...] = Field(QUANTILES, description="Quantile levels, each in (0, 1)")
+    train_stride_h: int = Field(2, ge=1, description="Use every n-th hourly origin for training (neighbours overlap)")
+    calibration_fraction: float = Field(0.3, gt=0.05, lt=0.8, description="Latest share of training origins held out for conformal calibration")
+    max_iter: int = Field(150, ge=10)
+    learning_rate: float = Field(0.06, gt=0, le=1)
+    max_leaf_nodes: int = Field(15, ge=2)
+    min_samples_leaf: int = Field(40, ge=1)
+    min_training_rows: int = Field(150, ge=10, description="Below this many rows the horizon falls back to seasonal naive")
+    random_state: int = 0
+
+
+@dataclass
+class FeatureTable:
+    """Origins (node, hour) with scaled features, scale (kW) and scaled target (NaN if unknown)."""
+
+    frame: pl.DataFrame  # ts (origin hour start), node, FEATURES..., scale, target, naive
+    horizon_h: int
+
+    def matrix(self, rows: pl.DataFrame | None = None) -> np.ndarray:
+        return (self.frame if rows is None else rows).select(FEATURES).to_numpy().astype(np.float64)
+
+
+def _window_max(y: np.ndarray, width: int) -> np.ndarray:
+    """out[t] = nanmax(y[t-width+1 .. t]); NaN when the window is not full of history or all NaN."""
+    out = np.full(y.shape, np.nan)
+    if len(y) < width:
+        return out
+    windows = np.lib.stride_tricks.sliding_window_view(y, width)
+    with np.errstate(all="ignore"), _nan_warnings_off():
+        out[width - 1:] = np.nanmax(windows, axis=1)
+    return out
+
+
+def _window_mean(y: np.ndarray, width: int) -> np.ndarray:
+    out = np.full(y.shape, np.nan)
+    if len(y) < width:
+        return out
+    windows = np.lib.stride_tricks.sliding_window_view(y, width)
+    with _nan_warnings_off():
+        out[width - 1:] = np.nanmean(windows, axis=1)
+    return out
+
+
+def _window_std(y: np.ndarray, width: int) -> np.ndarray:
+    out = np.full(y.shape, np.nan)
+    if len(y) < width:
+        return out
+    windows = np.lib.stride_tricks.sliding_window_view(y, width)
+    with _nan_warnings_off():
+        out[width - 1:] = np.nanstd(windows, axis=1)
+    return out
+
+
+class _nan_warnings_off:
+    def __enter__(self):
+        import warnings
+
+        self._ctx = warnings.catch_warnings()
+        self._ctx.__enter__()
+        warnings.simplefilter("ignore", RuntimeWarning)
+
+    def __exit__(self, *exc):
+        self._ctx.__exit__(*exc)
+
+
+def _shift(a: np.ndarray, k: int) -> np.ndarray:
+    """out[t] = a[t-k] (k > 0: past; k < 0: future); NaN outside."""
+    out = np.full(a.shape, np.nan)
+    if k > 0:
+        out[k:] = a[:-k] if k < len(a) else out[k:]
+    elif k < 0:
+        out[:k] = a[-k:]
+    else:
+        out[:] = a
+    return out
+
+
+def build_features(hourly_peaks: pl.DataFrame, horizon_h: int, timezone: str = "UTC") -> FeatureTable:
+    """Feature rows for every node and every origin hour with >= 7 days of history behind it.
+
+    `hourly_peaks`: ts (hour start, UTC, regular hourly grid) + one column per node (kW)."""
+    hourly = hourly_peaks.sort("ts")
+    ts = hourly["ts"]
+    # regular grid, so that index arithmetic is time arithmetic
+    grid = pl.DataFrame({"ts": pl.datetime_range(ts.min(), ts.max(), "1h", eager=True, time_zone="UTC")})
+    hourly = grid.join(hourly, on="ts", how="left")
+    ts = hourly["ts"]
+    window_start_local = ts.dt.offset_by("1h").dt.convert_time_zone(timezone)
+    hour = window_start_local.dt.hour().to_numpy().astype(np.float64)
+    dow = window_start_local.dt.weekday().to_numpy().astype(np.float64)
+    parts = []
+    for node in [c for c in hourly.columns if c != "ts"]:
+        y = hourly[node].cast(pl.Float64).fill_nan(None).to_numpy().astype(np.float64)
+        mean_7d = _window_mean(y, WEEK_H)
+        scale = np.maximum(np.nan_to_num(mean_7d, nan=np.nan), MIN_SCALE_KW)
+        future_peak = _shift(_window_max(y, horizon_h), -horizon_h)  # max(y[t+1 .. t+H])
+        if horizon_h <= WEEK_H:
+            naive = _shift(future_peak, WEEK_H) if horizon_h < WEEK_H else _window_max(y, WEEK_H)
+            naive_2w = _shift(future_peak, 2 * WEEK_H) if horizon_h < WEEK_H else _shift(_window_max(y, WEEK_H), WEEK_H)
+        else:  # longer than a week: last horizon's peak
+            naive = _window_max(y, horizon_h)
+            naive_2w = _shift(naive, horizon_h)
+        peak_24h = _window_max(y, 24)
+        peak_7d = _window_max(y, WEEK_H)
+        with _nan_warnings_off():
+            # averages of past window peaks: the seasonal level without one week's noise
+            daily_peak_mean = np.nanmean(np.column_stack([_shift(peak_24h, 24 * k) for k in range(7)]), axis=1)
+            weekly_peak_mean = np.nanmean(np.column_stack([_shift(peak_7d, WEEK_H * k) for k in range(4)]), axis=1)
+        cols = {
+            "now": y, "peak_24h": peak_24h, "peak_7d": peak_7d, "naive": naive, "naive_2w": naive_2w,
+            "daily_peak_mean_7d": daily_peak_mean, "weekly_peak_mean_4w": weekly_peak_mean, "mean_24h": _window_mean(y, 24), "mean_7d_prev": _shift(mean_7d, WEEK_H),
+            "std_7d": _window_std(y, WEEK_H),
+        }
+        frame = {"ts": ts, "node": [node] * len(y)}
+        for name, arr in cols.items():
+            frame[name] = arr / scale
+        frame["hour"] = hour
+        frame["dow"] = dow
+        frame["scale"] = scale
+        frame["target"] = future_peak / scale
+        frame["naive_kw"] = naive
+        part = pl.DataFrame(frame, strict=False).filter(pl.col("scale").is_not_nan() & ~pl.col("now").is_nan())
+        part = part.filter(pl.col("peak_7d").is_not_nan())
+        parts.append(part)
+    frame = pl.concat(parts) if parts else pl.DataFrame()
+    return FeatureTable(frame=frame, horizon_h=horizon_h)
+
+
+def _conformal_offset(residuals: np.ndarray, level: float) -> float:
+    """Finite-sample one-sided split-conformal shift: the ceil((n+1)·τ)-th smallest residual."""
+    residuals = np.sort(residuals[np.isfinite(residuals)])
+    n = len(residuals)
+    if n == 0:
+        return 0.0
+    k = min(n, max(1, math.ceil((n + 1) * level)))
+    return float(residuals[k - 1])
+
+
+def _non_crossing(q: np.ndarray) -> np.ndarray:
+    return np.maximum.accumulate(q, axis=1)
+
+
+class PeakForecaster:
+    """Global quantile model of the scaled window peak, calibrated by split conformal.
+
+    `fit(table)` uses the rows with a known target; `predict(rows)` returns kW, one column per
+    quantile level, non-crossing."""
+
+    def __init__(self, config: ForecastConfig | None = None):
+        self.config = config or ForecastConfig()
+        self.models: list = []
+        self.offsets: list[float] = []
+        self.naive_offsets: list[float] = []
+        self.method = MODEL_VERSION
+        self.trained_from = None
+        self.trained_to = None
+        self.n_train = 0
+        self.n_calibration = 0
+
+    def fit(self, table: FeatureTable) -> PeakForecaster:
+        from sklearn.ensemble import HistGradientBoostingRegressor
+
+        cfg = self.config
+        rows = table.frame.filter(pl.col("target").is_not_nan())
+        if rows.is_empty():
+            raise ValueError("no training rows with a known target (history shorter than 7 days + horizon)")
+        self.trained_from, self.trained_to = rows["ts"].min(), rows["ts"].max()
+        origins = rows["ts"].unique().sort()
+        cut = origins[int(len(origins) * (1 - cfg.calibration_fraction))]
+        gap = pl.duration(hours=table.horizon_h)  # fit targets must not overlap calibration windows
+        fit_rows = rows.filter(pl.col("ts") < pl.lit(cut) - gap)
+        fit_rows = fit_rows.filter((pl.col("ts").dt.epoch("s") // 3600) % cfg.train_stride_h == 0)
+        cal_rows = rows.filter(pl.col("ts") >= cut)
+        naive_res = (rows["target"] - rows["naive"]).to_numpy()
+        self.naive_offsets = [_conformal_offset(naive_res, q) for q in cfg.quantiles]
+        if fit_rows.height < cfg.min_training_rows or cal_rows.height < 20:
+            self.method = NAIVE_VERSION
+            self.models = []
+            self.n_train, self.n_calibration = 0, rows.height
+            return self
+        x_fit, y_fit = table.matrix(fit_rows), fit_rows["target"].to_numpy()
+        # a lag with no value yet in any training row (e.g. two weeks back in a short history) is
+        # set to 0, so the model simply never splits on it (an all-NaN column breaks binning)
+        x_fit[:, np.isnan(x_fit).all(axis=0)] = 0.0
+        x_cal, y_cal = table.matrix(cal_rows), cal_rows["target"].to_numpy()
+        self.models, self.offsets = [], []
+        for q in cfg.quantiles:
+            model = HistGradientBoostingRegressor(
+                loss="quantile", quantile=q, max_iter=cfg.max_iter, learning_rate=cfg.learning_rate,
+                max_leaf_nodes=cfg.max_leaf_nodes, min_samples_leaf=cfg.min_samples_leaf,
+                early_stopping=False, random_state=cfg.random_state)
+            model.fit(x_fit, y_fit)
+            self.models.append(model)
+            self.offsets.append(_conformal_offset(y_cal - model.predict(x_cal), q))
+        self.method = MODEL_VERSION
+        self.n_train, self.n_calibration = fit_rows.height, cal_rows.height
+        return self
+
+    def predict(self, table: FeatureTable, rows: pl.DataFrame | None = None) -> np.ndarray:
+        rows = table.frame if rows is None else rows
+        if not self.models:
+            return self.predict_naive(rows)
+        x = table.matrix(rows)
+        scaled = np.column_stack([m.predict(x) + off for m, off in zip(self.models, self.offsets)])
+        return _non_crossing(np.maximum(scaled, 0.0)) * rows["scale"].to_numpy()[:, None]
+
+    def predict_naive(self, rows: pl.DataFrame) -> np.ndarray:
+        """Seasonal-naive quantiles: the naive peak plus its own empirical residual quantiles."""
+        naive = rows["naive"].to_numpy()
+        if np.isnan(naive).any():  # no week-old window yet: the last 7 days' peak
+            naive = np.where(np.isnan(naive), rows["peak_7d"].to_numpy(), naive)
+        scaled = np.column_stack([naive + off for off in self.naive_offsets])
+        return _non_crossing(np.maximum(scaled, 0.0)) * rows["scale"].to_numpy()[:, None]
+
+    @property
+    def version(self) -> str:
+        if self.trained_from is None:
+            return self.method
+        return f"{self.method} trained {self.trained_from:%Y-%m-%dT%H}..{self.trained_to:%Y-%m-%dT%H}Z"
+
+
+def pinball_loss(y: np.ndarray, q_pred: np.ndarray, level: float) -> float:
+    """Mean pinball (quantile) loss of predictions `q_pred` at `level` for outcomes `y`."""
+    diff = np.asarray(y, dtype=float) - np.asarray(q_pred, dtype=float)
+    return float(np.nanmean(np.maximum(level * diff, (level - 1) * diff)))
+
+
+def coverage(y: np.ndarray, q_pred: np.ndarray) -> float:
+    """Share of outcomes at or below the predicted quantile."""
+    y, q_pred = np.asarray(y, dtype=float), np.asarray(q_pred, dtype=float)
+    ok = np.isfinite(y) & np.isfinite(q_pred)
+    return float(np.mean(y[ok] <= q_pred[ok])) if ok.any() else float("nan")
+
+
+@dataclass(frozen=True)
+class PeakForecast:
+    """Forecast of one node's peak over one horizon, made at `origin` (end of the last full hour)."""
+
+    node: str
+    horizon: str
+    origin: object  # datetime (UTC): forecast window starts here
+    p50_kw: float
+    p95_kw: float
+    p99_kw: float
+    method: str
+
+
+def forecast_peaks(hourly_peaks: pl.DataFrame, timezone: str = "UTC", config: ForecastConfig | None = None,
+                   horizons: tuple[str, ...] = ("24h", "7d")) -> tuple[list[PeakForecast], dict[str, str]]:
+    """Fit on all history and forecast every node's peak from the last hour with data.
+
+    Returns (forecasts, notes per horizon — e.g. why a horizon fell back to seasonal naive or was skipped)."""
+    cfg = config or ForecastConfig()
+    if set(cfg.quantiles) != set(QUANTILES):
+        raise ValueError(f"forecast_peaks writes P50/P95/P99; quantiles must be {QUANTILES}")
+    out: list[PeakForecast] = []
+    notes: dict[str, str] = {}
+    for horizon in horizons:
+        h = HORIZON_HOURS[horizon]
+        table = build_features(hourly_peaks, h, timezone)
+        if table.frame.is_empty():
+            notes[horizon] = "skipped: needs at least 7 days of history"
+            continue
+        forecaster = PeakForecaster(cfg)
+        try:
+            forecaster.fit(table)
+        except ValueError:
+            forecaster.method = NAIVE_VERSION
+            forecaster.naive_offsets = [0.0] * len(cfg.quantiles)
+            notes[horizon] = (f"seasonal naive without calibration: history too short for a {horizon} target "
+                              f"(needs 7 days + {horizon})")
+        else:
+            if forecaster.method == NAIVE_VERSION:
+                notes[horizon] = "seasonal naive: too few training rows for the model"
+        last = table.frame.group_by("node").agg(pl.col("ts").max().alias("ts"))
+        rows = table.frame.join(last, on=["node", "ts"], how="inner").sort("node")
+        q = forecaster.predict(table, rows)
+        for i, node in enumerate(rows["node"].to_list()):
+            origin = rows["ts"][i] + __import__("datetime").timedelta(hours=1)
+            out.append(PeakForecast(node=node, horizon=horizon, origin=origin, p50_kw=float(q[i, 0]),
+                                    p95_kw=float(q[i, 1]), p99_kw=float(q[i, 2]), method=forecaster.version))
+    return out, notes
