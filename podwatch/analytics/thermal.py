@@ -39,7 +39,8 @@ MODEL_FILE = "thermal.joblib"
 META_FILE = "thermal.json"
 MODEL_KIND = "thermal-hgb"
 LEVELS = (("critical", 0.8), ("warning", 0.5), ("watch", 0.2))
-FLAG_LEVEL_PROBABILITY = 0.5  # "warning" and above counts as flagged in the evaluation
+FLAG_LEVEL_PROBABILITY = 0.5
+REARM_K = 1.0  # a breach is over once the return is this far below the limit again  # "warning" and above counts as flagged in the evaluation
 
 BREACH_SCHEMA = {"rack": pl.String, "breach_ts": pl.Datetime("us"), "breach_end_ts": pl.Datetime("us")}
 
@@ -106,8 +107,12 @@ def label_features(features: pl.DataFrame, breaches: pl.DataFrame | None, horizo
     prev = b.select("rack", pl.col("breach_ts").alias("_start"), "breach_end_ts").sort("_start")
     f = f.sort("ts").join_asof(prev, left_on="ts", right_on="_start", by="rack", strategy="backward")
     horizon = pl.duration(seconds=horizon_s)
+    # In breach: from a breach start until its end; ground truth without end times (the simulator
+    # re-arms a breach once the return is 1 K below the limit) ends it when the return is back there.
     in_breach = (pl.col("_start").is_not_null() & (pl.col("ts") >= pl.col("_start"))
-                 & (pl.col("breach_end_ts").is_null() | (pl.col("ts") <= pl.col("breach_end_ts"))))
+                 & pl.when(pl.col("breach_end_ts").is_null())
+                 .then(pl.col("margin_c").is_null() | (pl.col("margin_c") < REARM_K))
+                 .otherwise(pl.col("ts") <= pl.col("breach_end_ts")))
     f = f.with_columns(
         in_breach.alias("in_breach"),
         (pl.col("next_breach_ts").is_not_null() & (pl.col("next_breach_ts") > pl.col("ts"))

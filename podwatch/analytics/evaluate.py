@@ -1,0 +1,211 @@
+"""Evaluation of the thermal-risk model against ground truth: does the alarm lead the breach?
+
+Per scored run (`EvalRun`: feature rows, ground-truth breaches with their fault kind and onset):
+
+- **Alarm**: the risk at or above the flag level (probability >= `flag_probability`, default
+  0.5 = "warning") for `confirm_s` (default 20 s: two consecutive 10 s scores). Gaps up to
+  `merge_gap_s` do not end an alarm episode.
+- **Lead** of a breach: breach time minus the start of the alarm episode still running just
+  before the breach; never counted from before the fault's onset (an alarm that started earlier
+  gets the time since onset). No alarm running at the breach: lead 0 (missed).
+- **Recall at 2 min**: breaches with lead >= `min_lead_s` (120 s) / all breaches. Also reported
+  over the *predictable* breaches, those at least `min_lead_s` after their fault's onset (a pump
+  trip that breaches 40 s later cannot be flagged 2 minutes ahead by anyone).
+- **Median lead** overall, per fault kind, and for slow faults (fouling, facility water rise).
+- **False alarms per rack-day** on fault-free runs: alarm episodes (merged within `fa_merge_s`)
+  per rack and day of history.
+"""
+
+from __future__ import annotations
+
+import statistics
+from dataclasses import asdict, dataclass, field
+from datetime import datetime
+from typing import Any
+
+import polars as pl
+
+from podwatch.analytics.thermal import FLAG_LEVEL_PROBABILITY, ThermalModel
+
+SLOW_FAULTS = ("hx_fouling", "facility_water_rise")
+GOALS = {
+    "recall_at_2min": (">=", 0.95, "recall of breaches flagged >= 2 min ahead"),
+    "slow_fault_median_lead_s": (">=", 300.0, "median lead for slow faults (fouling, facility water rise)"),
+    "false_alarms_per_rack_day": ("<=", 0.1, "false alarms per rack-day on fault-free runs"),
+}
+
+
+@dataclass
+class EvalRun:
+    """One held-out history: its features and ground truth.
+
+    `breaches`: rack, breach_ts[, breach_end_ts, fault_kind, onset_ts] — the fault kind and onset
+    of the fault that caused each breach (see `truth_frames`). `fault_free` runs count false alarms."""
+
+    name: str
+    features: pl.DataFrame
+    breaches: pl.DataFrame | None = None
+    fault_free: bool = False
+    tags: dict[str, Any] = field(default_factory=dict)
+
+
+def truth_frames(truth: dict[str, Any]) -> tuple[pl.DataFrame, pl.DataFrame]:
+    """(faults, breaches) frames from a simulator ground truth (`truth.json` as a dict).
+
+    Each breach gets the kind and onset of its cause (the physical fault active on the rack or
+    its CDU that started last before the breach); "unknown" when none is named."""
+    faults = pl.DataFrame(
+        [(f["id"], f["kind"], f["target"], f["onset_ms"], f.get("end_ms")) for f in truth.get("faults", [])],
+        schema={"fault_id": pl.String, "kind": pl.String, "target": pl.String, "onset_ms": pl.Int64,
+                "end_ms": pl.Int64}, orient="row")
+    by_id = {f["id"]: f for f in truth.get("faults", [])}
+    rows = []
+    for b in truth.get("breaches", []):
+        causes = [by_id[c] for c in b.get("causes", []) if c in by_id and by_id[c]["kind"] != "sensor_fault"]
+        cause = max(causes, key=lambda f: f["onset_ms"]) if causes else None
+        rows.append((b["rack"], b["ts_ms"], cause["kind"] if cause else "unknown", cause["onset_ms"] if cause else None))
+    breaches = pl.DataFrame(rows, schema={"rack": pl.String, "breach_ms": pl.Int64, "fault_kind": pl.String,
+                                          "onset_ms": pl.Int64}, orient="row")
+    breaches = breaches.select(
+        "rack", pl.from_epoch("breach_ms", time_unit="ms").cast(pl.Datetime("us")).alias("breach_ts"),
+        "fault_kind", pl.from_epoch("onset_ms", time_unit="ms").cast(pl.Datetime("us")).alias("onset_ts"))
+    return faults, breaches
+
+
+@dataclass
+class BreachResult:
+    run: str
+    fault_kind: str
+    rack: str
+    breach_ts: datetime
+    onset_to_breach_s: float | None
+    alarm_ts: datetime | None
+    lead_s: float
+
+
+@dataclass
+class EvalReport:
+    breaches: list[BreachResult]
+    recall_at_2min: float | None
+    recall_predictable_at_2min: float | None
+    predictable_breaches: int
+    median_lead_s: float | None
+    median_lead_by_kind_s: dict[str, float]
+    slow_fault_median_lead_s: float | None
+    false_alarms: int
+    rack_days: float
+    false_alarms_per_rack_day: float | None
+    settings: dict[str, Any]
+
+    def goals(self) -> list[tuple[str, str, float | None, str, bool]]:
+        """(name, description, value, goal text, met) for the three issue goals."""
+        out = []
+        for name, (op, target, text) in GOALS.items():
+            value = getattr(self, name)
+            met = value is not None and (value >= target if op == ">=" else value <= target)
+            out.append((name, text, value, f"{op} {target:g}", met))
+        return out
+
+    def as_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["breaches"] = [{**asdict(b), "breach_ts": str(b.breach_ts), "alarm_ts": str(b.alarm_ts) if b.alarm_ts else None}
+                         for b in self.breaches]
+        d["goals"] = [{"name": n, "description": t, "value": v, "goal": g, "met": m} for n, t, v, g, m in self.goals()]
+        return d
+
+    def summary_lines(self) -> list[str]:
+        def fmt(v, unit=""):
+            return "n/a" if v is None else (f"{v:.3f}{unit}" if isinstance(v, float) else f"{v}{unit}")
+
+        lines = [
+            f"breaches: {len(self.breaches)} ({self.predictable_breaches} at least 2 min after their fault's onset)",
+            f"recall at >= 2 min lead: {fmt(self.recall_at_2min)} (predictable breaches: {fmt(self.recall_predictable_at_2min)})",
+            f"median lead: {fmt(self.median_lead_s, ' s')}",
+        ]
+        for kind, lead in sorted(self.median_lead_by_kind_s.items()):
+            n = sum(1 for b in self.breaches if b.fault_kind == kind)
+            lines.append(f"  {kind}: median lead {lead:.0f} s over {n} breach(es)")
+        lines.append(f"false alarms on fault-free runs: {self.false_alarms} over {self.rack_days:.1f} rack-days"
+                     f" = {fmt(self.false_alarms_per_rack_day)} per rack-day")
+        lines.append("goals:")
+        for _, text, value, goal, met in self.goals():
+            lines.append(f"  [{'met' if met else 'NOT MET'}] {text}: {fmt(value)} (goal {goal})")
+        return lines
+
+
+def alarm_flags(scores: pl.DataFrame, *, flag_probability: float, confirm_s: float, step_s: float) -> pl.DataFrame:
+    """Per (rack, ts): `alarm` = probability >= flag level held for `confirm_s`."""
+    confirm_steps = max(1, int(round(confirm_s / step_s)))
+    s = scores.sort("rack", "ts").with_columns((pl.col("probability") >= flag_probability).alias("flag"))
+    held = pl.col("flag").cast(pl.Int32).rolling_sum(confirm_steps, min_samples=confirm_steps).over("rack") >= confirm_steps
+    return s.with_columns(held.fill_null(False).alias("alarm"))
+
+
+def _episodes(ts: list[datetime], alarm: list[bool], merge_gap_s: float) -> list[tuple[datetime, datetime]]:
+    out: list[list[datetime]] = []
+    for t, a in zip(ts, alarm):
+        if not a:
+            continue
+        if out and (t - out[-1][1]).total_seconds() <= merge_gap_s:
+            out[-1][1] = t
+        else:
+            out.append([t, t])
+    return [(a, b) for a, b in out]
+
+
+def evaluate_runs(model: ThermalModel, runs: list[EvalRun], *, flag_probability: float = FLAG_LEVEL_PROBABILITY,
+                  confirm_s: float = 20.0, merge_gap_s: float = 30.0, fa_merge_s: float = 600.0,
+                  min_lead_s: float = 120.0, step_s: float = 10.0) -> EvalReport:
+    results: list[BreachResult] = []
+    false_alarms, rack_days = 0, 0.0
+    for run in runs:
+        if run.features.is_empty():
+            continue
+        scores = model.score(run.features, with_reasons=False)
+        flags = alarm_flags(scores, flag_probability=flag_probability, confirm_s=confirm_s, step_s=step_s)
+        per_rack = {rack: (g["ts"].to_list(), g["alarm"].to_list())
+                    for (rack,), g in flags.group_by("rack")}
+        breaches = run.breaches if run.breaches is not None else pl.DataFrame(schema={"rack": pl.String,
+                                                                                     "breach_ts": pl.Datetime("us")})
+        for col, dtype in (("fault_kind", pl.String), ("onset_ts", pl.Datetime("us"))):
+            if col not in breaches.columns:
+                breaches = breaches.with_columns(pl.lit(None, dtype).alias(col))
+        if run.fault_free:
+            span_days = (flags["ts"].max() - flags["ts"].min()).total_seconds() / 86400.0
+            rack_days += span_days * flags["rack"].n_unique()
+            for ts, alarm in per_rack.values():
+                false_alarms += len(_episodes(ts, alarm, fa_merge_s))
+        for b in breaches.sort("breach_ts").iter_rows(named=True):
+            ts, alarm = per_rack.get(b["rack"], ([], []))
+            before = [(t, a) for t, a in zip(ts, alarm) if t < b["breach_ts"]]
+            onset = b["onset_ts"]
+            alarm_ts = None
+            if before and before[-1][1]:
+                episodes = _episodes([t for t, _ in before], [a for _, a in before], merge_gap_s)
+                alarm_ts = episodes[-1][0]
+                if onset is not None and alarm_ts < onset:
+                    alarm_ts = onset
+            lead = (b["breach_ts"] - alarm_ts).total_seconds() if alarm_ts else 0.0
+            onset_to_breach = (b["breach_ts"] - onset).total_seconds() if onset is not None else None
+            results.append(BreachResult(run.name, b["fault_kind"] or "unknown", b["rack"], b["breach_ts"],
+                                        onset_to_breach, alarm_ts, lead))
+    leads = [r.lead_s for r in results]
+    predictable = [r for r in results if r.onset_to_breach_s is None or r.onset_to_breach_s >= min_lead_s]
+    by_kind: dict[str, list[float]] = {}
+    for r in results:
+        by_kind.setdefault(r.fault_kind, []).append(r.lead_s)
+    slow = [r.lead_s for r in results if r.fault_kind in SLOW_FAULTS]
+    return EvalReport(
+        breaches=results,
+        recall_at_2min=(sum(1 for x in leads if x >= min_lead_s) / len(leads)) if leads else None,
+        recall_predictable_at_2min=(sum(1 for r in predictable if r.lead_s >= min_lead_s) / len(predictable))
+        if predictable else None,
+        predictable_breaches=len(predictable),
+        median_lead_s=statistics.median(leads) if leads else None,
+        median_lead_by_kind_s={k: statistics.median(v) for k, v in by_kind.items()},
+        slow_fault_median_lead_s=statistics.median(slow) if slow else None,
+        false_alarms=false_alarms, rack_days=rack_days,
+        false_alarms_per_rack_day=(false_alarms / rack_days) if rack_days > 0 else None,
+        settings={"flag_probability": flag_probability, "confirm_s": confirm_s, "merge_gap_s": merge_gap_s,
+                  "fa_merge_s": fa_merge_s, "min_lead_s": min_lead_s},
+    )
