@@ -41,7 +41,7 @@ def owner_file(path: str | Path) -> Path:
 
 
 def read_owner(path: str | Path) -> dict | None:
-    """The owner record of a DuckDB file ({"pid", "api_url"}), if its process is alive."""
+    """The owner record of a DuckDB file ({"pid", "api_url", "token"}), if its process is alive."""
     try:
         info = json.loads(owner_file(path).read_text())
         os.kill(int(info["pid"]), 0)
@@ -50,8 +50,12 @@ def read_owner(path: str | Path) -> dict | None:
         return None
 
 
-def write_owner(path: str | Path, api_url: str | None) -> None:
-    owner_file(path).write_text(json.dumps({"pid": os.getpid(), "api_url": api_url}))
+def write_owner(path: str | Path, api_url: str | None, token: str | None = None) -> None:
+    """Owner record, readable only by the user (it holds the SQL endpoint's token)."""
+    target = owner_file(path)
+    fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as f:
+        json.dump({"pid": os.getpid(), "api_url": api_url, "token": token}, f)
 
 
 def remove_owner(path: str | Path) -> None:

@@ -55,6 +55,7 @@ class DecodedBatch:
     point_counts: np.ndarray  # int64
     row_reading: np.ndarray  # int64: for each row, the index of its reading (into devices/seqs/...)
     rejected: list[Rejected] = field(default_factory=list)
+    sites: set[str] = field(default_factory=set)
 
     @property
     def n_readings(self) -> int:
@@ -111,6 +112,7 @@ def decode_messages(values: list[bytes | None]) -> DecodedBatch:
     counts: list[int] = []
     metric_names: list[str] = []
     point_values: list = []
+    sites: set[str] = set()
     overrides: list[tuple[int, int, dict]] = []  # (first row, message position, pq) for per-point quality
     loads = orjson.loads
     row = 0
@@ -128,6 +130,7 @@ def decode_messages(values: list[bytes | None]) -> DecodedBatch:
             rejected.append(Rejected(i, reason))
             continue
         points = env["points"]
+        sites.add(env.get("site"))
         msg_index.append(i)
         devices.append(env["device"])
         seqs.append(env["seq"])
@@ -188,7 +191,7 @@ def decode_messages(values: list[bytes | None]) -> DecodedBatch:
         }
     )
     batch = DecodedBatch(rows, np.asarray(msg_index, dtype=np.int64), devices, seqs, ts_ms, counts_np,
-                         reading_of_sorted_row, rejected)
+                         reading_of_sorted_row, rejected, {s for s in sites if isinstance(s, str)})
     return batch
 
 

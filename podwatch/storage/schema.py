@@ -94,6 +94,25 @@ STORAGE_TABLES_DDL = [
         max_ts  TIMESTAMP NOT NULL
     )
     """,
+    # Newest value per series, upserted by the sink in its write transaction (for /api/latest
+    # without scanning `samples`).
+    """
+    CREATE TABLE IF NOT EXISTS latest_values (
+        device  VARCHAR   NOT NULL,
+        metric  VARCHAR   NOT NULL,
+        ts      TIMESTAMP NOT NULL,
+        value   DOUBLE,
+        quality UTINYINT  NOT NULL,
+        PRIMARY KEY (device, metric)
+    )
+    """,
+    # Facts about this file: 'site' (the site id seen in the envelopes, used by the export).
+    """
+    CREATE TABLE IF NOT EXISTS podwatch_meta (
+        key   VARCHAR PRIMARY KEY,
+        value VARCHAR NOT NULL
+    )
+    """,
     # Kafka position of the sink, written in the same transaction as the rows.
     """
     CREATE TABLE IF NOT EXISTS ingest_offsets (

@@ -71,6 +71,14 @@ MAINTAIN_EVERY_S = 2.0  # rollup/retention check period (a cheap query when noth
 LATENCY_BUCKETS_S = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 
 
+LATEST_UPSERT = """
+INSERT INTO latest_values
+SELECT device, metric, max(ts), arg_max(value, ts), arg_max(quality, ts) FROM _batch_rows GROUP BY device, metric
+ON CONFLICT (device, metric) DO UPDATE SET ts = excluded.ts, value = excluded.value, quality = excluded.quality
+WHERE excluded.ts >= latest_values.ts
+"""
+
+
 class SinkSettings(BaseModel):
     """Settings of the DuckDB sink."""
 
@@ -181,6 +189,7 @@ class DuckDBSink:
         self._last_retention = 0.0
         self._last_maintain = 0.0
         self._tps: list[TopicPartition] = []
+        self._known_sites: set[str] = set()
 
     # ------------------------------------------------------------------ lifecycle
     def add_batch_listener(self, fn: BatchListener) -> None:
@@ -200,6 +209,9 @@ class DuckDBSink:
         write_retention_settings(self._write_cursor, s.storage)
         await asyncio.to_thread(self._dedup.load, self._write_cursor)
         self._rollup_marks = done_until(self._write_cursor)
+        site = self._write_cursor.execute("SELECT value FROM podwatch_meta WHERE key = 'site'").fetchone()
+        if site:
+            self._known_sites.add(site[0])
         self._producer = AIOKafkaProducer(bootstrap_servers=s.kafka, acks="all", enable_idempotence=False,
                                           linger_ms=5, request_timeout_ms=10_000)
         self._consumer = AIOKafkaConsumer(
@@ -258,6 +270,10 @@ class DuckDBSink:
             with contextlib.suppress(Exception):
                 self._write_cursor.close()
         log.info("DuckDB sink stopped", extra=fields(points=self.stats.points, dead_letters=self.stats.dead_letters))
+
+    @property
+    def _site_to_record(self) -> str | None:
+        return min(self._known_sites) if len(self._known_sites) == 1 else None
 
     @property
     def running(self) -> bool:
@@ -370,6 +386,12 @@ class DuckDBSink:
             self.stats.too_old += outcome.too_old
             self.health.inc("dropped", outcome.duplicates + outcome.too_old)
         dedup_rows = self._dedup.state_rows(outcome.changed_devices)
+        new_sites = batch.sites - self._known_sites
+        if new_sites:
+            self._known_sites |= new_sites
+            if len(self._known_sites) > 1:
+                log.warning("readings of several sites in one DuckDB file; the export labels them with the first",
+                            extra=fields(sites=sorted(self._known_sites)))
         # One write at a time, in order: wait for the previous batch before starting this one.
         await self._drain_write()
         self._pending_write = asyncio.create_task(
@@ -407,6 +429,7 @@ class DuckDBSink:
             if rows.height:
                 cur.register("_batch_rows", rows.to_arrow())
                 cur.execute("INSERT INTO samples SELECT ts, device, metric, value, quality, seq FROM _batch_rows")
+                cur.execute(LATEST_UPSERT)
                 cur.unregister("_batch_rows")
             if dedup_rows:
                 state = pa.table({
@@ -417,6 +440,8 @@ class DuckDBSink:
                 cur.register("_batch_state", state)
                 cur.execute("INSERT OR REPLACE INTO dedup_state SELECT device, max_seq, max_ts FROM _batch_state")
                 cur.unregister("_batch_state")
+            if self._site_to_record is not None:
+                cur.execute("INSERT OR IGNORE INTO podwatch_meta VALUES ('site', ?)", [self._site_to_record])
             cur.register("_batch_offsets", offsets)
             cur.execute("INSERT OR REPLACE INTO ingest_offsets SELECT * FROM _batch_offsets")
             cur.unregister("_batch_offsets")

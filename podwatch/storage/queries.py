@@ -1,0 +1,248 @@
+"""The read queries behind the HTTP API (and usable directly on a cursor).
+
+Every function takes a DuckDB cursor and plain arguments and returns a list of flat dicts
+(one per row) with a `time` column where rows are time-stamped — the shape Grafana's
+Infinity datasource reads without transformations. Times are naive UTC datetimes here; the
+API serialises them as ISO 8601 with a `Z`.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from datetime import datetime, timedelta, timezone
+from typing import Any
+
+import duckdb
+
+from podwatch.errors import PodwatchError
+from podwatch.storage.rollups import done_until
+from podwatch.storage.schema import ROLLUP_SECONDS
+
+
+class QueryError(PodwatchError):
+    """A bad query parameter; the message names it (HTTP 400)."""
+
+
+_RELATIVE = re.compile(r"^now(?:\s*-\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d|w|y))?$")
+_DURATION = re.compile(r"^(\d+(?:\.\d+)?)\s*(ms|s|m|h|d|w)?$")
+_UNIT_S = {"ms": 0.001, "s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800, "y": 365 * 86400}
+
+
+def utcnow() -> datetime:
+    return datetime.now(timezone.utc).replace(tzinfo=None)
+
+
+def parse_time(value: str | None, name: str, default: datetime | None = None, now: datetime | None = None) -> datetime | None:
+    """Epoch milliseconds (Grafana's ${__from}), epoch seconds (< 1e11), ISO 8601, `now`,
+    or `now-6h` (ms, s, m, h, d, w, y). Returns a naive UTC datetime."""
+    if value is None or value == "":
+        return default
+    text = value.strip()
+    now = now or utcnow()
+    if re.fullmatch(r"-?\d+(\.\d+)?", text):
+        number = float(text)
+        seconds = number / 1000 if abs(number) >= 1e11 else number
+        return datetime(1970, 1, 1) + timedelta(seconds=seconds)
+    match = _RELATIVE.match(text)
+    if match:
+        amount, unit = match.groups()
+        return now if amount is None else now - timedelta(seconds=float(amount) * _UNIT_S[unit])
+    try:
+        parsed = datetime.fromisoformat(text.replace("Z", "+00:00"))
+    except ValueError:
+        raise QueryError(f"parameter '{name}': cannot read time {value!r} (use epoch ms, ISO 8601 or now-6h)") from None
+    if parsed.tzinfo is not None:
+        parsed = parsed.astimezone(timezone.utc).replace(tzinfo=None)
+    return parsed
+
+
+def parse_step_s(value: str | None, name: str = "step") -> float | None:
+    """`10s`, `1m`, `15m`, `1h`, `30` (seconds), or Grafana's `${__interval_ms}` as `1000ms`."""
+    if value is None or value == "" or value == "auto":
+        return None
+    if value == "raw":
+        return 0.0
+    match = _DURATION.match(value.strip())
+    if not match:
+        raise QueryError(f"parameter '{name}': cannot read duration {value!r} (e.g. 10s, 1m, 1h, raw)")
+    amount, unit = match.groups()
+    seconds = float(amount) * _UNIT_S[unit or "s"]
+    if seconds < 0.001:
+        raise QueryError(f"parameter '{name}' must be at least 1ms, got {value!r}")
+    return seconds
+
+
+def _csv(value: str | None) -> list[str]:
+    return [v.strip() for v in value.split(",") if v.strip()] if value else []
+
+
+def _in(column: str, values: list[str], params: list) -> str:
+    params.extend(values)
+    return f"{column} IN ({', '.join('?' for _ in values)})"
+
+
+def pick_rollup(step_s: float) -> str | None:
+    """The coarsest rollup whose bucket divides the step, or None for raw samples."""
+    for name, seconds in sorted(ROLLUP_SECONDS.items(), key=lambda kv: -kv[1]):
+        if step_s >= seconds and step_s % seconds == 0:
+            return name
+    return None
+
+
+def series(con: duckdb.DuckDBPyConnection, *, device: str | None = None, metric: str | None = None,
+           rack: str | None = None, module: str | None = None, start: datetime, end: datetime,
+           step_s: float | None = None, max_points: int = 2000) -> list[dict]:
+    """Time series over [start, end): average per step bucket, from the right rollup for the
+    step (closed buckets) plus the raw tail not rolled up yet. step 0 = raw rows."""
+    if end <= start:
+        raise QueryError("parameter 'to' must be after 'from'")
+    devices = _csv(device)
+    metrics = _csv(metric)
+    if rack or module:
+        where, params = [], []
+        if rack:
+            where.append(_in("rack", _csv(rack), params))
+        if module:
+            where.append(_in("module", _csv(module), params))
+        rack_devices = [r[0] for r in con.execute(f"SELECT device FROM topo_devices WHERE {' AND '.join(where)}", params).fetchall()]
+        if not rack_devices:
+            return []
+        devices = [d for d in rack_devices if d in devices] if devices else rack_devices
+        if not devices:
+            return []
+    if not devices and not metrics:
+        raise QueryError("give at least one of 'device', 'metric', 'rack' or 'module'")
+    span_s = (end - start).total_seconds()
+    if step_s is None:
+        step_s = max(1.0, span_s / max_points)
+        for nice in (1, 5, 10, 15, 30, 60, 300, 600, 900, 1800, 3600, 21600, 86400):
+            if nice >= step_s:
+                step_s = nice
+                break
+    filters, params = [], []
+    if devices:
+        filters.append(_in("device", devices, params))
+    if metrics:
+        filters.append(_in("metric", metrics, params))
+    where = " AND ".join(filters)
+    if step_s == 0:
+        rows = con.execute(
+            f"SELECT ts AS time, device, metric, value FROM samples WHERE ts >= ? AND ts < ? AND {where} "
+            f"ORDER BY time, device, metric LIMIT 100000", [start, end, *params]).fetchall()
+        return [{"time": t, "device": d, "metric": m, "value": v} for t, d, m, v in rows]
+    step_us = int(step_s * 1_000_000)
+    rollup = pick_rollup(step_s)
+    mark = done_until(con).get(rollup) if rollup else None
+    parts, all_params = [], []
+    if rollup and mark is not None and mark > start:
+        parts.append(f"""SELECT time_bucket(to_microseconds({step_us}), ts) AS t, device, metric,
+                         sum(value_sum) AS s, sum(n_values) AS n
+                         FROM {rollup} WHERE ts >= ? AND ts < ? AND {where} GROUP BY ALL""")
+        all_params += [start, min(end, mark), *params]
+        raw_start = max(start, mark)
+    else:
+        raw_start = start
+    if raw_start < end:
+        parts.append(f"""SELECT time_bucket(to_microseconds({step_us}), ts) AS t, device, metric,
+                         sum(value) AS s, count(value) AS n
+                         FROM samples WHERE ts >= ? AND ts < ? AND {where} GROUP BY ALL""")
+        all_params += [raw_start, end, *params]
+    sql = (f"SELECT t AS time, device, metric, sum(s) / nullif(sum(n), 0) AS value FROM ({' UNION ALL '.join(parts)}) "
+           f"GROUP BY ALL ORDER BY time, device, metric")
+    rows = con.execute(sql, all_params).fetchall()
+    return [{"time": t, "device": d, "metric": m, "value": v} for t, d, m, v in rows]
+
+
+def latest(con: duckdb.DuckDBPyConnection, *, device: str | None = None, metric: str | None = None,
+           kind: str | None = None) -> list[dict]:
+    filters, params = ["TRUE"], []
+    if device:
+        filters.append(_in("device", _csv(device), params))
+    if metric:
+        filters.append(_in("metric", _csv(metric), params))
+    if kind:
+        kinds = _csv(kind)
+        params.extend(kinds)
+        params.extend(f"{k}.%" for k in kinds)
+        marks = ", ".join("?" for _ in kinds)
+        likes = " OR ".join("metric LIKE ?" for _ in kinds)
+        filters.append(f"(device IN (SELECT device FROM topo_devices WHERE kind IN ({marks})) OR {likes})")
+    rows = con.execute(f"SELECT ts, device, metric, value, quality FROM latest_values WHERE {' AND '.join(filters)} "
+                       f"ORDER BY device, metric", params).fetchall()
+    return [{"time": t, "device": d, "metric": m, "value": v, "quality": q} for t, d, m, v, q in rows]
+
+
+def _records(cur: duckdb.DuckDBPyConnection) -> list[dict]:
+    columns = [d[0] for d in cur.description]
+    return [dict(zip(columns, row)) for row in cur.fetchall()]
+
+
+def topology(con: duckdb.DuckDBPyConnection, part: str | None = None) -> Any:
+    tables = {"racks": "topo_racks", "devices": "topo_devices", "power": "topo_power", "cdus": "topo_cdus"}
+    if part is not None:
+        if part not in tables:
+            raise QueryError(f"unknown topology part {part!r} (one of {', '.join(tables)})")
+        return _records(con.execute(f"SELECT * FROM {tables[part]} ORDER BY 1"))
+    return {name: _records(con.execute(f"SELECT * FROM {table} ORDER BY 1")) for name, table in tables.items()}
+
+
+def _parse_json(text: str | None, fallback: Any) -> Any:
+    if text is None:
+        return fallback
+    try:
+        return json.loads(text)
+    except ValueError:
+        return text
+
+
+def alerts(con: duckdb.DuckDBPyConnection, state: str | None = None) -> list[dict]:
+    filters, params = ["TRUE"], []
+    if state:
+        filters.append(_in("state", _csv(state), params))
+    cur = con.execute(f"SELECT started_at AS time, * FROM alerts WHERE {' AND '.join(filters)} ORDER BY updated_at DESC", params)
+    rows = _records(cur)
+    for row in rows:
+        row["labels"] = _parse_json(row["labels"], {})
+        row["annotations"] = _parse_json(row["annotations"], {})
+    return rows
+
+
+def risk(con: duckdb.DuckDBPyConnection, rack: str | None = None, start: datetime | None = None,
+         end: datetime | None = None) -> list[dict]:
+    filters, params = ["TRUE"], []
+    if rack:
+        filters.append(_in("rack", _csv(rack), params))
+    where = " AND ".join(filters)
+    if start is None and end is None:
+        sql = (f"SELECT ts AS time, rack, probability, level, reasons, horizon_s, model_version FROM risk_scores "
+               f"WHERE {where} QUALIFY row_number() OVER (PARTITION BY rack ORDER BY ts DESC, horizon_s) = 1 ORDER BY rack")
+    else:
+        if start is not None:
+            filters.append("ts >= ?")
+            params.append(start)
+        if end is not None:
+            filters.append("ts < ?")
+            params.append(end)
+        sql = (f"SELECT ts AS time, rack, probability, level, reasons, horizon_s, model_version FROM risk_scores "
+               f"WHERE {' AND '.join(filters)} ORDER BY time, rack")
+    rows = _records(con.execute(sql, params))
+    for row in rows:
+        row["reasons"] = _parse_json(row["reasons"], [])
+    return rows
+
+
+def headroom(con: duckdb.DuckDBPyConnection) -> list[dict]:
+    return _records(con.execute(
+        "SELECT generated_at AS time, * FROM forecasts "
+        "QUALIFY row_number() OVER (PARTITION BY node, horizon ORDER BY generated_at DESC) = 1 ORDER BY node, horizon"))
+
+
+def forecasts(con: duckdb.DuckDBPyConnection, node: str | None = None, horizon: str | None = None) -> list[dict]:
+    filters, params = ["TRUE"], []
+    if node:
+        filters.append(_in("node", _csv(node), params))
+    if horizon:
+        filters.append(_in("horizon", _csv(horizon), params))
+    return _records(con.execute(
+        f"SELECT generated_at AS time, * FROM forecasts WHERE {' AND '.join(filters)} ORDER BY generated_at, node, horizon", params))

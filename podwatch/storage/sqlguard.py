@@ -1,0 +1,131 @@
+"""The guarded read-only SQL of `POST /api/sql` and `podwatch sql`.
+
+A query is executed only when DuckDB's own parser says it is exactly one SELECT (or WITH ...
+SELECT) statement, and its syntax tree (`json_serialize_sql`) reads nothing but this
+database's tables and views: no table functions except a few generators (so no read_csv,
+read_parquet, read_json, glob, read_text, ...), no replacement scans of file names
+(`FROM 'x.csv'`), no other catalogs or schemas, no functions that reach outside (getenv).
+Everything else is rejected before execution: 400 (not one statement / unparsable) or 403
+(not a SELECT, or it reads outside the database). Execution has a time limit (the query is
+cancelled with `interrupt()` from a timer) and a row cap.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import duckdb
+
+from podwatch.errors import PodwatchError
+
+ALLOWED_TABLE_FUNCTIONS = frozenset({"range", "generate_series", "unnest"})
+DENIED_FUNCTIONS = frozenset({"getenv", "current_setting", "read_text", "read_blob", "query", "query_table"})
+ALLOWED_SCHEMAS = frozenset({"", "main"})
+
+
+class SqlRejected(PodwatchError):
+    """The statement was not executed; `status` is the HTTP status to answer with."""
+
+    def __init__(self, message: str, status: int = 400) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+class SqlTimeout(PodwatchError):
+    status = 408
+
+
+@dataclass
+class SqlResult:
+    columns: list[str]
+    rows: list[tuple]
+    truncated: bool
+    elapsed_s: float
+
+    def records(self) -> list[dict[str, Any]]:
+        return [dict(zip(self.columns, row)) for row in self.rows]
+
+
+def _walk(node: Any):
+    if isinstance(node, dict):
+        yield node
+        for value in node.values():
+            yield from _walk(value)
+    elif isinstance(node, list):
+        for value in node:
+            yield from _walk(value)
+
+
+def relations_of(con: duckdb.DuckDBPyConnection) -> set[str]:
+    rows = con.execute(
+        "SELECT table_name FROM duckdb_tables() WHERE NOT internal UNION SELECT view_name FROM duckdb_views() WHERE NOT internal"
+    ).fetchall()
+    return {r[0].lower() for r in rows}
+
+
+def check_select(sql: str, con: duckdb.DuckDBPyConnection) -> None:
+    """Raise SqlRejected unless `sql` is one read-only SELECT over this database's relations."""
+    if not sql or not sql.strip():
+        raise SqlRejected("empty query", 400)
+    try:
+        statements = duckdb.extract_statements(sql)
+    except duckdb.Error as exc:
+        raise SqlRejected(f"cannot parse the query: {exc}", 400) from None
+    if len(statements) != 1:
+        raise SqlRejected(f"exactly one statement is allowed, got {len(statements)}", 400)
+    kind = statements[0].type
+    if kind != duckdb.StatementType.SELECT:
+        raise SqlRejected(f"only SELECT / WITH queries are allowed, got {kind.name}", 403)
+    tree = json.loads(con.execute("SELECT json_serialize_sql(?)", [sql]).fetchone()[0])
+    if tree.get("error"):
+        raise SqlRejected(f"query cannot be verified as read-only: {tree.get('error_message')}", 403)
+    nodes = list(_walk(tree))
+    cte_names = {entry["key"].lower() for n in nodes if isinstance(n.get("cte_map"), dict)
+                 for entry in n["cte_map"].get("map", [])}
+    known = relations_of(con) | cte_names
+    for node in nodes:
+        node_type = node.get("type")
+        if node_type == "TABLE_FUNCTION":
+            name = str(node.get("function", {}).get("function_name", "")).lower()
+            if name not in ALLOWED_TABLE_FUNCTIONS:
+                raise SqlRejected(f"table function {name}() is not allowed (only {', '.join(sorted(ALLOWED_TABLE_FUNCTIONS))})", 403)
+        elif node_type == "BASE_TABLE":
+            table = str(node.get("table_name", ""))
+            schema = str(node.get("schema_name", "")).lower()
+            catalog = str(node.get("catalog_name", "")).lower()
+            if schema not in ALLOWED_SCHEMAS or catalog not in ("", "memory") and catalog != _catalog(con):
+                raise SqlRejected(f"relation {catalog}.{schema}.{table} is outside this database", 403)
+            if table.lower() not in known:
+                raise SqlRejected(f"unknown relation {table!r} (files and other sources cannot be read)", 403)
+        elif node.get("class") == "FUNCTION" and str(node.get("function_name", "")).lower() in DENIED_FUNCTIONS:
+            raise SqlRejected(f"function {node['function_name']}() is not allowed", 403)
+
+
+def _catalog(con: duckdb.DuckDBPyConnection) -> str:
+    return str(con.execute("SELECT current_database()").fetchone()[0]).lower()
+
+
+def run_guarded(con: duckdb.DuckDBPyConnection, sql: str, timeout_s: float = 10.0, max_rows: int = 10_000) -> SqlResult:
+    """Check and run `sql` on cursor `con` (blocking; call it from a worker thread)."""
+    check_select(sql, con)
+    timer = threading.Timer(timeout_s, con.interrupt)
+    started = time.perf_counter()
+    timer.start()
+    try:
+        cur = con.execute(sql)
+        columns = [d[0] for d in cur.description]
+        rows = cur.fetchmany(max_rows + 1)
+    except duckdb.InterruptException:
+        raise SqlTimeout(f"query cancelled after the {timeout_s:g} s time limit") from None
+    except duckdb.Error as exc:
+        if time.perf_counter() - started >= timeout_s:
+            raise SqlTimeout(f"query cancelled after the {timeout_s:g} s time limit") from None
+        raise SqlRejected(f"query failed: {exc}", 400) from None
+    finally:
+        timer.cancel()
+    truncated = len(rows) > max_rows
+    return SqlResult(columns, rows[:max_rows], truncated, time.perf_counter() - started)
