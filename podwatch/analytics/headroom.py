@@ -6,6 +6,9 @@ This module owns the numbers operators plan with:
 - stranded_kw = provisioned_kw − forecast P99 peak: power that is allocated to racks (their rated
   kW behind the node) but that the racks are not expected to draw even at P99 — capacity that is
   paid for and reserved, yet idle; the target of consolidation or oversubscription.
+- A node whose load comes from its own meter (a transformer: IT plus cooling and auxiliaries) gets
+  headroom from the metered forecast, but stranded power from its IT-only (PDU) forecast, since
+  the provisioned figure is the racks' rated IT power.
 - measured_peak_kw: the largest bucketed load in the last 24 h (for the '24h' row) or 7 days ('7d').
 The rows follow the pinned `forecasts` table (podwatch/storage/schema.py); the HTTP API serves them.
 """
@@ -20,7 +23,7 @@ import polars as pl
 
 from podwatch.analytics.capacity import site_capacities
 from podwatch.analytics.forecast import HORIZON_HOURS, ForecastConfig, forecast_peaks
-from podwatch.analytics.load import DataSourceError, LoadData
+from podwatch.analytics.load import IT_SUFFIX, DataSourceError, LoadData
 from podwatch.site import Site
 
 FORECAST_COLUMNS = ("generated_at", "node", "node_kind", "horizon", "usable_kw", "provisioned_kw", "measured_peak_kw",
@@ -89,13 +92,15 @@ def compute_headroom(site: Site, load: LoadData, config: ForecastConfig | None =
             if node_id in recent.columns:
                 measured = recent[node_id].max()
             p99 = fc.p99_kw if fc else (0.0 if not cap.racks else None)
+            it_fc = by_key.get((node_id + IT_SUFFIX, horizon))  # metered node: stranded vs IT draw only
+            it_p99 = it_fc.p99_kw if it_fc else p99
             rows.append(ForecastRow(
                 generated_at=generated_at, node=node_id, node_kind=cap.kind, horizon=horizon,
                 usable_kw=cap.usable_kw, provisioned_kw=cap.provisioned_kw,
                 measured_peak_kw=float(measured) if measured is not None else None,
                 p50_kw=fc.p50_kw if fc else None, p95_kw=fc.p95_kw if fc else None, p99_kw=fc.p99_kw if fc else None,
                 headroom_kw=cap.usable_kw - p99 if p99 is not None else None,
-                stranded_kw=cap.provisioned_kw - p99 if p99 is not None else None,
+                stranded_kw=cap.provisioned_kw - it_p99 if it_p99 is not None else None,
                 model_version=fc.method if fc else ("no load behind this node" if not cap.racks else None)))
     return HeadroomReport(rows=rows, notes=notes, data_until=last_ts)
 

@@ -18,7 +18,8 @@ Design load under A/B (2N) feeds — why a busway carries "whole racks":
   bucket (counted in `LoadData.missing_buckets`) rather than pretending the load was lower.
 - A transformer (or any node with no side) that has its own meter uses the meter: it also sees the
   cooling plant, auxiliaries and losses that rack PDUs do not. Sided nodes always use the failover
-  load from PDUs, because their meters read only the normal half share.
+  load from PDUs, because their meters read only the normal half share. Such a node also gets an
+  IT-only column (`<node>#it`, from PDUs) so that stranded power compares like with like.
 - A CDU's load is the heat it removes (`cdu.heat_removed_kw`); without that reading, its racks'
   power x heat-to-liquid share.
 """
@@ -40,7 +41,8 @@ log = logging.getLogger(__name__)
 
 LOAD_METRICS = ("pdu.power_kw", "meter.power_kw", "cdu.heat_removed_kw")
 GOOD_QUALITY = 0
-FILL_LIMIT_BUCKETS = 5  # a reading carries forward over at most this many empty buckets
+FILL_LIMIT_BUCKETS = 5
+IT_SUFFIX = "#it"  # column of the IT-only (PDU) load of a node whose design load comes from its meter  # a reading carries forward over at most this many empty buckets
 
 
 class DataSourceError(PodwatchError):
@@ -208,6 +210,8 @@ def node_loads(site: Site, samples: pl.DataFrame, bucket_s: int) -> LoadData:
             expr = pl.coalesce(pl.col(f"heat:{node_id}"), pdu_load * share) if node_id in heat.columns else pdu_load * share
         elif cap.side is None and node_id in meters.columns:
             expr = pl.coalesce(pl.col(f"meter:{node_id}"), pdu_load)
+            # the IT-only load too: stranded power compares rated IT allocation with IT draw
+            exprs.append(pdu_load.cast(pl.Float64).alias(f"{node_id}{IT_SUFFIX}"))
         else:
             expr = pdu_load
         exprs.append(expr.cast(pl.Float64).alias(node_id))
@@ -219,7 +223,8 @@ def node_loads(site: Site, samples: pl.DataFrame, bucket_s: int) -> LoadData:
     if missing:
         log.info("some buckets have no load value (a rack or meter without readings)",
                  extra={"nodes_with_gaps": len(missing), "max_missing_buckets": max(missing.values())})
-    return LoadData(loads=loads, bucket_s=int(bucket_s), node_kinds={c: kinds[c] for c in loads.columns if c != "ts"},
+    return LoadData(loads=loads, bucket_s=int(bucket_s),
+                    node_kinds={c: kinds[c.removesuffix(IT_SUFFIX)] for c in loads.columns if c != "ts"},
                     missing_buckets=missing)
 
 

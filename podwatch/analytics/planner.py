@@ -15,7 +15,8 @@ Every resource is expressed as *IT kW still available* ("margin"):
   own whips cannot carry fits nowhere, so this is checked first and is not part of the search).
 
 The plan is the allocation of the N racks to positions that maximises the smallest margin left
-on any resource it touches; it fits when that margin is >= 0. The limiting resource is the one
+on any resource it touches (ties: the second smallest, and so on — "leximin", which spreads racks
+away from the tightest resources); it fits when that smallest margin is >= 0. The limiting resource is the one
 holding that smallest margin (when it does not fit, the one with the largest shortfall in the
 least-bad allocation). Small problems are solved exactly (branch and bound over allocations);
 large ones greedily, one rack at a time (the result says which). When the answer is no, the
@@ -183,6 +184,11 @@ def build_resources(site: Site, p99: Mapping[str, float], rack_kw: float, flow_l
 # --------------------------------------------------------------------------- search
 
 
+def leximin_key(after: Mapping[str, float]) -> tuple[float, ...]:
+    """Margins after placement, smallest first, rounded so float noise does not break ties."""
+    return tuple(sorted(round(v, 6) for v in after.values()))
+
+
 def _order(resources: Mapping[str, Resource]) -> dict[str, int]:
     return {rid: i for i, rid in enumerate(resources)}
 
@@ -208,43 +214,45 @@ def evaluate(alloc: tuple[int, ...], pos_list: list[Position], by_position: Mapp
 
 
 def _best_allocation(pos_list, by_position, resources, rack_kw, count) -> tuple[tuple[int, ...], bool]:
-    """Allocation maximising the smallest margin: exact branch and bound, greedy beyond a budget."""
+    """The leximin-best allocation: largest smallest margin, then largest second smallest, ...
+    Exact branch and bound; greedy (one rack at a time) beyond EXACT_BUDGET evaluations."""
     g = len(pos_list)
-    best: list = [None, -float("inf")]
-    budget = [EXACT_BUDGET]
+    if g == 1:
+        return (count,), True
+    state = {"key": None, "alloc": None, "budget": EXACT_BUDGET}
 
-    def partial_value(prefix: tuple[int, ...]) -> float:
-        return evaluate(prefix + (0,) * (g - len(prefix)), pos_list, by_position, resources, rack_kw)[0]
+    def key_of(alloc: tuple[int, ...]) -> tuple[float, ...]:
+        return leximin_key(evaluate(alloc, pos_list, by_position, resources, rack_kw)[2])
 
     def dfs(prefix: tuple[int, ...], left: int) -> None:
-        if budget[0] <= 0:
+        if state["budget"] <= 0:
             return
-        budget[0] -= 1
+        state["budget"] -= 1
         if len(prefix) == g - 1:
             alloc = prefix + (left,)
-            value = partial_value(alloc)
-            if value > best[1] + EPS:
-                best[0], best[1] = alloc, value
+            key = key_of(alloc)
+            if state["key"] is None or key > state["key"]:
+                state["key"], state["alloc"] = key, alloc
             return
         for n in range(left, -1, -1):
             nxt = prefix + (n,)
-            # margins only shrink as racks are added: a prefix already no better than the best is pruned
-            if best[0] is not None and partial_value(nxt) <= best[1] + EPS:
-                continue
+            if state["key"] is not None:
+                # margins only shrink as racks are added, so a prefix whose smallest margin is
+                # already below the best allocation's smallest can never win
+                partial = key_of(nxt + (0,) * (g - len(nxt)))
+                if partial and partial[0] < state["key"][0]:
+                    continue
             dfs(nxt, left - n)
 
-    if g == 1:
-        return (count,), True
     dfs((), count)
-    if budget[0] > 0 and best[0] is not None:
-        return best[0], True
-    # greedy: one rack at a time where it leaves the largest smallest margin
+    if state["budget"] > 0 and state["alloc"] is not None:
+        return state["alloc"], True
     alloc = [0] * g
     for _ in range(count):
         choices = []
         for i in range(g):
             alloc[i] += 1
-            choices.append((evaluate(tuple(alloc), pos_list, by_position, resources, rack_kw)[0], -i))
+            choices.append((key_of(tuple(alloc)), -i))
             alloc[i] -= 1
         _, neg_i = max(choices)
         alloc[-neg_i] += 1
