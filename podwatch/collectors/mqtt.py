@@ -192,7 +192,8 @@ class MqttCollector:
         self._batches: dict[str, _Batch] = {}
         self._client = None
         self._closed = False
-        self.connected = asyncio.Event()
+        self.connected = asyncio.Event()  # set once connected and every subscription acknowledged
+        self._pending_subacks: set[int] = set()
         self.health.set("connected", 0)
 
     @property
@@ -225,6 +226,7 @@ class MqttCollector:
         client.on_connect = self._on_connect
         client.on_disconnect = self._on_disconnect
         client.on_message = self._on_message
+        client.on_subscribe = self._on_subscribe
         props = None
         if v5:
             props = Properties(PacketTypes.CONNECT)
@@ -241,12 +243,19 @@ class MqttCollector:
         if reason_code.is_failure:
             log.warning("MQTT broker refused the connection", extra=fields(url=self.mqtt.url, reason=str(reason_code)))
             return
+        self._pending_subacks = set()
         for sub in self.subscriptions:
-            client.subscribe(sub, qos=self.mqtt.qos)
-        log.info("MQTT collector connected and subscribed",
+            _, mid = client.subscribe(sub, qos=self.mqtt.qos)
+            self._pending_subacks.add(mid)
+        log.info("MQTT collector connected",
                  extra=fields(url=self.mqtt.url, session_present=getattr(flags, "session_present", None),
                               subscriptions=",".join(self.subscriptions)))
-        self._loop.call_soon_threadsafe(self._set_connected, True)
+
+    def _on_subscribe(self, client, userdata, mid, reason_codes, properties):
+        # `connected` means subscribed: messages published from now on reach us
+        self._pending_subacks.discard(mid)
+        if not self._pending_subacks:
+            self._loop.call_soon_threadsafe(self._set_connected, True)
 
     def _on_disconnect(self, client, userdata, flags, reason_code, properties):
         if self._closed:
