@@ -109,7 +109,8 @@ def normalise_rows(rows: pl.DataFrame) -> pl.DataFrame:
     ts = pl.col("ts")
     if isinstance(ts_dtype, pl.Datetime) and ts_dtype.time_zone is not None:
         ts = ts.dt.convert_time_zone("UTC").dt.replace_time_zone(None)
-    out = rows.with_columns(ts.cast(pl.Datetime("us")).alias("ts"), pl.col("value").cast(pl.Float64))
+    out = rows.with_columns(ts.cast(pl.Datetime("us")).alias("ts"), pl.col("value").cast(pl.Float64),
+                            pl.col("device").cast(pl.String), pl.col("metric").cast(pl.String))
     if "quality" not in out.columns:
         out = out.with_columns(pl.lit(0, pl.UInt8).alias("quality"))
     return out.select("ts", "device", "metric", "value", pl.col("quality").cast(pl.UInt8))

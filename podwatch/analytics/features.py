@@ -71,6 +71,8 @@ def site_frames(site: Site) -> tuple[pl.DataFrame, pl.DataFrame, pl.DataFrame]:
 
 
 def _bucketed(rows: pl.DataFrame, devices: pl.DataFrame, step_s: int) -> pl.DataFrame:
+    wanted = [*_RACK_METRICS, *_CDU_METRICS, "pdu.power_kw", *(f"cdu.pump{n}.running" for n in range(1, 5))]
+    rows = rows.filter(pl.col("metric").cast(pl.String).is_in(wanted))
     good = normalise_rows(rows).filter(pl.col("value").is_not_null() & (pl.col("quality") == 0))
     return (good.join(devices, on="device", how="inner")
             .with_columns(pl.col("ts").dt.truncate(f"{step_s}s").alias("ts"))

@@ -103,9 +103,11 @@ def label_features(features: pl.DataFrame, breaches: pl.DataFrame | None, horizo
                               pl.lit(None, pl.Datetime("us")).alias("next_breach_ts"))
     # the next breach start at or after each row (as-of join forward in time)
     nxt = b.select("rack", pl.col("breach_ts").alias("next_breach_ts"), pl.col("breach_ts").alias("_key")).sort("_key")
-    f = f.join_asof(nxt, left_on="ts", right_on="_key", by="rack", strategy="forward")
+    f = f.sort("ts").join_asof(nxt, left_on="ts", right_on="_key", by="rack", strategy="forward",
+                               check_sortedness=False)
     prev = b.select("rack", pl.col("breach_ts").alias("_start"), "breach_end_ts").sort("_start")
-    f = f.sort("ts").join_asof(prev, left_on="ts", right_on="_start", by="rack", strategy="backward")
+    f = f.sort("ts").join_asof(prev, left_on="ts", right_on="_start", by="rack", strategy="backward",
+                               check_sortedness=False)
     horizon = pl.duration(seconds=horizon_s)
     # In breach: from a breach start until its end; ground truth without end times (the simulator
     # re-arms a breach once the return is 1 K below the limit) ends it when the return is back there.

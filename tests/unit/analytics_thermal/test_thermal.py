@@ -1,0 +1,123 @@
+"""Labels, reasons, and model save/load with metadata (small hand-made histories)."""
+
+from __future__ import annotations
+
+import json
+from datetime import timedelta
+from pathlib import Path
+
+import numpy as np
+import polars as pl
+import pytest
+
+from podwatch.analytics.features import build_features
+from podwatch.analytics.thermal import (
+    ModelError, ThermalModel, TrainingRun, breaches_from_features, explain, label_features, level_of,
+    risk_rows_for_db, train_thermal,
+)
+from podwatch.site import load_site
+
+from .frames import T0, healthy_rows
+
+SITE = load_site(Path(__file__).parents[3] / "examples/sites/demo.yaml")
+RACK = "m1-r03"
+
+
+def restriction_rows(onset_s: int, seconds: int, rate_per_s: float) -> pl.DataFrame:
+    """Rack flow falls linearly from onset; the return follows the steady state ΔT = P/(ṁ c_p)."""
+    def override(t, kind, entity, m, value):
+        if entity != RACK or t < onset_s:
+            return value
+        share = max(0.25, 1.0 - rate_per_s * (t - onset_s))
+        if m == "rack.liquid_flow_lpm":
+            return value * share
+        if m == "rack.liquid_return_temp_c":
+            supply = SITE.cdu("cdu-m1").supply_setpoint_c
+            return supply + (value - supply) / share
+        return value
+    return healthy_rows(SITE, 0, seconds, load=1.0, override=override)
+
+
+@pytest.fixture(scope="module")
+def runs():
+    out = []
+    for i, (onset, rate) in enumerate([(200, 0.0015), (300, 0.001), (150, 0.002), (250, 0.0012)]):
+        feats = build_features(restriction_rows(onset, 1200, rate), SITE)
+        out.append(TrainingRun(f"restriction-{i}", feats, breaches_from_features(feats)))
+    healthy = build_features(healthy_rows(SITE, 0, 1200, load=1.0), SITE)
+    out.append(TrainingRun("healthy", healthy, None))
+    return out
+
+
+def test_labels_mark_the_horizon_before_a_breach_and_skip_the_breach():
+    feats = build_features(restriction_rows(200, 1200, 0.0015), SITE)
+    breaches = breaches_from_features(feats)
+    assert breaches.filter(pl.col("rack") == RACK).height == 1
+    assert set(breaches["rack"]) == {RACK}
+    b = breaches["breach_ts"][0]
+    lab = label_features(feats, breaches, horizon_s=300).filter(pl.col("rack") == RACK)
+    pos = lab.filter(pl.col("label") == 1)
+    assert pos["ts"].min() == b - timedelta(seconds=300)  # breach within (ts, ts + 300 s]
+    assert pos["ts"].max() == b - timedelta(seconds=10)
+    assert lab.filter(pl.col("ts") >= b)["in_breach"].all()
+    assert lab.filter(pl.col("ts") < b)["in_breach"].any() is False
+
+
+def test_explain_names_flow_and_delta_t_in_words():
+    row = {"flow_ratio": 0.59, "flow_per_kw": 0.71, "design_flow_per_kw": 1.2, "dt_ratio": 1.6, "delta_t_c": 17.0,
+           "dt_design_c": 10.5, "return_slope_2m": 1.2, "margin_c": 6.0, "return_c": 49.0, "limit_c": 55.0}
+    reasons = explain(row)
+    assert any(r.startswith("flow 0.71 L/min/kW (design 1.20)") for r in reasons), reasons
+    assert any("ΔT 17 K (design 10 K) and rising 1.2 K/min" in r for r in reasons), reasons
+    assert explain({"flow_ratio": 1.0, "margin_c": 15.0, "return_c": 40.0, "limit_c": 55.0}) == \
+        ["all signals within healthy ranges"]
+
+
+def test_levels():
+    assert [level_of(p) for p in (0.0, 0.2, 0.5, 0.79, 0.8, 1.0)] == \
+        ["ok", "watch", "warning", "warning", "critical", "critical"]
+
+
+def test_train_score_save_load_round_trip(runs, tmp_path):
+    model = train_thermal(runs, horizon_s=300, max_iter=60)
+    feats = runs[0].features
+    scores = model.score(feats)
+    assert scores.columns == ["rack", "ts", "horizon_s", "probability", "level", "reasons", "model_version"]
+    rack = scores.filter(pl.col("rack") == RACK).sort("ts")
+    breach = runs[0].breaches["breach_ts"][0]
+    # risk is high in the minutes before the breach, low on healthy racks and early on
+    before = rack.filter((pl.col("ts") < breach) & (pl.col("ts") >= breach - timedelta(seconds=120)))
+    assert before["probability"].min() > 0.5
+    assert scores.filter(pl.col("rack") != RACK)["probability"].max() < 0.5
+    assert rack.filter(pl.col("ts") < T0 + timedelta(seconds=180))["probability"].max() < 0.5
+    first_reasons = before["reasons"].to_list()[0]
+    assert first_reasons and first_reasons[0] != "all signals within healthy ranges"
+
+    model.save(tmp_path)
+    meta = json.loads((tmp_path / "thermal.json").read_text())
+    assert meta["features"] == model.features and meta["horizon_s"] == 300
+    assert meta["version"] == model.version and meta["runs"] == [r.name for r in runs]
+    assert meta["training_range"]["from"] < meta["training_range"]["to"]
+    loaded = ThermalModel.load(tmp_path)
+    assert loaded.version == model.version
+    np.testing.assert_allclose(loaded.predict_proba(feats), model.predict_proba(feats))
+    model.update_scores(tmp_path, {"recall_at_2min": 1.0})
+    assert json.loads((tmp_path / "thermal.json").read_text())["scores"] == {"recall_at_2min": 1.0}
+
+    db = risk_rows_for_db(scores.head(3))
+    assert db.schema["ts"] == pl.Datetime("us", "UTC")
+    assert json.loads(db["reasons"][0]) == list(scores["reasons"][0])
+
+
+def test_load_errors_are_clear(tmp_path):
+    with pytest.raises(ModelError, match="podwatch train thermal"):
+        ThermalModel.load(tmp_path)
+    (tmp_path / "thermal.joblib").write_text("not a model")
+    with pytest.raises(ModelError, match="cannot read"):
+        ThermalModel.load(tmp_path)
+
+
+def test_training_needs_both_classes():
+    healthy = build_features(healthy_rows(SITE, 0, 120), SITE)
+    with pytest.raises(ModelError, match="both"):
+        train_thermal([TrainingRun("h", healthy, None)])
