@@ -15,11 +15,10 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from podwatch.site import Device, Site
-from podwatch.simulators.physics import MAX_PUMPS, Snapshot, Topology
+from podwatch.simulators.physics import MAX_PUMPS, ROOM_AIR_C, Snapshot, Topology
 
 SQRT3 = math.sqrt(3.0)
 GRID_HZ = 60.0
-ROOM_AIR_C = 24.0
 RACK_VALVE_PCT = 80.0
 
 
@@ -180,7 +179,7 @@ class Observer:
             "cdu.return_pressure_kpa": snap.cdu_return_kpa[:, idx] + self._noise((T, n), 0.5),
             "cdu.diff_pressure_kpa": snap.cdu_dp_kpa[:, idx] + self._noise((T, n), 0.3),
             "cdu.valve_pct": snap.cdu_valve_pct[:, idx].copy(),
-            "cdu.reservoir_level_pct": snap.cdu_reservoir_pct[:, idx] + self._noise((T, n), 0.1),
+            "cdu.reservoir_level_pct": np.clip(snap.cdu_reservoir_pct[:, idx] + self._noise((T, n), 0.1), 0, 100),
             "cdu.leak_state": snap.cdu_leak_state[:, idx].astype(float),
             "cdu.status": snap.cdu_status[:, idx].astype(float),
             "cdu.flow_lpm": snap.cdu_flow_lpm[:, idx] * (1.0 + self._noise((T, n), 0.003)),

@@ -27,13 +27,15 @@ The model, per step:
   return temperature follows
   ``C dT/dt = Q_liquid - m_dot c_p (T - T_supply)``, integrated exactly over the step, so at
   steady state ``dT = Q / (m_dot c_p)`` (water: 1 kg/L, c_p 4.18 kJ/kg/K) and the time constant
-  is C / (m_dot c_p), ~20-30 s at design flow; with no flow the return rises by Q/C per second.
+  is C / (m_dot c_p), ~20-30 s at design flow; with no flow the return rises by ~Q/C per second
+  (a small loss to room air, `AMBIENT_LOSS_KW_K`, bounds it once the GPUs have shut down).
 * **CDU supply control**: the facility-water valve opens as far as needed to hold the supply
   setpoint; the coldest reachable supply is facility water + approach, where the approach is the
   design approach x the heat load fraction x the fouling factor. Supply follows its target with a
   60 s lag (the facility loop is slower than the racks).
 * **Reservoir and leaks**: a leak drains the loop's reservoir (`RESERVOIR_L`); below 20 % the pumps
-  start drawing air (capacity falls), below 5 % they lose prime.
+  start drawing air (capacity falls), below 5 % they lose prime. Once no leak is active the
+  makeup system refills it at `MAKEUP_LPM`.
 * **Electrical**: rack power splits A/B ~50/50 with a small fixed imbalance, each side three
   phases; energy counters integrate power every step and only increase. Power nodes (busway,
   feeder, transformer) carry their racks' sides plus the CDUs' cooling overhead (pumps ~ speed^3,
@@ -68,6 +70,8 @@ RACK_DP_SHARE = 0.6  # share of the loop differential pressure seen across a rac
 STATIC_PRESSURE_KPA = 120.0  # expansion tank / fill pressure on the return side
 RESERVOIR_L = 200.0
 RESERVOIR_START_PCT = 80.0
+MAKEUP_LPM = 10.0  # auto-fill from the makeup tank once no leak is active
+AMBIENT_LOSS_KW_K = 0.3  # rack coolant/cold plates lose a little heat to room air (matters only without flow)
 PUMP_HYDRAULIC_EFFICIENCY = 0.6
 CDU_CONTROLS_KW = 0.5
 FACILITY_REJECTION_KW_PER_KW = 0.08  # dry coolers + facility pumps per kW of heat to liquid (warm water)
@@ -77,6 +81,7 @@ TRANSFORMER_NO_LOAD_LOSS = 0.0015
 TRANSFORMER_LOAD_LOSS = 0.009  # at nameplate, scales with (load / nameplate)^2
 FACILITY_DESIGN_DT_K = 6.0
 PIPE_GAIN_K = 0.2  # supply warms slightly between the CDU and a rack manifold
+ROOM_AIR_C = 24.0
 
 
 @dataclass
@@ -105,6 +110,18 @@ class Modifiers:
 
     def row(self, i: int) -> "Modifiers":
         return Modifiers(**{f.name: getattr(self, f.name)[i:i + 1] for f in fields(self)})
+
+
+class _ModRow:
+    """One time row of Modifiers, read as m["field"] without copying."""
+
+    __slots__ = ("mods", "row")
+
+    def __init__(self, mods: Modifiers, row: int) -> None:
+        self.mods, self.row = mods, row
+
+    def __getitem__(self, name: str) -> np.ndarray:
+        return getattr(self.mods, name)[self.row]
 
 
 @dataclass
@@ -273,11 +290,11 @@ class SitePhysics:
 
     # ------------------------------------------------------------------ the step
 
-    def step(self, dt_s: float, t_s: float, demand_kw: np.ndarray, mods: Modifiers) -> Snapshot:
+    def step(self, dt_s: float, t_s: float, demand_kw: np.ndarray, mods: Modifiers, row: int = 0) -> Snapshot:
         """Advance by `dt_s` to simulated time `t_s` with rack demand `demand_kw` (racks,) and the
-        scenario's modifiers for this step (`Modifiers` with T = 1). Returns the new state."""
+        scenario's modifiers for this step (row `row` of `mods`). Returns the new state (T = 1)."""
         tp = self.topo
-        m = {f.name: getattr(mods, f.name)[0] for f in fields(mods)}
+        m = _ModRow(mods, row)
         self.t_s = t_s
         rc = tp.rack_cdu
 
@@ -310,7 +327,8 @@ class SitePhysics:
         pump_speed = np.where(running, 100.0 * speed_frac[:, None], 0.0)
         target_flow = conductance * np.sqrt(dp_ratio[rc])
         a_flow = 1.0 - math.exp(-dt_s / FLOW_TAU_S) if dt_s > 0 else 0.0
-        self.rack_flow_lpm = self.rack_flow_lpm + (target_flow - self.rack_flow_lpm) * a_flow
+        flow = self.rack_flow_lpm + (target_flow - self.rack_flow_lpm) * a_flow
+        self.rack_flow_lpm = np.where(np.abs(flow - target_flow) < 1e-3, target_flow, flow)  # settle exactly
 
         # --- load and throttling (throttle reacts to the return temperature of the previous step)
         demand = np.minimum(demand_kw * m["load_mult"], tp.rated_kw * MAX_LOAD_FACTOR)
@@ -326,12 +344,10 @@ class SitePhysics:
         q_liquid = self.rack_power_kw * tp.heat_to_liquid
         self.rack_supply_c = self.cdu_supply_c[rc] + PIPE_GAIN_K
         g = self.rack_flow_lpm / 60.0 * WATER_KG_PER_L * CP_WATER_KJ_KG_K  # kW/K
-        flowing = g > 1e-6
-        g_safe = np.where(flowing, g, 1.0)
-        t_ss = self.rack_supply_c + q_liquid / g_safe
-        decay = np.exp(-dt_s * g_safe / RACK_HEAT_CAPACITY_KJ_K)
-        self.rack_return_c = np.where(flowing, t_ss + (self.rack_return_c - t_ss) * decay,
-                                      self.rack_return_c + q_liquid * dt_s / RACK_HEAT_CAPACITY_KJ_K)
+        g_total = g + AMBIENT_LOSS_KW_K
+        t_ss = (q_liquid + g * self.rack_supply_c + AMBIENT_LOSS_KW_K * ROOM_AIR_C) / g_total
+        decay = np.exp(-dt_s * g_total / RACK_HEAT_CAPACITY_KJ_K)
+        self.rack_return_c = t_ss + (self.rack_return_c - t_ss) * decay
 
         # --- CDU: mixed return, heat removed, supply control against facility water
         n_c = len(tp.cdu_ids)
@@ -354,7 +370,10 @@ class SitePhysics:
         fac_return = facility + heat_in / np.maximum(fac_mdot_cp, 1e-9)
 
         # --- reservoir, leaks, pressures
-        self.reservoir_pct = np.maximum(self.reservoir_pct - m["leak_lpm"] * dt_s / 60.0 / RESERVOIR_L * 100.0, 0.0)
+        leak = m["leak_lpm"]
+        makeup = np.where((leak <= 0) & (self.reservoir_pct < RESERVOIR_START_PCT), MAKEUP_LPM, 0.0)
+        self.reservoir_pct = np.clip(self.reservoir_pct + (makeup - leak) * dt_s / 60.0 / RESERVOIR_L * 100.0,
+                                     0.0, np.maximum(self.reservoir_pct, RESERVOIR_START_PCT))
         low_level = np.where(self.reservoir_pct < 30.0, 2, np.where(self.reservoir_pct < 60.0, 1, 0))
         cdu_leak = np.maximum(m["cdu_leak_state"], low_level)
         static = STATIC_PRESSURE_KPA * np.clip(self.reservoir_pct / 50.0, 0.2, 1.0)
