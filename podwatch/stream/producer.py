@@ -1,0 +1,531 @@
+"""The telemetry producer: readings, alert events and dead letters to Kafka, acks=all, keyed,
+compressed, with a durable disk spool for outages.
+
+Contract
+- `await send(reading)` returns once the reading is durable: acked by Kafka (acks=all), or
+  written (and fsynced) to the spool. It returns False only when the reading was dropped, which
+  is counted (`dropped`) and logged: the spool was full (its stated overflow policy), the disk
+  failed, or Kafka refused the record for good (e.g. larger than max_request_size). Errors are
+  classified: retriable ones (connection, timeout, leader changes, unknown) mean "Kafka is down"
+  and send the record to the spool; only permanent ones drop it.
+- Every wait on Kafka is bounded by `delivery_timeout_s` (aiokafka's `send_and_wait` can block
+  through a whole outage): a send not acked in time is treated as an outage.
+- Two modes. DIRECT: the spool is empty and Kafka answers; records go straight to aiokafka
+  (concurrent sends share batches: linger_ms / max_batch_size). SPOOL: entered on the first
+  failed or timed-out send (every record still in flight moves to the spool, in send order) or at
+  start when Kafka is down or the spool holds data; every new record is appended to the spool
+  behind the older ones. A background drainer retries with jittered exponential backoff,
+  sends the oldest spooled records in batches and deletes them only after Kafka acked all of
+  them; once the spool is empty after a successful drain, the producer goes back to DIRECT.
+  So per-device order holds: a device's newer readings never overtake its spooled ones.
+- Delivery is at-least-once: a record whose ack was lost (or that aiokafka delivered after we
+  gave up on it) may arrive twice; the sink drops duplicates by (device, seq). Before resending
+  spooled records the drainer waits (bounded) for aiokafka to settle the records it abandoned,
+  so a late original does not land behind its own resend.
+- `start()` never fails because Kafka is down (collectors must start and spool); it fails only
+  when the spool directory cannot be opened (e.g. another process holds it).
+- `stop()` is idempotent: waits for in-flight sends (bounded), drains the spool for up to
+  `stop_drain_timeout_s` if Kafka answers, flushes and closes the client; whatever is not acked
+  stays in the spool for the next start.
+
+Health (`REGISTRY.component("kafka_producer", instance)`): received (records handed in), sent
+(acked by Kafka), errors, spooled, dropped, retries (failed drain rounds); gauges spool_bytes,
+spool_records, spooling (1 while in SPOOL mode).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import random
+import time
+from pathlib import Path
+
+from aiokafka import AIOKafkaProducer
+from aiokafka.errors import (
+    ClusterAuthorizationFailedError,
+    CorruptRecordException,
+    InvalidTopicError,
+    MessageSizeTooLargeError,
+    RecordListTooLargeError,
+    TopicAuthorizationFailedError,
+)
+
+from podwatch.errors import PodwatchError
+from podwatch.health import REGISTRY, ComponentHealth
+from podwatch.logs import fields
+from podwatch.samples import Reading
+from podwatch.stream.config import KafkaSettings
+from podwatch.stream.envelope import dead_letter, encode_alert_event, encode_dead_letter, encode_reading
+from podwatch.stream.spool import Spool, SpoolRecord
+from podwatch.stream.topics import ALERTS_TOPIC, DEADLETTER_TOPIC, TELEMETRY_TOPIC
+
+log = logging.getLogger(__name__)
+
+# Errors that resending can never fix: the record is dropped (counted), never retried.
+PERMANENT_ERRORS = (MessageSizeTooLargeError, RecordListTooLargeError, InvalidTopicError,
+                    TopicAuthorizationFailedError, ClusterAuthorizationFailedError, CorruptRecordException,
+                    TypeError, ValueError)
+
+
+def is_permanent(exc: BaseException) -> bool:
+    """True for errors that a retry cannot fix. Everything else (including aiokafka's
+    non-retriable `UnknownError` / `KafkaTimeoutError`, which Tansu returns around restarts and
+    outages) is treated as an outage: the record is spooled and retried."""
+    return isinstance(exc, PERMANENT_ERRORS)
+
+
+def _jitter(delay_s: float) -> float:
+    """Full +-25 % jitter so that many producers never retry in lock step."""
+    return delay_s * random.uniform(0.75, 1.25)
+
+
+def _retrieve(fut: asyncio.Future) -> None:
+    """Done-callback: mark an abandoned future's exception as retrieved (no asyncio warning)."""
+    if not fut.cancelled():
+        fut.exception()
+
+
+class _InFlight:
+    """Records of one direct send, from the call to the ack (or to the spool)."""
+
+    __slots__ = ("records", "futures", "task", "state", "spooled", "dropped", "error")
+
+    def __init__(self, records: list[SpoolRecord]):
+        self.records = records
+        self.futures: list[asyncio.Future] = []
+        self.task: asyncio.Task | None = None
+        self.state = "inflight"  # -> acked | spooled | dropped
+        self.spooled: asyncio.Future | None = None  # result: True if the spool accepted every record
+        self.dropped = 0
+        self.error: BaseException | None = None
+
+
+class TelemetryProducer:
+    """Readings, alert events and dead letters to Kafka with a disk spool; `async with` works.
+
+    Lifecycle: `await start()` once, then `send*` from any number of tasks, then `await stop()`
+    (idempotent). `send*` after `stop()` raises PodwatchError."""
+
+    def __init__(self, settings: KafkaSettings, spool_dir: str | Path, site: str = "", *,
+                 health_instance: str | None = None, telemetry_topic: str = TELEMETRY_TOPIC,
+                 alerts_topic: str = ALERTS_TOPIC, deadletter_topic: str = DEADLETTER_TOPIC) -> None:
+        self.settings = settings
+        self.spool_dir = Path(spool_dir)
+        self.site = site
+        self.telemetry_topic = telemetry_topic
+        self.alerts_topic = alerts_topic
+        self.deadletter_topic = deadletter_topic
+        self.health: ComponentHealth = REGISTRY.component("kafka_producer", health_instance or site or "default")
+        self._spool: Spool | None = None
+        self._kafka: AIOKafkaProducer | None = None
+        self._direct = False
+        self._kafka_ok = False  # last contact with Kafka succeeded
+        self._inflight: dict[_InFlight, None] = {}  # insertion-ordered set: send order
+        self._abandoned: set[asyncio.Future] = set()
+        self._wake = asyncio.Event()
+        self._hurry = asyncio.Event()  # cuts a drain backoff short (stop)
+        self._drained = asyncio.Event()
+        self._drainer: asyncio.Task | None = None
+        self._started = False
+        self._closing = False
+        self._stop_task: asyncio.Task | None = None
+        self._outage_started: float | None = None
+        self._drain_failures = 0
+
+    # ------------------------------------------------------------------ lifecycle
+
+    async def start(self) -> "TelemetryProducer":
+        if self._started:
+            return self
+        s = self.settings
+        self._spool = Spool(self.spool_dir, max_bytes=s.spool_max_bytes, segment_bytes=s.spool_segment_bytes,
+                            fsync=s.spool_fsync)
+        self._started = True
+        if self._spool.truncated_bytes:
+            self.health.inc("errors")
+        if await self._ensure_kafka():
+            self._kafka_ok = True
+            self._direct = self._spool.pending_records == 0
+        else:
+            self._outage_started = time.monotonic()
+            log.warning("Kafka is unreachable at start; readings go to the spool until it answers",
+                        extra=fields(bootstrap=s.bootstrap_servers, spool=str(self.spool_dir)))
+        self._update_gauges()
+        self._drainer = asyncio.get_running_loop().create_task(self._drain_loop(), name="kafka-spool-drainer")
+        log.info("Kafka producer started", extra=fields(bootstrap=s.bootstrap_servers, mode=self.mode,
+                 spooled_records=self._spool.pending_records))
+        return self
+
+    async def __aenter__(self) -> "TelemetryProducer":
+        return await self.start()
+
+    async def __aexit__(self, *exc) -> None:
+        await self.stop()
+
+    @property
+    def mode(self) -> str:
+        """'direct' or 'spool'."""
+        return "direct" if self._direct else "spool"
+
+    @property
+    def spool_records(self) -> int:
+        return self._spool.pending_records if self._spool else 0
+
+    async def wait_drained(self, timeout_s: float) -> bool:
+        """True once the spool is empty and nothing is in flight (within `timeout_s`)."""
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            if self._spool is not None and self._spool.pending_records == 0 and not self._inflight:
+                return True
+            await asyncio.sleep(0.02)
+        return False
+
+    async def stop(self) -> None:
+        """Idempotent; see the module docstring. Safe to call concurrently."""
+        if not self._started:
+            return
+        if self._stop_task is None:
+            self._stop_task = asyncio.get_running_loop().create_task(self._stop())
+        await asyncio.shield(self._stop_task)
+
+    async def _stop(self) -> None:
+        s = self.settings
+        self._closing = True
+        tasks = [entry.task for entry in self._inflight if entry.task is not None]
+        if tasks:
+            await asyncio.wait(tasks, timeout=s.delivery_timeout_s)
+        if self._inflight:
+            await self._failover("producer stopping with unacked sends")
+        if self._spool.pending_records and self._kafka is not None and s.stop_drain_timeout_s > 0:
+            self._hurry.set()
+            self._wake.set()
+            waiter = asyncio.get_running_loop().create_task(self._drained.wait())
+            await asyncio.wait({waiter}, timeout=s.stop_drain_timeout_s)
+            waiter.cancel()
+        if self._drainer is not None:
+            self._drainer.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._drainer
+        await self._close_kafka()
+        for fut in self._abandoned:
+            if not fut.done():
+                fut.cancel()
+        self._abandoned.clear()
+        left = self._spool.pending_records
+        try:
+            await self._spool.flush()
+        finally:
+            self._spool.close()
+        self._update_gauges()
+        log.info("Kafka producer stopped", extra=fields(sent=self.health.counters.get("sent", 0),
+                 left_in_spool=left, dropped=self.health.counters.get("dropped", 0)))
+
+    async def _ensure_kafka(self) -> bool:
+        """Start the aiokafka client if it is not running; False (no exception) when Kafka is down."""
+        if self._kafka is not None:
+            return True
+        producer = AIOKafkaProducer(**self.settings.producer_kwargs())
+        start = asyncio.get_running_loop().create_task(producer.start())
+        done, _ = await asyncio.wait({start}, timeout=self.settings.delivery_timeout_s)
+        if start in done and start.exception() is None:
+            self._kafka = producer
+            return True
+        start.cancel()
+        error = start.exception() if start in done else "timeout"
+        log.debug("Kafka client start failed", extra=fields(error=repr(error)))
+        await self._close_client(producer)
+        return False
+
+    async def _close_kafka(self) -> None:
+        producer, self._kafka = self._kafka, None
+        if producer is not None:
+            await self._close_client(producer)
+
+    async def _close_client(self, producer: AIOKafkaProducer) -> None:
+        """Stop an aiokafka producer within delivery_timeout_s; if its flush hangs (Kafka down),
+        tear its sender and connections down without waiting for queued batches."""
+        stop = asyncio.get_running_loop().create_task(producer.stop())
+        done, _ = await asyncio.wait({stop}, timeout=self.settings.delivery_timeout_s)
+        if stop in done:
+            if stop.exception() is not None:
+                log.debug("Kafka client stop failed", extra=fields(error=repr(stop.exception())))
+            return
+        stop.cancel()
+        with contextlib.suppress(Exception, asyncio.CancelledError):
+            sender = getattr(producer, "_sender", None)
+            if sender is not None:
+                await sender.close()
+        with contextlib.suppress(Exception, asyncio.CancelledError):
+            await producer.client.close()
+
+    # ------------------------------------------------------------------ public sends
+
+    async def send(self, reading: Reading) -> bool:
+        """One reading to `podwatch.telemetry.v1` (key = device). True once durable; False if
+        dropped (counted)."""
+        record = SpoolRecord(self.telemetry_topic, reading.device.encode(), encode_reading(reading))
+        return await self._submit([record]) == 1
+
+    async def send_many(self, readings: list[Reading]) -> int:
+        """Many readings in one batch (the high-throughput path); returns how many are durable."""
+        if not readings:
+            return 0
+        topic = self.telemetry_topic
+        return await self._submit([SpoolRecord(topic, r.device.encode(), encode_reading(r)) for r in readings])
+
+    async def send_alert_event(self, event: dict) -> bool:
+        """One alert event to `podwatch.alerts.v1` (key = alert_id); adds "v": 1."""
+        key, value = encode_alert_event(event)
+        return await self._submit([SpoolRecord(self.alerts_topic, key, value)]) == 1
+
+    async def send_dead_letter(self, payload: bytes, reason: str, source: str, **meta) -> bool:
+        """A payload that could not be decoded, with the reason, to `podwatch.deadletter.v1`.
+        `meta` may carry topic, partition, offset and any context (site, device, ...)."""
+        if self.site and "site" not in meta:
+            meta["site"] = self.site
+        letter = dead_letter(payload, reason, source, **meta)
+        key = str(meta.get("device") or source).encode()
+        return await self._submit([SpoolRecord(self.deadletter_topic, key, encode_dead_letter(letter))]) == 1
+
+    # ------------------------------------------------------------------ core
+
+    async def _submit(self, records: list[SpoolRecord]) -> int:
+        if not self._started or self._closing:
+            raise PodwatchError("the Kafka producer is not running (start() it; it was maybe stopped)")
+        self.health.inc("received", len(records))
+        if self._direct:
+            return await self._send_direct(records)
+        return await self._spool_records(records)
+
+    async def _spool_records(self, records: list[SpoolRecord]) -> int:
+        accepted = self._append_to_spool(records)
+        self._wake.set()
+        await self._flush_spool()
+        return accepted
+
+    def _append_to_spool(self, records: list[SpoolRecord]) -> int:
+        """Synchronous: the records are in the spool (page cache) when this returns, in order."""
+        try:
+            accepted = self._spool.append(records)
+        except OSError as exc:
+            accepted = 0
+            self.health.inc("errors")
+            log.error("spool write failed; records dropped", extra=fields(records=len(records), error=exc))
+        self.health.inc("spooled", accepted)
+        if accepted:
+            self._drained.clear()
+        if accepted < len(records):
+            self.health.inc("dropped", len(records) - accepted)
+        self._update_gauges()
+        return accepted
+
+    async def _flush_spool(self) -> None:
+        try:
+            await self._spool.flush()
+        except OSError as exc:  # the records are in the page cache; durability against power loss is not
+            self.health.inc("errors")
+            log.error("spool fsync failed", extra=fields(error=exc))
+
+    async def _send_direct(self, records: list[SpoolRecord]) -> int:
+        entry = _InFlight(records)
+        self._inflight[entry] = None
+        entry.task = asyncio.get_running_loop().create_task(self._deliver_direct(entry))
+        await asyncio.wait({entry.task}, timeout=self.settings.delivery_timeout_s)
+        if entry.state == "acked":
+            return len(records)
+        if entry.state == "dropped":
+            return len(records) - entry.dropped
+        if entry.state == "inflight":
+            reason = repr(entry.error) if entry.error else f"no ack within {self.settings.delivery_timeout_s}s"
+            await self._failover(reason)
+        return await entry.spooled
+
+    async def _deliver_direct(self, entry: _InFlight) -> None:
+        """Hand the records to aiokafka and wait for every ack (never cancelling aiokafka's futures)."""
+        permanent: list[BaseException] = []
+        try:
+            for record in entry.records:
+                try:
+                    entry.futures.append(await self._kafka.send(record.topic, record.value, key=record.key))
+                except PERMANENT_ERRORS as exc:
+                    permanent.append(exc)
+            if entry.futures:
+                await asyncio.wait(entry.futures)
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:  # classified by the caller: an outage -> spool
+            entry.error = exc
+            return
+        if entry.state != "inflight":
+            return  # moved to the spool meanwhile; these acks make duplicates the sink drops
+        retriable = None
+        for fut in entry.futures:
+            exc = fut.exception()
+            if exc is None:
+                continue
+            if is_permanent(exc):
+                permanent.append(exc)
+            else:
+                retriable = exc
+        if retriable is not None:
+            entry.error = retriable
+            return
+        del self._inflight[entry]
+        self.health.inc("sent", len(entry.records) - len(permanent))
+        self._kafka_ok = True
+        if permanent:
+            entry.state, entry.dropped = "dropped", len(permanent)
+            self._count_permanent(permanent)
+        else:
+            entry.state = "acked"
+
+    def _count_permanent(self, errors: list[BaseException]) -> None:
+        self.health.inc("dropped", len(errors))
+        self.health.inc("errors", len(errors))
+        log.error("Kafka refused records for good; dropped", extra=fields(records=len(errors), error=repr(errors[0])))
+
+    async def _failover(self, reason: str) -> None:
+        """Kafka is down: every record in flight moves to the spool, in send order, and the
+        producer stays in SPOOL mode until the drainer has emptied the spool."""
+        entries = list(self._inflight)
+        self._inflight.clear()
+        self._kafka_ok = False
+        if self._direct:
+            self._direct = False
+            self._outage_started = time.monotonic()
+            self.health.inc("errors")
+            log.warning("Kafka send failed; spooling to disk until it answers",
+                        extra=fields(reason=reason, spool=str(self.spool_dir)))
+        if not entries:
+            return
+        loop = asyncio.get_running_loop()
+        records: list[SpoolRecord] = []
+        for entry in entries:
+            entry.state = "spooled"
+            entry.spooled = loop.create_future()
+            if entry.task is not None and not entry.task.done():
+                entry.task.cancel()
+            for fut in entry.futures:
+                if not fut.done():
+                    fut.add_done_callback(_retrieve)
+                    self._abandoned.add(fut)
+            records.extend(entry.records)
+        accepted = self._append_to_spool(records)
+        self._wake.set()
+        await self._flush_spool()
+        consumed = 0
+        for entry in entries:  # the spool refuses a suffix: earlier entries are whole
+            taken = max(0, min(len(entry.records), accepted - consumed))
+            consumed += len(entry.records)
+            entry.spooled.set_result(taken)
+
+    # ------------------------------------------------------------------ drainer
+
+    async def _drain_loop(self) -> None:
+        s = self.settings
+        backoff = s.retry_backoff_min_s
+        while True:
+            if self._spool.pending_records == 0:
+                self._drained.set()
+                if not self._direct and self._kafka_ok and not self._closing and not self._inflight:
+                    self._go_direct()
+                self._wake.clear()
+                await self._wake.wait()
+                continue
+            self._drained.clear()
+            if not await self._ensure_kafka() or not await self._drain_once():
+                self.health.inc("retries")
+                delay = _jitter(backoff)
+                backoff = min(backoff * 2, s.retry_backoff_max_s)
+                with contextlib.suppress(asyncio.TimeoutError):
+                    await asyncio.wait_for(self._hurry.wait(), delay)
+                continue
+            backoff = s.retry_backoff_min_s
+
+    def _go_direct(self) -> None:
+        self._direct = True
+        outage_s = time.monotonic() - self._outage_started if self._outage_started else 0.0
+        self._outage_started = None
+        self._drain_failures = 0
+        self._update_gauges()
+        log.info("Kafka answers and the spool is drained; sending directly again",
+                 extra=fields(outage_s=round(outage_s, 1)))
+
+    async def _settle_abandoned(self) -> None:
+        """Let aiokafka finish (deliver or expire) records we gave up on before resending them."""
+        self._abandoned = {f for f in self._abandoned if not f.done()}
+        if self._abandoned:
+            timeout = self.settings.request_timeout_ms / 1000 + self.settings.delivery_timeout_s
+            await asyncio.wait(self._abandoned, timeout=timeout)
+            self._abandoned = {f for f in self._abandoned if not f.done()}
+
+    async def _drain_once(self) -> bool:
+        """Send the oldest spooled batch; ack it in the spool once Kafka acked all of it."""
+        await self._settle_abandoned()
+        batch = self._spool.read_batch(max_records=self.settings.drain_batch_records,
+                                       max_bytes=max(self.settings.max_request_size, 1 << 20) * 4)
+        if batch is None:
+            log.error("spool reports records but none could be read", extra=fields(pending=self._spool.pending_records))
+            return False
+        futures: list[asyncio.Future] = []
+        permanent: list[BaseException] = []
+
+        async def enqueue() -> None:
+            for record in batch.records:
+                try:
+                    futures.append(await self._kafka.send(record.topic, record.value, key=record.key))
+                except PERMANENT_ERRORS as exc:
+                    permanent.append(exc)
+
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.settings.delivery_timeout_s
+        task = loop.create_task(enqueue())
+        done, _ = await asyncio.wait({task}, timeout=self.settings.delivery_timeout_s)
+        error: BaseException | None = None
+        if task not in done:
+            task.cancel()
+            error = TimeoutError("enqueue timed out")
+        elif task.exception() is not None:
+            error = task.exception()
+        if error is None and futures:
+            _, pending = await asyncio.wait(futures, timeout=max(deadline - loop.time(), 0.1))
+            if pending:
+                error = TimeoutError(f"no ack within {self.settings.delivery_timeout_s}s")
+            else:
+                for fut in futures:
+                    exc = fut.exception()
+                    if exc is None:
+                        continue
+                    if is_permanent(exc):
+                        permanent.append(exc)
+                    else:
+                        error = exc
+        if error is not None:
+            for fut in futures:
+                if not fut.done():
+                    fut.add_done_callback(_retrieve)
+                    self._abandoned.add(fut)
+            self._kafka_ok = False
+            self._drain_failures += 1
+            self.health.inc("errors")
+            level = logging.WARNING if self._drain_failures == 1 else logging.DEBUG  # loud once, then quiet
+            log.log(level, "draining the spool failed; will retry with backoff",
+                    extra=fields(error=repr(error), pending=self._spool.pending_records, failures=self._drain_failures))
+            return False
+        self._spool.ack(batch)
+        self._kafka_ok = True
+        self._drain_failures = 0
+        self.health.inc("sent", len(batch) - len(permanent))
+        if permanent:
+            self._count_permanent(permanent)
+        self._update_gauges()
+        return True
+
+    def _update_gauges(self) -> None:
+        if self._spool is None:
+            return
+        self.health.set("spool_records", float(self._spool.pending_records))
+        self.health.set("spool_bytes", float(self._spool.disk_bytes))
+        self.health.set("spooling", 0.0 if self._direct else 1.0)
