@@ -7,11 +7,12 @@ Public API (docs/alerts.md):
   `evaluate_samples(df)`; persists to the DuckDB `alerts` table, queues events in `alert_outbox`.
 - `OutboxDispatcher(con, receivers)` — delivers the outbox (`tick()`, `kick()`, `run(stop)`).
 - `AlertingSettings` / `load_settings(path)`; receivers in receivers.py.
-- `attach_alerting(service, settings, publish=None, site=None)` — wiring for the serve process.
+- `attach_alerting(service, settings, publish=None, site=None) -> ServiceAlerting` — wiring for
+  the serve process (`observe(obs)` for analytics, `aclose()`).
 """
 
 from podwatch.analytics.alerting.engine import AlertEngine, AlertRecord, site_target_labels
-from podwatch.analytics.alerting.glue import AlertingRuntime, attach_alerting, build_runtime
+from podwatch.analytics.alerting.glue import AlertingRuntime, ServiceAlerting, attach_alerting, build_runtime
 from podwatch.analytics.alerting.model import ALERTS_TOPIC, AlertState, Observation, alert_id
 from podwatch.analytics.alerting.outbox import DeliveryError, OutboxDispatcher
 from podwatch.analytics.alerting.rules import Rule, RuleSet, load_rules
@@ -19,6 +20,6 @@ from podwatch.analytics.alerting.settings import AlertingSettings, load_settings
 
 __all__ = [
     "ALERTS_TOPIC", "AlertEngine", "AlertRecord", "AlertState", "AlertingRuntime", "AlertingSettings", "DeliveryError",
-    "Observation", "OutboxDispatcher", "Rule", "RuleSet", "alert_id", "attach_alerting", "build_runtime", "load_rules",
+    "Observation", "OutboxDispatcher", "Rule", "RuleSet", "ServiceAlerting", "alert_id", "attach_alerting", "build_runtime", "load_rules",
     "load_settings", "site_target_labels",
 ]

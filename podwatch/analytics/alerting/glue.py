@@ -1,13 +1,13 @@
 """Wiring alerting into the process that owns the DuckDB file (`podwatch serve` / the demo).
 
-    runtime = attach_alerting(service, settings, publish=producer.send_alert_event, site=site)
-    ...
-    await runtime.observe(observations)   # analytics checks / risk model, any time
-    ...
-    await runtime.aclose()                # on shutdown (idempotent)
+    alerting = attach_alerting(service, settings, publish=producer.send_alert_event, site=site)
+    async with service:                     # the runtime is built once the service opened the file
+        await alerting.observe(observations)   # analytics checks / risk model, any time
+        ...
+    await alerting.aclose()                 # idempotent
 
-`attach_alerting` registers `runtime.on_batch` as the service's batch listener (threshold rules
-on every committed batch of samples) and `runtime.deliver` as a periodic task (outbox delivery,
+`attach_alerting` registers `on_batch` as the service's batch listener (threshold rules
+on every committed batch of samples) and `deliver` as a periodic task (outbox delivery,
 Alertmanager resends, pruning). The engine runs in a worker thread on its own DuckDB cursor (the
 sink calls listeners one batch at a time, so it is never re-entered); the dispatcher runs on the
 event loop with another cursor. A batch's events are delivered right after it (a `kick`), not at
@@ -66,8 +66,8 @@ class AlertingRuntime:
             self.dispatcher.kick()
         return events
 
-    async def deliver(self) -> int:
-        """Periodic: one outbox delivery pass (+ Alertmanager resends, hourly pruning)."""
+    async def deliver(self, _service: Any = None) -> int:
+        """Periodic (`coro_fn(service)`): one outbox delivery pass (+ Alertmanager resends, hourly pruning)."""
         delivered = await self.dispatcher.tick()
         if time.monotonic() - self._last_prune > PRUNE_EVERY_S:
             self._last_prune = time.monotonic()
@@ -103,7 +103,8 @@ def build_runtime(con: duckdb.DuckDBPyConnection, settings: AlertingSettings, pu
     return AlertingRuntime(engine, dispatcher, settings)
 
 
-def _connection_of(service: Any) -> duckdb.DuckDBPyConnection:
+def _connection_of(service: Any) -> duckdb.DuckDBPyConnection | None:
+    """The owning connection of a storage `Service` (None before it started)."""
     for attr in ("db", "database"):
         db = getattr(service, attr, None)
         if db is not None and hasattr(db, "connection"):
@@ -111,14 +112,48 @@ def _connection_of(service: Any) -> duckdb.DuckDBPyConnection:
     con = getattr(service, "con", None)
     if isinstance(con, duckdb.DuckDBPyConnection):
         return con
-    raise TypeError("attach_alerting: the service exposes no DuckDB connection (expected .db/.database with "
-                    ".connection, or .con)")
+    return None
+
+
+class ServiceAlerting:
+    """Alerting attached to a storage `Service`. The service opens its DuckDB file in `start()`,
+    after listeners and periodic tasks are registered, so the runtime is built on first use
+    (the first periodic call, which the service makes right at start)."""
+
+    def __init__(self, service: Any, settings: AlertingSettings, publish: Publish | None, rules: RuleSet,
+                 site: "Site | None") -> None:
+        self._service, self.settings, self._publish, self._rules, self._site = service, settings, publish, rules, site
+        self.runtime: AlertingRuntime | None = None
+
+    def _ensure(self) -> AlertingRuntime:
+        if self.runtime is None:
+            con = _connection_of(self._service)
+            if con is None:
+                raise RuntimeError("alerting used before the service opened its DuckDB file (call after start())")
+            self.runtime = build_runtime(con, self.settings, self._publish, rules=self._rules, site=self._site)
+        return self.runtime
+
+    async def on_batch(self, rows: pl.DataFrame) -> list[dict]:
+        return await self._ensure().on_batch(rows)
+
+    async def observe(self, observations: Iterable[Observation]) -> list[dict]:
+        return await self._ensure().observe(observations)
+
+    async def deliver(self, _service: Any = None) -> int:
+        return await self._ensure().deliver()
+
+    async def aclose(self) -> None:
+        if self.runtime is not None:
+            await self.runtime.aclose()
 
 
 def attach_alerting(service: Any, settings: AlertingSettings, publish: Publish | None = None, *,
-                    site: "Site | None" = None, rules: RuleSet | None = None) -> AlertingRuntime:
-    """Register alerting with the storage service: batch listener + periodic delivery."""
-    runtime = build_runtime(_connection_of(service), settings, publish, rules=rules, site=site)
-    service.add_batch_listener(runtime.on_batch)
-    service.add_periodic(runtime.deliver, settings.delivery_interval_s)
-    return runtime
+                    site: "Site | None" = None, rules: RuleSet | None = None) -> ServiceAlerting:
+    """Register alerting with the storage service (before `service.start()`): the batch
+    listener (threshold rules on new rows) and periodic outbox delivery. Rules are loaded now,
+    so a bad rules file fails the start with every error listed."""
+    rules = rules if rules is not None else load_rules(settings.rules_file)
+    attached = ServiceAlerting(service, settings, publish, rules, site)
+    service.add_batch_listener(attached.on_batch)
+    service.add_periodic(attached.deliver, settings.delivery_interval_s)
+    return attached
