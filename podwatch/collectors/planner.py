@@ -19,7 +19,7 @@ from __future__ import annotations
 import math
 import struct
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from podwatch.collectors.profiles import (
     _STRUCT,
@@ -107,6 +107,8 @@ class ReadRequest:
     start: int
     count: int
     points: tuple[PlannedPoint, ...]
+    # set by the planner: decodes every point of a response's bytes into a dict (see _bulk_decoder)
+    decode_into: Callable[[bytes, dict], None] | None = field(default=None, compare=False, repr=False)
 
     @property
     def gap_registers(self) -> int:
@@ -184,7 +186,50 @@ def _request(profile: ModbusProfile, register_type: str, start: int, end: int, g
         order = profile.order_of(p)
         planned.append(PlannedPoint(p.metric, off, p.register_count, p.data_type, order,
                                     compile_decoder(p.data_type, order, p.scale, p.offset, off * 2)))
-    return ReadRequest(register_type, FUNCTION_CODE[register_type], start, end - start, tuple(planned))
+    request = ReadRequest(register_type, FUNCTION_CODE[register_type], start, end - start, tuple(planned))
+    object.__setattr__(request, "decode_into", _bulk_decoder(request, {p.metric: p for p in group}))
+    return request
+
+
+# Hot path: the ABCD (big-endian) points of a request are unpacked by ONE precompiled struct call
+# over the whole response (pad bytes skip the gaps); other word orders use their point decoder.
+
+
+def _bulk_decoder(request: ReadRequest, by_metric: dict[str, RegisterPoint]):
+    fmt = [">"]
+    pos = 0
+    fast: list[tuple[str, bool, object, float, float, bool]] = []
+    slow: list[PlannedPoint] = []
+    for p in sorted(request.points, key=lambda q: q.register_offset):
+        if p.word_order != "ABCD" or p.register_offset * 2 < pos:  # other order or overlapping point
+            slow.append(p)
+            continue
+        gap = p.register_offset * 2 - pos
+        if gap:
+            fmt.append(f"{gap}x")
+        fmt.append(_STRUCT[p.data_type][1])
+        pos = (p.register_offset + p.register_count) * 2
+        rp = by_metric[p.metric]
+        fast.append((p.metric, p.data_type.startswith("float"), UNAVAILABLE_RAW.get(p.data_type),
+                     rp.scale, rp.offset, rp.scale == 1.0 and rp.offset == 0.0))
+    unpack_from = struct.Struct("".join(fmt)).unpack_from
+    isfinite = math.isfinite
+
+    def decode_into(data: bytes, into: dict) -> None:
+        if fast:
+            for (metric, is_float, unavailable, scale, offset, identity), raw in zip(fast, unpack_from(data, 0)):
+                if is_float:
+                    if not isfinite(raw):
+                        into[metric] = None
+                        continue
+                elif raw == unavailable:
+                    into[metric] = None
+                    continue
+                into[metric] = float(raw) if identity else raw * scale + offset
+        for p in slow:
+            into[p.metric] = p.decode(data)
+
+    return decode_into
 
 
 def registers_to_bytes(registers: list[int]) -> bytes:
@@ -198,5 +243,8 @@ def decode_request(request: ReadRequest, registers: list[int], into: dict[str, f
         raise ValueError(f"fc{request.function_code} start={request.start}: expected {request.count} registers, "
                          f"got {len(registers)}")
     data = registers_to_bytes(registers[:request.count])
+    if request.decode_into is not None:
+        request.decode_into(data, into)
+        return
     for p in request.points:
         into[p.metric] = p.decode(data)

@@ -1,0 +1,199 @@
+"""Benchmark: Modbus collector polls/s and points/s on one core, next to a raw pymodbus request
+loop against the same servers (the ratio is the figure). Not a test.
+
+Set-up: N SunSpec model 213 meters (18 float32 points, one 66-register read per poll) spread over
+G gateways (one TCP server port each, unit ids 1..N/G), served by pymodbus servers in a
+SEPARATE process (pinned to the other core when there are two). The measuring process is pinned
+to one core.
+
+- raw loop: per gateway one pymodbus client, per device a task sending the same fc3 request
+  back to back (no decode, nothing published);
+- collector: the real `ModbusCollector` with every device's interval at 1 ms (so each device
+  polls back to back; overruns are counted, not queued), full decode through the read plan,
+  quality/stale check, sequence numbers, and publish into an in-memory sink that serialises each
+  reading's envelope with orjson and discards it (no Kafka in the figure).
+
+usage: .venv/bin/python benchmarks/collect_modbus.py [--devices 256] [--gateways 16] [--seconds 5]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import dataclasses
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+import orjson  # noqa: E402
+
+from podwatch.procs import free_port, port_open  # noqa: E402
+
+PROFILE = "sunspec-213"
+
+
+def meter_values(unit: int) -> dict[str, float]:
+    from podwatch.collectors.profiles import load_profile
+
+    return {p.metric: 100.0 + unit + i for i, p in enumerate(load_profile(PROFILE).points)}
+
+
+async def serve(ports: list[int], units: int) -> None:
+    from tests.integration.collectors.modbus_server import ProfileServer
+
+    from podwatch.collectors.profiles import load_profile
+
+    profile = load_profile(PROFILE)
+    servers = [await ProfileServer({u: (profile, meter_values(u)) for u in range(1, units + 1)}, port).start()
+               for port in ports]
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    print("ready", flush=True)
+    await stop.wait()
+    for s in servers:
+        await s.stop()
+
+
+def bench_site(ports: list[int], units: int):
+    """A valid site whose feeders carry the meters (N feeders x 1 meter)."""
+    from podwatch.site import parse_site
+
+    feeders = []
+    for g, port in enumerate(ports):
+        for u in range(1, units + 1):
+            feeders.append({"id": f"f{g}-{u}", "transformer": "x1", "rating_kw": 100,
+                            "meter": {"id": f"meter-{g}-{u}", "profile": PROFILE, "gateway": f"gw{g}", "unit_id": u}})
+    data = {
+        "site": {"id": "bench"},
+        "gateways": [{"id": f"gw{g}", "host": "127.0.0.1", "port": port, "timeout_s": 2.0} for g, port in enumerate(ports)],
+        "defaults": {"poll_interval_s": 5.0, "timeout_s": 2.0},
+        "power": {"transformers": [{"id": "x1", "rating_kva": 100000}],
+                  "feeders": feeders + [{"id": "fa", "transformer": "x1", "side": "a", "rating_kw": 800},
+                                        {"id": "fb", "transformer": "x1", "side": "b", "rating_kw": 800}]},
+        "modules": [{"id": "m1", "busways": [{"id": "ba", "feeder": "fa", "side": "a", "rating_kw": 600},
+                                             {"id": "bb", "feeder": "fb", "side": "b", "rating_kw": 600}],
+                     "cdus": [{"id": "c1", "capacity_kw": 600, "pumps": 2, "pump_flow_lpm": 800, "racks": ["r1"]}],
+                     "racks": [{"id": "r1", "rated_kw": 100, "feeds": {"a": "ba", "b": "bb"}}]}],
+    }
+    return parse_site(data)
+
+
+async def raw_loop(ports: list[int], units: int, seconds: float) -> tuple[int, int]:
+    from pymodbus.client import AsyncModbusTcpClient
+
+    from podwatch.collectors.planner import plan_reads
+    from podwatch.collectors.profiles import load_profile
+
+    req = plan_reads(load_profile(PROFILE)).requests[0]
+    clients = [AsyncModbusTcpClient("127.0.0.1", port=p, timeout=2, retries=0, reconnect_delay=0) for p in ports]
+    await asyncio.gather(*[c.connect() for c in clients])
+    done = errors = 0
+    end = time.perf_counter() + seconds
+
+    async def device(client, unit):
+        nonlocal done, errors
+        while time.perf_counter() < end:
+            rr = await client.read_holding_registers(req.start, count=req.count, device_id=unit)
+            if rr.isError():
+                errors += 1
+            else:
+                done += 1
+
+    await asyncio.gather(*[device(c, u) for c in clients for u in range(1, units + 1)])
+    for c in clients:
+        c.close()
+    return done, errors
+
+
+class SerialisingSink:
+    """Publishes into memory: serialises the envelope (the producer's work minus Kafka), then drops it."""
+
+    def __init__(self):
+        self.readings = self.points = self.bytes = self.good = 0
+
+    async def send(self, reading) -> None:
+        self.bytes += len(orjson.dumps(reading.to_envelope()))
+        self.readings += 1
+        if reading.quality != "bad":
+            self.good += 1
+            self.points += len(reading.points)
+
+    async def send_dead_letter(self, payload, reason, source, **meta) -> None:
+        pass
+
+
+async def collector_run(ports: list[int], units: int, seconds: float):
+    from podwatch.collectors.modbus import ModbusCollector, ModbusSettings
+
+    site = bench_site(ports, units)
+    # every device back to back: interval 1 ms (validation wants timeout < interval, so set after loading)
+    site.devices = [dataclasses.replace(d, poll_interval_s=0.001) for d in site.devices]
+    sink = SerialisingSink()
+    collector = ModbusCollector(site, sink, ModbusSettings(stagger=False))
+    # connect first so the measured window holds polls only
+    await asyncio.gather(*[collector.poll_once(d.id) for d in list(site.devices)[:1]])
+    stop = asyncio.Event()
+    task = asyncio.create_task(collector.run(stop))
+    await asyncio.sleep(0.5)  # warm-up: connections open
+    r0, p0, t0 = sink.good, sink.points, time.perf_counter()
+    await asyncio.sleep(seconds)
+    r1, p1, t1 = sink.good, sink.points, time.perf_counter()
+    stop.set()
+    await task
+    return (r1 - r0) / (t1 - t0), (p1 - p0) / (t1 - t0), sink, collector.health.snapshot()
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--devices", type=int, default=256)
+    ap.add_argument("--gateways", type=int, default=16)
+    ap.add_argument("--seconds", type=float, default=5.0)
+    ap.add_argument("--serve", nargs="+", type=int, help=argparse.SUPPRESS)
+    ap.add_argument("--units", type=int, help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    cores = sorted(os.sched_getaffinity(0))
+    if args.serve:
+        if len(cores) > 1:
+            os.sched_setaffinity(0, {cores[-1]})
+        asyncio.run(serve(args.serve, args.units))
+        return
+    units = max(1, args.devices // args.gateways)
+    ports = [free_port() for _ in range(args.gateways)]
+    server = subprocess.Popen([sys.executable, __file__, "--serve", *map(str, ports), "--units", str(units)],
+                              stdout=subprocess.PIPE, text=True, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    try:
+        assert server.stdout.readline().strip() == "ready", "server process did not start"
+        assert all(port_open("127.0.0.1", p) for p in ports)
+        os.sched_setaffinity(0, {cores[0]})  # the measured side: one core
+        import logging
+
+        logging.getLogger("pymodbus").setLevel(logging.CRITICAL)
+        n = units * len(ports)
+        print(f"{n} devices ({PROFILE}: 1 request x 66 registers, 18 points per poll) on {len(ports)} gateways; "
+              f"servers in a separate process; this process pinned to core {cores[0]} of {len(cores)}")
+        raw, raw_err = asyncio.run(raw_loop(ports, units, args.seconds))
+        raw_rate = raw / args.seconds
+        print(f"raw pymodbus loop:   {raw_rate:8.0f} requests/s (= polls/s)  errors={raw_err}")
+        polls, points, sink, health = asyncio.run(collector_run(ports, units, args.seconds))
+        print(f"podwatch collector: {polls:8.0f} polls/s  {points:9.0f} points/s  "
+              f"(decode + quality + seq + orjson envelope into an in-memory sink; "
+              f"{sink.bytes / max(1, sink.readings):.0f} B/reading; errors={health['errors']} overruns={health['overruns']})")
+        print(f"ratio collector / raw: {polls / raw_rate:.0%}")
+    finally:
+        server.send_signal(signal.SIGTERM)
+        try:
+            server.wait(10)
+        except subprocess.TimeoutExpired:
+            server.kill()
+
+
+if __name__ == "__main__":
+    main()
