@@ -257,9 +257,12 @@ class Simulator:
             try:
                 self._catch_up()
                 await self._publish()
-            except Exception:  # keep serving: one bad update must not take the site down
+            except Exception as exc:  # keep serving: one bad update must not take the site down
                 self.health.inc("errors")
-                log.exception("simulator update failed at t=%.1f s", self.physics.t_s)
+                if self.health.counters["errors"] == 1:  # the first error loudly, repeats quietly
+                    log.exception("simulator update failed at t=%.1f s", self.physics.t_s)
+                else:
+                    log.debug("simulator update failed again: %s", exc)
             next_wall += interval
             delay = next_wall - time.monotonic()
             if delay < 0:

@@ -102,6 +102,7 @@ class ModbusEndpoint:
         self.silent_units: set[int] = set()
         self.requests = 0
         self.server: ModbusTcpServer | None = None
+        self._writing = False  # our own async_setValues also passes the action hook: never fault it
 
     @property
     def address(self) -> str:
@@ -109,6 +110,8 @@ class ModbusEndpoint:
 
     async def _action(self, unit: int, function_code, start_address, address, count, current_registers, set_values):
         """SimDevice action hook: called on every access; answers with an exception when faulted."""
+        if self._writing:
+            return None
         self.requests += 1
         code = self.exception_units.get(unit)
         if code is not None:
@@ -149,7 +152,12 @@ class ModbusEndpoint:
             if points is None:
                 continue
             for table, image in regs.encode(points).items():
-                await self.server.async_setValues(unit, 16 if table == "holding" else 4, regs.blocks[table].start, image)
+                self._writing = True
+                try:
+                    await self.server.async_setValues(unit, 16 if table == "holding" else 4, regs.blocks[table].start,
+                                                      image)
+                finally:
+                    self._writing = False
 
     async def stop(self) -> None:
         if self.server is not None:
