@@ -323,7 +323,7 @@ def create_app(service, extra_routes: list[Route] | None = None) -> Starlette:
         return JSONResponse({"ok": not problems, "problems": problems}, status_code=503 if problems else 200)
 
     async def openapi(request: Request) -> Response:
-        return SCHEMAS.OpenAPIResponse(request=request)
+        return JSONResponse(SCHEMAS.get_schema(routes=request.app.routes))
 
     routes = [
         Route("/api/series", series),

@@ -10,10 +10,12 @@ from __future__ import annotations
 
 import json
 import re
+import warnings
 from datetime import datetime, timedelta, timezone
 from typing import Any
 
 import duckdb
+import pyarrow as pa
 
 from podwatch.errors import PodwatchError
 from podwatch.storage.rollups import done_until
@@ -173,9 +175,40 @@ def latest(con: duckdb.DuckDBPyConnection, *, device: str | None = None, metric:
     return [{"time": t, "device": d, "metric": m, "value": v, "quality": q} for t, d, m, v, q in rows]
 
 
-def _records(cur: duckdb.DuckDBPyConnection) -> list[dict]:
+def naive_utc(table: pa.Table) -> pa.Table:
+    """Drop the time zone of TIMESTAMPTZ columns (values stay UTC): converting zoned
+    timestamps to Python needs pytz, which podwatch does not depend on."""
+    for i, f in enumerate(table.schema):
+        if pa.types.is_timestamp(f.type) and f.type.tz is not None:
+            table = table.set_column(i, f.name, table.column(i).cast(pa.timestamp(f.type.unit)))
+    return table
+
+
+def fetch_rows(cur: duckdb.DuckDBPyConnection, max_rows: int | None = None) -> tuple[list[str], list[tuple]]:
+    """(columns, rows) of the executed query on `cur`, at most `max_rows` (+1 to detect truncation)."""
     columns = [d[0] for d in cur.description]
-    return [dict(zip(columns, row)) for row in cur.fetchall()]
+    with warnings.catch_warnings():  # "extra copy" notice of DB-API arrow output: fine for API-sized results
+        warnings.simplefilter("ignore", UserWarning)
+        if max_rows is None:
+            table = cur.to_arrow_table()
+        else:
+            reader = cur.to_arrow_reader(min(max_rows + 1, 100_000))
+    if max_rows is not None:
+        batches, n = [], 0
+        for batch in reader:
+            batches.append(batch)
+            n += batch.num_rows
+            if n > max_rows:
+                break
+        table = pa.Table.from_batches(batches, schema=reader.schema).slice(0, max_rows + 1)
+    table = naive_utc(table)
+    data = [table.column(i).to_pylist() for i in range(table.num_columns)]
+    return columns, list(zip(*data)) if data else []
+
+
+def _records(cur: duckdb.DuckDBPyConnection) -> list[dict]:
+    columns, rows = fetch_rows(cur)
+    return [dict(zip(columns, row)) for row in rows]
 
 
 def topology(con: duckdb.DuckDBPyConnection, part: str | None = None) -> Any:

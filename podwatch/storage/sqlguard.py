@@ -116,9 +116,9 @@ def run_guarded(con: duckdb.DuckDBPyConnection, sql: str, timeout_s: float = 10.
     started = time.perf_counter()
     timer.start()
     try:
-        cur = con.execute(sql)
-        columns = [d[0] for d in cur.description]
-        rows = cur.fetchmany(max_rows + 1)
+        from podwatch.storage.queries import fetch_rows
+
+        columns, rows = fetch_rows(con.execute(sql), max_rows)
     except duckdb.InterruptException:
         raise SqlTimeout(f"query cancelled after the {timeout_s:g} s time limit") from None
     except duckdb.Error as exc:
