@@ -14,35 +14,45 @@ from podwatch.errors import ConfigError, PodwatchError
 log = logging.getLogger(__name__)
 
 
+def default_spool_dir(site_id: str) -> Path:
+    """Where `podwatch collect` spools readings while Kafka is unreachable, unless --spool-dir."""
+    return Path(".podwatch") / "spool" / site_id
+
+
 def _make_producer(kafka: str, site_id: str, spool_dir: Path | None):
     """The stream stage's TelemetryProducer, imported lazily (the collectors do not depend on it)."""
     try:
+        from podwatch.stream.config import KafkaSettings
         from podwatch.stream.producer import TelemetryProducer
     except ModuleNotFoundError as exc:
         raise PodwatchError(f"the Kafka producer (podwatch.stream.producer) is not available: {exc}; "
                             "use --print to write readings to stdout") from None
-    import inspect
+    try:
+        settings = KafkaSettings(bootstrap_servers=kafka)
+    except ValueError as exc:
+        raise ConfigError("--kafka", [str(exc)]) from None
+    return TelemetryProducer(settings, spool_dir or default_spool_dir(site_id), site=site_id)
 
-    params = inspect.signature(TelemetryProducer).parameters
-    kwargs = {}
-    for name in ("bootstrap_servers", "bootstrap", "kafka"):
-        if name in params:
-            kwargs[name] = kafka
-            break
-    else:
-        return TelemetryProducer(kafka, **({"spool_dir": spool_dir} if spool_dir and "spool_dir" in params else {}))
-    if spool_dir is not None and "spool_dir" in params:
-        kwargs["spool_dir"] = spool_dir
-    if "site" in params:
-        kwargs["site"] = site_id
-    return TelemetryProducer(**kwargs)
+
+async def _ensure_topics(kafka: str) -> None:
+    """Create the podwatch topics when Kafka answers; an unreachable Kafka is not fatal (we spool)."""
+    try:
+        from podwatch.stream.topics import ensure_topics
+    except ModuleNotFoundError:
+        return
+    try:
+        await ensure_topics(kafka, timeout_s=5.0)
+    except PodwatchError as exc:
+        log.warning("Could not create the Kafka topics now; readings are spooled until Kafka answers",
+                    extra={"fields": {"error": exc}})
 
 
 async def _run_collect(site, sink, modbus_settings, mqtt_settings, enable_mqtt: bool, health_interval_s: float,
                        producer=None) -> None:
     from podwatch.collectors.runner import CollectorRunner
 
-    if producer is not None and hasattr(producer, "start"):
+    if producer is not None:
+        await _ensure_topics(producer.settings.bootstrap_servers)
         await producer.start()
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -55,7 +65,7 @@ async def _run_collect(site, sink, modbus_settings, mqtt_settings, enable_mqtt: 
     finally:
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.remove_signal_handler(sig)
-        if producer is not None and hasattr(producer, "stop"):
+        if producer is not None:
             log.info("Flushing the producer")
             await producer.stop()
 
@@ -68,7 +78,8 @@ def register(app: typer.Typer) -> None:
         mqtt: str | None = typer.Option(None, "--mqtt", help="MQTT broker URL (overrides the site's mqtt.url)."),
         no_mqtt: bool = typer.Option(False, "--no-mqtt", help="Do not run the MQTT collector."),
         port_offset: int = typer.Option(0, "--port-offset", help="Shift every Modbus TCP port by N."),
-        spool_dir: Path | None = typer.Option(None, "--spool-dir", help="Producer spool directory (outages)."),
+        spool_dir: Path | None = typer.Option(None, "--spool-dir",
+                                              help="Producer spool directory for Kafka outages (default .podwatch/spool/<site>)."),
         plan: bool = typer.Option(False, "--plan", help="Print each Modbus device's read plan and exit."),
         print_readings: bool = typer.Option(False, "--print", help="Write readings as JSON lines to stdout instead of Kafka."),
         max_registers: int | None = typer.Option(None, "--max-registers", min=1, max=125,

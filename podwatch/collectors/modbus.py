@@ -57,9 +57,10 @@ STATE_CODES = {"healthy": 0, "stale": 1, "bad": 2}
 class ReadingSink(Protocol):
     """Where collectors put readings (implemented by `podwatch.stream.producer.TelemetryProducer`)."""
 
-    async def send(self, reading: Reading) -> None: ...
+    async def send(self, reading: Reading) -> bool | None:
+        """Returns once durable; False means the sink dropped it (counted there)."""
 
-    async def send_dead_letter(self, payload: bytes, reason: str, source: str, **meta) -> None: ...
+    async def send_dead_letter(self, payload: bytes, reason: str, source: str, **meta) -> bool | None: ...
 
 
 class ModbusSettings(BaseModel):
@@ -460,10 +461,13 @@ class ModbusCollector:
 
     async def _emit(self, reading: Reading) -> None:
         try:
-            await self.sink.send(reading)
+            durable = await self.sink.send(reading)
         except Exception as exc:  # the sink spools; an exception here means the reading is lost: count it loudly
             self.health.inc("dropped")
             log.error("Sink rejected a reading", extra=fields(device=reading.device, seq=reading.seq, error=exc))
+            return
+        if durable is False:  # the producer dropped it (spool full / refused for good); it logged why
+            self.health.inc("dropped")
         else:
             self.health.inc("sent")
 

@@ -58,8 +58,6 @@ from podwatch.site import Device, MqttSettings, Site
 
 log = logging.getLogger(__name__)
 
-DEAD_LETTER_PAYLOAD_BYTES = 4096  # a dead letter carries at most this much of the original payload
-
 
 class MqttCollectorSettings(BaseModel):
     """Collector-side MQTT settings (the broker, credentials and QoS come from the site's `mqtt:`)."""
@@ -373,12 +371,16 @@ class MqttCollector:
 
     async def _deliver(self, reading: Reading, acks: list[tuple[int, int]]) -> None:
         try:
-            await self.sink.send(reading)
+            durable = await self.sink.send(reading)
         except Exception as exc:
+            durable, error = False, exc
+        else:
+            error = "the sink dropped it"
+        if durable is False:
             # Not acknowledged: with a persistent session the broker redelivers after a reconnect.
             self.health.inc("dropped")
-            log.error("Sink rejected an MQTT reading; leaving its messages unacknowledged",
-                      extra=fields(device=reading.device, error=exc))
+            log.error("Sink did not take an MQTT reading; leaving its messages unacknowledged",
+                      extra=fields(device=reading.device, error=error))
             return
         self.health.inc("sent")
         self._ack(acks)
@@ -388,11 +390,13 @@ class MqttCollector:
         self.health.inc(f"dead_letter_{dl.reason}")
         log.debug("MQTT message dead-lettered", extra=fields(topic=topic, reason=dl.reason, detail=dl))
         try:
-            await self.sink.send_dead_letter(payload[:DEAD_LETTER_PAYLOAD_BYTES], dl.reason, "mqtt", topic=topic,
-                                             detail=str(dl), payload_bytes=len(payload))
+            # the whole payload: the producer keeps a bounded prefix and records the original size
+            durable = await self.sink.send_dead_letter(payload, dl.reason, "mqtt", topic=topic, detail=str(dl))
         except Exception as exc:
-            self.health.inc("dropped")
+            durable = False
             log.error("Dead-letter sink failed", extra=fields(topic=topic, reason=dl.reason, error=exc))
+        if durable is False:
+            self.health.inc("dropped")
             return
         self._ack([(mid, qos)] if qos else [])
 
