@@ -6,6 +6,7 @@ per-reading columns (device, ts, seq, quality) are then repeated to point granul
 numpy. A message that cannot be turned into rows is reported with a reason (the sink sends it
 to the dead-letter topic) and never stops the batch.
 
+Point values: finite numbers or null; JSON booleans are stored as 1/0 (state points).
 Output columns (one row per point): ts (Datetime ms, UTC), device, metric, value (Float64,
 null for bad points), quality (UInt8: 0 good, 1 stale, 2 bad), seq (UInt64).
 """
@@ -96,7 +97,7 @@ def _check_envelope(env) -> str | None:
 
 def _bad_point_value(points: dict) -> str | None:
     for name, value in points.items():
-        if value is not None and (type(value) not in (int, float) or not np.isfinite(value)):
+        if value is not None and (type(value) not in (int, float, bool) or not np.isfinite(value)):
             return f"point {name!r} has value {value!r}; expected a finite number or null"
     return None
 

@@ -1,0 +1,82 @@
+"""Decoding telemetry envelopes into long rows; every rejection names its reason."""
+
+from __future__ import annotations
+
+import numpy as np
+import orjson
+import pytest
+
+from podwatch.samples import Quality, Reading
+from podwatch.storage.decode import decode_messages, select_readings
+
+
+def env(device="pdu-1", seq=1, ts=1_764_000_000_000, **overrides) -> bytes:
+    """A valid v1 envelope with fields replaced by `overrides` (bypassing Reading's own checks)."""
+    r = Reading("s1", device, seq, ts, {"pdu.power_kw": 10.5, "pdu.l1.voltage_v": 230.0})
+    return orjson.dumps(r.to_envelope() | overrides)
+
+
+def test_rows_are_long_sorted_by_device_then_time_with_qualities():
+    messages = [
+        env("pdu-b", 1, 2_000_000_000_000),
+        orjson.dumps(Reading("s1", "pdu-a", 7, 2_000_000_000_500, {"pdu.power_kw": None, "pdu.l1.current_a": 3},
+                             Quality.GOOD, {"pdu.power_kw": Quality.BAD}).to_envelope()),
+        env("pdu-a", 6, 2_000_000_000_000, quality="stale"),
+    ]
+    batch = decode_messages(messages)
+    assert not batch.rejected and batch.sites == {"s1"}
+    rows = batch.rows.to_dicts()
+    assert [(r["device"], r["seq"], r["metric"]) for r in rows] == [
+        ("pdu-a", 6, "pdu.power_kw"), ("pdu-a", 6, "pdu.l1.voltage_v"),
+        ("pdu-a", 7, "pdu.power_kw"), ("pdu-a", 7, "pdu.l1.current_a"),
+        ("pdu-b", 1, "pdu.power_kw"), ("pdu-b", 1, "pdu.l1.voltage_v")]
+    assert [r["quality"] for r in rows] == [1, 1, 2, 0, 0, 0]
+    assert rows[2]["value"] is None and rows[3]["value"] == 3.0
+    assert str(batch.rows["ts"].dtype) == "Datetime(time_unit='ms', time_zone=None)"
+    keep = np.array([True, False, True])  # readings in input order: pdu-b/1, pdu-a/7, pdu-a/6
+    assert [(r["device"], r["seq"]) for r in select_readings(batch, keep).to_dicts()] == [
+        ("pdu-a", 6), ("pdu-a", 6), ("pdu-b", 1), ("pdu-b", 1)]
+
+
+@pytest.mark.parametrize("raw, reason", [
+    (b"\x00\x01garbage", "not valid JSON"),
+    (env()[:20], "not valid JSON"),
+    (b"[1, 2]", "not an object"),
+    (None, "tombstone"),
+    (env(v=2), "schema version 2 is newer"),
+    (env(v=0), "unsupported schema version 0"),
+    (env(v="1"), "unsupported schema version '1'"),
+    (env(device=""), "'device'"),
+    (env(seq=-3), "'seq'"),
+    (env(seq=1.5), "'seq'"),
+    (env(ts="yesterday"), "'ts'"),
+    (env(ts=5), "'ts'"),
+    (env(points=[1]), "'points'"),
+    (env(quality="meh"), "'quality'"),
+    (env(pq={"pdu.power_kw": "meh"}), "'pq'"),
+    (env(points={"pdu.power_kw": "high"}), "point 'pdu.power_kw' has value 'high'"),
+])
+def test_bad_messages_are_rejected_with_a_reason_and_the_rest_decode(raw, reason):
+    batch = decode_messages([env("pdu-1", 1), raw, env("pdu-2", 1)])
+    assert [r.index for r in batch.rejected] == [1]
+    assert reason in batch.rejected[0].reason
+    assert batch.rows.height == 4 and set(batch.rows["device"]) == {"pdu-1", "pdu-2"}
+    assert list(batch.msg_index) == [0, 2]
+
+
+def test_empty_points_and_empty_batch():
+    batch = decode_messages([env(points={})])
+    assert batch.rows.height == 0 and batch.n_readings == 1
+    assert decode_messages([]).rows.height == 0
+
+
+def test_non_finite_values_are_rejected():
+    batch = decode_messages([b'{"v":1,"site":"s","device":"d","seq":1,"ts":1764000000000,"points":{"a_kw":1e999}}'])
+    assert batch.rows.height == 0 and "infinity" in batch.rejected[0].reason
+    assert orjson.loads(env(points={"a_kw": None}))["points"] == {"a_kw": None}
+
+
+def test_booleans_are_stored_as_0_and_1():
+    # state points (leak, pump running) sometimes arrive as JSON booleans: lossless as 0/1
+    batch = decode_messages([env(points={"cdu.pump1.running": True, "cdu.pump2.running": False})])
+    assert not batch.rejected and batch.rows["value"].to_list() == [1.0, 0.0]
