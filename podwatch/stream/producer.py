@@ -88,17 +88,20 @@ def _retrieve(fut: asyncio.Future) -> None:
 
 
 class _InFlight:
-    """Records of one direct send, from the call to the ack (or to the spool)."""
+    """Records of the direct sends started in one event-loop turn (coalesced: one task and one
+    timeout per group of concurrent callers), from hand-over to aiokafka until the acks or the
+    spool. `waiters` = (first record index, record count, caller's future -> records durable)."""
 
-    __slots__ = ("records", "futures", "task", "state", "spooled", "dropped", "error")
+    __slots__ = ("records", "waiters", "futures", "task", "runner", "state", "permanent", "error")
 
-    def __init__(self, records: list[SpoolRecord]):
-        self.records = records
+    def __init__(self) -> None:
+        self.records: list[SpoolRecord] = []
+        self.waiters: list[tuple[int, int, asyncio.Future]] = []
         self.futures: list[asyncio.Future] = []
-        self.task: asyncio.Task | None = None
-        self.state = "inflight"  # -> acked | spooled | dropped
-        self.spooled: asyncio.Future | None = None  # result: True if the spool accepted every record
-        self.dropped = 0
+        self.task: asyncio.Task | None = None  # hands records to aiokafka and waits for the acks
+        self.runner: asyncio.Task | None = None  # bounds `task` by delivery_timeout_s, then resolves
+        self.state = "inflight"  # -> acked | spooled
+        self.permanent: dict[int, BaseException] = {}  # record index -> error no retry can fix
         self.error: BaseException | None = None
 
 
@@ -123,6 +126,8 @@ class TelemetryProducer:
         self._direct = False
         self._kafka_ok = False  # last contact with Kafka succeeded
         self._inflight: dict[_InFlight, None] = {}  # insertion-ordered set: send order
+        self._pending: list[tuple[list[SpoolRecord], asyncio.Future]] = []  # direct sends of this loop turn
+        self._start_scheduled = False
         self._abandoned: set[asyncio.Future] = set()
         self._wake = asyncio.Event()
         self._hurry = asyncio.Event()  # cuts a drain backoff short (stop)
@@ -177,7 +182,7 @@ class TelemetryProducer:
         """True once the spool is empty and nothing is in flight (within `timeout_s`)."""
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
-            if self._spool is not None and self._spool.pending_records == 0 and not self._inflight:
+            if self._spool is not None and self._spool.pending_records == 0 and not self._inflight and not self._pending:
                 return True
             await asyncio.sleep(0.02)
         return False
@@ -193,9 +198,11 @@ class TelemetryProducer:
     async def _stop(self) -> None:
         s = self.settings
         self._closing = True
-        tasks = [entry.task for entry in self._inflight if entry.task is not None]
-        if tasks:
-            await asyncio.wait(tasks, timeout=s.delivery_timeout_s)
+        if self._pending:
+            self._start_pending()
+        runners = [entry.runner for entry in self._inflight if entry.runner is not None]
+        if runners:
+            await asyncio.wait(runners, timeout=s.delivery_timeout_s)
         if self._inflight:
             await self._failover("producer stopping with unacked sends")
         if self._spool.pending_records and self._kafka is not None and s.stop_drain_timeout_s > 0:
@@ -292,18 +299,85 @@ class TelemetryProducer:
     # ------------------------------------------------------------------ core
 
     async def _submit(self, records: list[SpoolRecord]) -> int:
+        """Make `records` durable; return how many are (the rest were dropped and counted)."""
         if not self._started or self._closing:
             raise PodwatchError("the Kafka producer is not running (start() it; it was maybe stopped)")
         self.health.inc("received", len(records))
-        if self._direct:
-            return await self._send_direct(records)
-        return await self._spool_records(records)
+        if not self._direct:
+            accepted = self._append_to_spool(records)
+            self._wake.set()
+            await self._flush_spool()
+            return accepted
+        loop = asyncio.get_running_loop()
+        waiter = loop.create_future()
+        self._pending.append((records, waiter))
+        if not self._start_scheduled:
+            self._start_scheduled = True
+            loop.call_soon(self._start_pending)
+        return await waiter
 
-    async def _spool_records(self, records: list[SpoolRecord]) -> int:
-        accepted = self._append_to_spool(records)
-        self._wake.set()
-        await self._flush_spool()
-        return accepted
+    def _start_pending(self) -> None:
+        """Hand every send queued in this loop turn to aiokafka as one group."""
+        self._start_scheduled = False
+        groups, self._pending = self._pending, []
+        if not groups:
+            return  # a failover took them
+        entry = _InFlight()
+        for records, waiter in groups:
+            entry.waiters.append((len(entry.records), len(records), waiter))
+            entry.records.extend(records)
+        self._inflight[entry] = None
+        loop = asyncio.get_running_loop()
+        entry.task = loop.create_task(self._deliver_direct(entry))
+        entry.runner = loop.create_task(self._run_direct(entry))
+
+    async def _run_direct(self, entry: _InFlight) -> None:
+        await asyncio.wait({entry.task}, timeout=self._timeout_for(len(entry.records)))
+        if entry.state == "inflight":
+            reason = repr(entry.error) if entry.error else f"no ack within {self.settings.delivery_timeout_s}s"
+            await self._failover(reason)  # moves this entry (and every other one in flight) to the spool
+        elif entry.state == "acked":
+            for first, count, waiter in entry.waiters:
+                failed = sum(1 for i in range(first, first + count) if i in entry.permanent) if entry.permanent else 0
+                if not waiter.done():
+                    waiter.set_result(count - failed)
+
+    async def _deliver_direct(self, entry: _InFlight) -> None:
+        """Hand the records to aiokafka and wait for every ack (never cancelling aiokafka's futures)."""
+        indexed: list[tuple[int, asyncio.Future]] = []
+        try:
+            for index, record in enumerate(entry.records):
+                try:
+                    fut = await self._kafka.send(record.topic, record.value, key=record.key)
+                except PERMANENT_ERRORS as exc:
+                    entry.permanent[index] = exc
+                    continue
+                entry.futures.append(fut)
+                indexed.append((index, fut))
+            if entry.futures:
+                await asyncio.wait(entry.futures)
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:  # an outage: the runner fails over to the spool
+            entry.error = exc
+            return
+        if entry.state != "inflight":
+            return  # moved to the spool meanwhile; these acks make duplicates the sink drops
+        for index, fut in indexed:
+            exc = fut.exception()
+            if exc is None:
+                continue
+            if is_permanent(exc):
+                entry.permanent[index] = exc
+            else:
+                entry.error = exc
+                return
+        del self._inflight[entry]
+        entry.state = "acked"
+        self._kafka_ok = True
+        self.health.inc("sent", len(entry.records) - len(entry.permanent))
+        if entry.permanent:
+            self._count_permanent(list(entry.permanent.values()))
 
     def _append_to_spool(self, records: list[SpoolRecord]) -> int:
         """Synchronous: the records are in the spool (page cache) when this returns, in order."""
@@ -328,69 +402,17 @@ class TelemetryProducer:
             self.health.inc("errors")
             log.error("spool fsync failed", extra=fields(error=exc))
 
-    async def _send_direct(self, records: list[SpoolRecord]) -> int:
-        entry = _InFlight(records)
-        self._inflight[entry] = None
-        entry.task = asyncio.get_running_loop().create_task(self._deliver_direct(entry))
-        await asyncio.wait({entry.task}, timeout=self.settings.delivery_timeout_s)
-        if entry.state == "acked":
-            return len(records)
-        if entry.state == "dropped":
-            return len(records) - entry.dropped
-        if entry.state == "inflight":
-            reason = repr(entry.error) if entry.error else f"no ack within {self.settings.delivery_timeout_s}s"
-            await self._failover(reason)
-        return await entry.spooled
-
-    async def _deliver_direct(self, entry: _InFlight) -> None:
-        """Hand the records to aiokafka and wait for every ack (never cancelling aiokafka's futures)."""
-        permanent: list[BaseException] = []
-        try:
-            for record in entry.records:
-                try:
-                    entry.futures.append(await self._kafka.send(record.topic, record.value, key=record.key))
-                except PERMANENT_ERRORS as exc:
-                    permanent.append(exc)
-            if entry.futures:
-                await asyncio.wait(entry.futures)
-        except asyncio.CancelledError:
-            raise
-        except Exception as exc:  # classified by the caller: an outage -> spool
-            entry.error = exc
-            return
-        if entry.state != "inflight":
-            return  # moved to the spool meanwhile; these acks make duplicates the sink drops
-        retriable = None
-        for fut in entry.futures:
-            exc = fut.exception()
-            if exc is None:
-                continue
-            if is_permanent(exc):
-                permanent.append(exc)
-            else:
-                retriable = exc
-        if retriable is not None:
-            entry.error = retriable
-            return
-        del self._inflight[entry]
-        self.health.inc("sent", len(entry.records) - len(permanent))
-        self._kafka_ok = True
-        if permanent:
-            entry.state, entry.dropped = "dropped", len(permanent)
-            self._count_permanent(permanent)
-        else:
-            entry.state = "acked"
-
     def _count_permanent(self, errors: list[BaseException]) -> None:
         self.health.inc("dropped", len(errors))
         self.health.inc("errors", len(errors))
         log.error("Kafka refused records for good; dropped", extra=fields(records=len(errors), error=repr(errors[0])))
 
     async def _failover(self, reason: str) -> None:
-        """Kafka is down: every record in flight moves to the spool, in send order, and the
-        producer stays in SPOOL mode until the drainer has emptied the spool."""
+        """Kafka is down: every record in flight, then every send not yet started, moves to the
+        spool in send order; the producer stays in SPOOL mode until the drainer empties it."""
         entries = list(self._inflight)
         self._inflight.clear()
+        groups, self._pending = self._pending, []
         self._kafka_ok = False
         if self._direct:
             self._direct = False
@@ -398,28 +420,29 @@ class TelemetryProducer:
             self.health.inc("errors")
             log.warning("Kafka send failed; spooling to disk until it answers",
                         extra=fields(reason=reason, spool=str(self.spool_dir)))
-        if not entries:
-            return
-        loop = asyncio.get_running_loop()
         records: list[SpoolRecord] = []
+        waiters: list[tuple[int, int, asyncio.Future]] = []
         for entry in entries:
             entry.state = "spooled"
-            entry.spooled = loop.create_future()
             if entry.task is not None and not entry.task.done():
                 entry.task.cancel()
             for fut in entry.futures:
                 if not fut.done():
                     fut.add_done_callback(_retrieve)
                     self._abandoned.add(fut)
+            waiters.extend((len(records) + first, count, w) for first, count, w in entry.waiters)
             records.extend(entry.records)
+        for group, waiter in groups:
+            waiters.append((len(records), len(group), waiter))
+            records.extend(group)
+        if not records:
+            return
         accepted = self._append_to_spool(records)
         self._wake.set()
         await self._flush_spool()
-        consumed = 0
-        for entry in entries:  # the spool refuses a suffix: earlier entries are whole
-            taken = max(0, min(len(entry.records), accepted - consumed))
-            consumed += len(entry.records)
-            entry.spooled.set_result(taken)
+        for first, count, waiter in waiters:  # the spool refuses a suffix: earlier records are whole
+            if not waiter.done():
+                waiter.set_result(max(0, min(count, accepted - first)))
 
     # ------------------------------------------------------------------ drainer
 
@@ -429,7 +452,8 @@ class TelemetryProducer:
         while True:
             if self._spool.pending_records == 0:
                 self._drained.set()
-                if not self._direct and self._kafka_ok and not self._closing and not self._inflight:
+                if not self._direct and self._kafka_ok and not self._closing and not self._inflight \
+                        and not self._pending:
                     self._go_direct()
                 self._wake.clear()
                 await self._wake.wait()
@@ -480,9 +504,10 @@ class TelemetryProducer:
                     permanent.append(exc)
 
         loop = asyncio.get_running_loop()
-        deadline = loop.time() + self.settings.delivery_timeout_s
+        timeout_s = self._timeout_for(len(batch))
+        deadline = loop.time() + timeout_s
         task = loop.create_task(enqueue())
-        done, _ = await asyncio.wait({task}, timeout=self.settings.delivery_timeout_s)
+        done, _ = await asyncio.wait({task}, timeout=timeout_s)
         error: BaseException | None = None
         if task not in done:
             task.cancel()
@@ -522,6 +547,11 @@ class TelemetryProducer:
             self._count_permanent(permanent)
         self._update_gauges()
         return True
+
+    def _timeout_for(self, records: int) -> float:
+        """delivery_timeout_s, plus 50 us per record so that a huge batch on a busy machine is not
+        mistaken for an outage."""
+        return self.settings.delivery_timeout_s + records * 50e-6
 
     def _update_gauges(self) -> None:
         if self._spool is None:
