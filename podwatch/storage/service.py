@@ -30,7 +30,7 @@ from starlette.routing import Route
 from podwatch.logs import fields
 from podwatch.storage.db import Database, remove_owner, write_owner
 from podwatch.storage.rollups import StorageSettings
-from podwatch.storage.sink import BatchListener, DuckDBSink, SinkSettings
+from podwatch.storage.sink import DEADLETTER_TOPIC, TELEMETRY_TOPIC, BatchListener, DuckDBSink, SinkSettings
 
 log = logging.getLogger(__name__)
 
@@ -50,7 +50,9 @@ class ServiceSettings(BaseModel):
     token: str | None = Field(None, description="Bearer token of /api/sql; None: a random one, written to <db>.serve.json")
     sql_timeout_s: float = Field(10.0, gt=0)
     sql_max_rows: int = Field(10_000, gt=0)
-    group_id: str | None = "podwatch-sink"
+    group_id: str | None = Field("podwatch-sink", description="Consumer group; None: assign every partition directly")
+    topic: str = TELEMETRY_TOPIC
+    dead_letter_topic: str = DEADLETTER_TOPIC
     storage: StorageSettings = Field(default_factory=StorageSettings)
 
 
@@ -110,7 +112,8 @@ class Service:
 
             load_topology_file(self.db.connection, s.site)
         if s.kafka:
-            self.sink = DuckDBSink(self.db, SinkSettings(kafka=s.kafka, group_id=s.group_id, storage=s.storage))
+            self.sink = DuckDBSink(self.db, SinkSettings(kafka=s.kafka, group_id=s.group_id, topic=s.topic,
+                                                        dead_letter_topic=s.dead_letter_topic, storage=s.storage))
             for fn in self._listeners:
                 self.sink.add_batch_listener(fn)
             await self.sink.start()
