@@ -12,7 +12,7 @@ The model, per step:
   (GB300-class peak), x the rack's throttle factor = rack IT power.
 * **Throttling**: while a rack's coolant return is above its `return_limit_c` the GPUs throttle:
   the throttle factor falls by `THROTTLE_RATE_PER_K_S` per kelvin over the limit per second (floor
-  30 %; 5 % = thermal shutdown when 15 K over). It recovers (`THROTTLE_RECOVERY_PER_S`) only once
+  30 %; 0 = thermal shutdown when 15 K over). It recovers (`THROTTLE_RECOVERY_PER_S`) only once
   the return is 1 K below the limit. Below the limit it never falls.
 * **Hydraulics**: each CDU holds the loop's differential pressure at its design value with its
   running pumps; a rack's flow at design pressure is its design flow x its restriction factor
@@ -62,7 +62,7 @@ MAX_LOAD_FACTOR = 1.17  # GB300-class racks peak ~155 kW on 132 kW nominal
 THROTTLE_RATE_PER_K_S = 0.02
 THROTTLE_RECOVERY_PER_S = 0.01
 THROTTLE_FLOOR = 0.30
-SHUTDOWN_FLOOR = 0.05
+SHUTDOWN_FLOOR = 0.0  # thermal shutdown: the GPUs power off
 SHUTDOWN_MARGIN_K = 15.0
 MAX_PUMPS = 4
 DESIGN_LOOP_DP_KPA = 150.0
@@ -71,7 +71,7 @@ STATIC_PRESSURE_KPA = 120.0  # expansion tank / fill pressure on the return side
 RESERVOIR_L = 200.0
 RESERVOIR_START_PCT = 80.0
 MAKEUP_LPM = 10.0  # auto-fill from the makeup tank once no leak is active
-AMBIENT_LOSS_KW_K = 0.3  # rack coolant/cold plates lose a little heat to room air (matters only without flow)
+AMBIENT_LOSS_KW_K = 0.02  # rack coolant/cold plates lose a little heat to room air (matters only without flow)
 PUMP_HYDRAULIC_EFFICIENCY = 0.6
 CDU_CONTROLS_KW = 0.5
 FACILITY_REJECTION_KW_PER_KW = 0.08  # dry coolers + facility pumps per kW of heat to liquid (warm water)
@@ -80,7 +80,6 @@ DISTRIBUTION_LOSS = 0.005  # per level: rack feed -> busway -> feeder
 TRANSFORMER_NO_LOAD_LOSS = 0.0015
 TRANSFORMER_LOAD_LOSS = 0.009  # at nameplate, scales with (load / nameplate)^2
 FACILITY_DESIGN_DT_K = 6.0
-PIPE_GAIN_K = 0.2  # supply warms slightly between the CDU and a rack manifold
 ROOM_AIR_C = 24.0
 
 
@@ -275,7 +274,7 @@ class SitePhysics:
         self.rack_power_kw = self.rack_demand_kw.copy()
         self.rack_flow_lpm = tp.design_flow_lpm.copy()
         self.cdu_supply_c = tp.cdu_setpoint_c.copy()
-        self.rack_supply_c = self.cdu_supply_c[tp.rack_cdu] + PIPE_GAIN_K
+        self.rack_supply_c = self.cdu_supply_c[tp.rack_cdu]
         g = self.rack_flow_lpm / 60.0 * WATER_KG_PER_L * CP_WATER_KJ_KG_K
         self.rack_return_c = self.rack_supply_c + self.rack_power_kw * tp.heat_to_liquid / g
         self.above_limit = np.zeros(n_r, dtype=bool)
@@ -342,7 +341,7 @@ class SitePhysics:
 
         # --- heat: rack return temperatures (exact first-order solution over dt)
         q_liquid = self.rack_power_kw * tp.heat_to_liquid
-        self.rack_supply_c = self.cdu_supply_c[rc] + PIPE_GAIN_K
+        self.rack_supply_c = self.cdu_supply_c[rc]
         g = self.rack_flow_lpm / 60.0 * WATER_KG_PER_L * CP_WATER_KJ_KG_K  # kW/K
         g_total = g + AMBIENT_LOSS_KW_K
         t_ss = (q_liquid + g * self.rack_supply_c + AMBIENT_LOSS_KW_K * ROOM_AIR_C) / g_total

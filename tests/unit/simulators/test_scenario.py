@@ -1,0 +1,85 @@
+"""Scenario files: parsing, errors with field paths, modifiers over time, sensor faults."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from podwatch.errors import ConfigError
+from podwatch.simulators.engine import Simulator
+from podwatch.simulators.scenario import Scenario, random_scenario
+from podwatch.site import load_site
+
+ROOT = Path(__file__).resolve().parents[3]
+EXAMPLES = sorted((ROOT / "examples/scenarios").glob("*.yaml"))
+
+
+@pytest.fixture(scope="module")
+def demo():
+    return load_site(ROOT / "examples/sites/demo.yaml")
+
+
+@pytest.mark.parametrize("path", EXAMPLES, ids=[p.stem for p in EXAMPLES])
+def test_every_example_scenario_loads_against_the_demo_site(path, demo):
+    scenario = Scenario.load(path, demo)
+    assert scenario.faults and scenario.duration_s
+
+
+def test_expected_example_set_exists():
+    names = {p.stem for p in EXAMPLES}
+    assert {"pump-failure", "pump-failure-standby", "flow-restriction", "fouling", "facility-water-rise", "leak",
+            "load-surge", "sensor-faults", "device-faults"} <= names
+
+
+def test_bad_scenario_reports_every_error_with_its_path(demo):
+    data = {"name": "bad", "faults": [
+        {"kind": "pump_failure", "target": "cdu-m9", "onset_s": 10},
+        {"kind": "flow_restriction", "target": "m1-r01", "onset_s": -5, "magnitude": 2},
+        {"kind": "melt", "target": "x", "onset_s": 1},
+    ]}
+    with pytest.raises(ConfigError) as exc:
+        Scenario.parse(data, "bad.yaml", demo)
+    text = "\n".join(exc.value.errors)
+    assert "faults[1].onset_s" in text and "faults[1].magnitude" in text and "faults[2]" in text
+    with pytest.raises(ConfigError) as exc:
+        Scenario.parse({"faults": [{"kind": "pump_failure", "target": "cdu-m9", "onset_s": 10},
+                                   {"kind": "pump_failure", "target": "cdu-m1", "onset_s": 10, "pumps": [7]},
+                                   {"kind": "sensor_fault", "target": "cdu-m1", "metric": "rack.power_kw",
+                                    "mode": "stuck", "onset_s": 1}]}, "bad.yaml", demo)
+    errors = exc.value.errors
+    assert errors[0].startswith("faults[0].target: 'cdu-m9'")
+    assert errors[1].startswith("faults[1].pumps: [7]")
+    assert errors[2].startswith("faults[2].metric: 'rack.power_kw'")
+
+
+def test_ramp_and_duration_shape_the_modifiers(demo):
+    scenario = Scenario.parse({"faults": [
+        {"kind": "hx_fouling", "target": "cdu-m2", "onset_s": 100, "ramp_s": 100, "duration_s": 300, "magnitude": 3},
+        {"kind": "load_surge", "target": "*", "onset_s": 0, "magnitude": 1.2}]}, site=demo)
+    mods = scenario.modifiers(np.array([50.0, 150.0, 200.0, 399.0, 400.0]), demo)
+    np.testing.assert_allclose(mods.fouling[:, 1], [1.0, 2.0, 3.0, 3.0, 1.0])
+    np.testing.assert_allclose(mods.fouling[:, 0], 1.0)
+    np.testing.assert_allclose(mods.load_mult, 1.2)
+
+
+def test_sensor_faults_change_reports_not_physics(demo):
+    scenario = Scenario.load(ROOT / "examples/scenarios/sensor-faults.yaml", demo)
+    sim = Simulator(demo, scenario, seed=1, start_time=1_763_000_000_000)
+    sim.step(70.0)
+    stuck = sim.readings()["cdu-m1"]["cdu.supply_temp_c"]
+    sim.step(60.0)
+    r = sim.readings()
+    assert r["cdu-m1"]["cdu.supply_temp_c"] == stuck  # frozen
+    assert np.isnan(r["bms-m1-r02"]["rack.liquid_return_temp_c"])  # dropout
+    truth_flow = sim.state.snapshot.cdu_flow_lpm[0][sim.cdu_ids.index("cdu-m2")]
+    assert r["cdu-m2"]["cdu.flow_lpm"] == pytest.approx(truth_flow - 300 * 70 / 3600, rel=0.01)  # drift -300 L/min/h
+
+
+def test_random_scenario_is_reproducible_and_valid(demo):
+    a = random_scenario(demo, 10 * 86400, 3.0, seed=5)
+    b = random_scenario(demo, 10 * 86400, 3.0, seed=5)
+    assert a.model_dump() == b.model_dump()
+    assert 10 <= len(a.faults) <= 60
+    assert a.check(demo) == []
