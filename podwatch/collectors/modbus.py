@@ -282,10 +282,7 @@ class ModbusCollector:
         self.sequences = sequences or SequenceSource()
         self.health = REGISTRY.component(self.component, site.id)
         self._closed = False
-        profiles_dir = None
-        if site.spec.profiles_dir and site.source is not None:
-            profiles_dir = (site.source.parent / site.spec.profiles_dir).resolve()
-        profiles = available_profiles(profiles_dir)
+        profiles = available_profiles(site.profiles_dir)
         gateways = {g.id: g for g in site.spec.gateways}
         chosen = [d for d in (site.devices if devices is None else devices)
                   if d.protocol != "mqtt" and d.enabled]
@@ -501,14 +498,10 @@ class ModbusCollector:
             ep.close()
 
 
-def format_plan(collector_or_site, settings: ModbusSettings | None = None) -> str:
+def format_plan(site: Site, settings: ModbusSettings | None = None) -> str:
     """Text of `podwatch collect --plan`: per device, its requests (fc, start, count, points)."""
-    site = collector_or_site
     settings = settings or ModbusSettings()
-    profiles_dir = None
-    if site.spec.profiles_dir and site.source is not None:
-        profiles_dir = (site.source.parent / site.spec.profiles_dir).resolve()
-    profiles = available_profiles(profiles_dir)
+    profiles = available_profiles(site.profiles_dir)
     plans: dict[str, ReadPlan] = {}
     lines: list[str] = []
     for d in site.devices:

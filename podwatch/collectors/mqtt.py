@@ -166,10 +166,7 @@ class MqttCollector:
         self.mqtt = mqtt or site.spec.mqtt
         self.sequences = sequences or SequenceSource()
         self.health = REGISTRY.component(self.component, site.id)
-        profiles_dir = None
-        if site.spec.profiles_dir and site.source is not None:
-            profiles_dir = (site.source.parent / site.spec.profiles_dir).resolve()
-        profiles = available_profiles(profiles_dir)
+        profiles = available_profiles(site.profiles_dir)
         chosen = [d for d in (site.devices if devices is None else devices) if d.protocol == "mqtt" and d.enabled]
         self.routes: list[TopicRoute] = []
         self.by_tag_path: dict[tuple[str, str], Device] = {}  # (profile id, tag path) -> device
