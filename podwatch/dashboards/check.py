@@ -160,8 +160,15 @@ def check_prometheus_names(api_url: str, docs: dict[str, dict] | None = None, ti
     docs = docs if docs is not None else dashboard_docs()
     with httpx.Client(base_url=api_url.rstrip("/"), timeout=timeout_s, transport=transport) as client:
         response = client.get("/metrics")
-    exported = {line.split("{")[0].split(" ")[0] for line in response.text.splitlines()
-                if line and not line.startswith("#")}
+    exported: set[str] = set()
+    for line in response.text.splitlines():
+        if line.startswith("# TYPE "):
+            # A declared family counts even before its first sample (lag per partition has
+            # none until partitions are assigned); histograms expose _bucket/_sum/_count.
+            name = line.split()[2]
+            exported |= {name, *(name + s for s in ("_bucket", "_sum", "_count", "_total"))}
+        elif line and not line.startswith("#"):
+            exported.add(line.split("{")[0].split(" ")[0])
     results = []
     for query in prometheus_queries(docs):
         names = sorted(set(re.findall(r"\bpodwatch_[a-z0-9_]+", query.expr)))
