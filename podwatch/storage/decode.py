@@ -6,7 +6,9 @@ per-reading columns (device, ts, seq, quality) are then repeated to point granul
 numpy. A message that cannot be turned into rows is reported with a reason (the sink sends it
 to the dead-letter topic) and never stops the batch.
 
-Point values: finite numbers or null; JSON booleans are stored as 1/0 (state points).
+Validation follows the contract of `podwatch.stream.envelope.decode_envelope` (same rules, same
+kind of reasons) but is done in bulk: point values must be finite numbers or null (booleans are
+rejected; a cheap byte search finds the messages worth checking point by point).
 Output columns (one row per point): ts (Datetime ms, UTC), device, metric, value (Float64,
 null for bad points), quality (UInt8: 0 good, 1 stale, 2 bad), seq (UInt64).
 """
@@ -76,6 +78,9 @@ def _check_envelope(env) -> str | None:
         if type(version) is int and version > SCHEMA_VERSION:
             return f"schema version {version} is newer than this sink understands ({SCHEMA_VERSION}); upgrade podwatch"
         return f"unsupported schema version {version!r} (expected {SCHEMA_VERSION})"
+    site = env.get("site")
+    if type(site) is not str or not site:
+        return "field 'site' must be a non-empty string"
     device = env.get("device")
     if type(device) is not str or not device:
         return "field 'device' must be a non-empty string"
@@ -87,7 +92,7 @@ def _check_envelope(env) -> str | None:
         return f"field 'ts' must be epoch milliseconds between 2000 and 2100, got {ts!r}"
     if type(env.get("points")) is not dict:
         return "field 'points' must be an object of metric -> number|null"
-    if env.get("quality", "good") not in QUALITY_CODES:
+    if type(env.get("quality")) is not str or env.get("quality") not in QUALITY_CODES:
         return f"field 'quality' must be one of good|stale|bad, got {env.get('quality')!r}"
     pq = env.get("pq")
     if pq is not None and (type(pq) is not dict or any(q not in QUALITY_CODES for q in pq.values())):
@@ -97,7 +102,7 @@ def _check_envelope(env) -> str | None:
 
 def _bad_point_value(points: dict) -> str | None:
     for name, value in points.items():
-        if value is not None and (type(value) not in (int, float, bool) or not np.isfinite(value)):
+        if value is not None and (type(value) not in (int, float) or not np.isfinite(value)):
             return f"point {name!r} has value {value!r}; expected a finite number or null"
     return None
 
@@ -131,12 +136,17 @@ def decode_messages(values: list[bytes | None]) -> DecodedBatch:
             rejected.append(Rejected(i, reason))
             continue
         points = env["points"]
+        if b"true" in raw or b"false" in raw:  # polars would take a JSON boolean as 1.0/0.0
+            reason = _bad_point_value(points)
+            if reason is not None:
+                rejected.append(Rejected(i, reason))
+                continue
         sites.add(env.get("site"))
         msg_index.append(i)
         devices.append(env["device"])
         seqs.append(env["seq"])
         ts_ms.append(env["ts"])
-        qualities.append(QUALITY_CODES[env.get("quality", "good")])
+        qualities.append(QUALITY_CODES[env["quality"]])
         counts.append(len(points))
         pq = env.get("pq")
         if pq:

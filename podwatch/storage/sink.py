@@ -25,7 +25,6 @@ each committed batch, in commit order; this is where the streaming checks of ana
 from __future__ import annotations
 
 import asyncio
-import base64
 import contextlib
 import inspect
 import logging
@@ -36,7 +35,6 @@ from datetime import datetime, timezone
 from typing import Any, Awaitable, Callable
 
 import numpy as np
-import orjson
 import polars as pl
 import pyarrow as pa
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
@@ -58,11 +56,8 @@ from podwatch.storage.rollups import (
     write_retention_settings,
 )
 
-try:  # the stream stage owns the topic names; fall back while it is being built
-    from podwatch.stream.topics import DEADLETTER_TOPIC, TELEMETRY_TOPIC  # type: ignore
-except ImportError:  # pragma: no cover - depends on the other stage's progress
-    TELEMETRY_TOPIC = "podwatch.telemetry.v1"
-    DEADLETTER_TOPIC = "podwatch.deadletter.v1"
+from podwatch.stream.envelope import dead_letter, encode_dead_letter
+from podwatch.stream.topics import DEADLETTER_TOPIC, TELEMETRY_TOPIC
 
 log = logging.getLogger(__name__)
 
@@ -470,15 +465,13 @@ class DuckDBSink:
                 log.exception("batch listener failed", extra=fields(listener=getattr(fn, "__name__", repr(fn))))
 
     async def _send_dead_letters(self, batch: DecodedBatch, values: list, origins: list) -> None:
-        ts_now = int(time.time() * 1000)
         futures = []
         for rej in batch.rejected:
             tp, offset = origins[rej.index]
-            raw = values[rej.index] or b""
-            letter = {"v": 1, "source": "duckdb_sink", "reason": rej.reason, "topic": tp.topic,
-                      "partition": tp.partition, "offset": offset, "ts": ts_now,
-                      "payload_b64": base64.b64encode(raw).decode()}
-            futures.append(await self._producer.send(self.settings.dead_letter_topic, orjson.dumps(letter)))
+            letter = dead_letter(values[rej.index] or b"", rej.reason, "duckdb_sink", topic=tp.topic,
+                                 partition=tp.partition, offset=offset)
+            futures.append(await self._producer.send(self.settings.dead_letter_topic, encode_dead_letter(letter),
+                                                     key=b"duckdb_sink"))
             log.warning("message sent to dead letters", extra=fields(partition=tp.partition, offset=offset, reason=rej.reason))
         # The offsets that pass these messages are committed only after the dead letters are acked.
         await asyncio.gather(*futures)

@@ -55,6 +55,9 @@ def test_rows_are_long_sorted_by_device_then_time_with_qualities():
     (env(quality="meh"), "'quality'"),
     (env(pq={"pdu.power_kw": "meh"}), "'pq'"),
     (env(points={"pdu.power_kw": "high"}), "point 'pdu.power_kw' has value 'high'"),
+    (env(points={"pdu.power_kw": False}), "point 'pdu.power_kw' has value False"),
+    (env(site=""), "'site'"),
+    (env(quality=None), "'quality'"),
 ])
 def test_bad_messages_are_rejected_with_a_reason_and_the_rest_decode(raw, reason):
     batch = decode_messages([env("pdu-1", 1), raw, env("pdu-2", 1)])
@@ -76,7 +79,7 @@ def test_non_finite_values_are_rejected():
     assert orjson.loads(env(points={"a_kw": None}))["points"] == {"a_kw": None}
 
 
-def test_booleans_are_stored_as_0_and_1():
-    # state points (leak, pump running) sometimes arrive as JSON booleans: lossless as 0/1
-    batch = decode_messages([env(points={"cdu.pump1.running": True, "cdu.pump2.running": False})])
-    assert not batch.rejected and batch.rows["value"].to_list() == [1.0, 0.0]
+def test_booleans_are_rejected_like_the_stream_contract_says():
+    batch = decode_messages([env(points={"cdu.pump1.running": True, "cdu.flow_lpm": 3.0}), env(device="truey")])
+    assert [r.index for r in batch.rejected] == [0] and "True" in batch.rejected[0].reason
+    assert batch.rows.height == 2
