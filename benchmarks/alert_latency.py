@@ -96,7 +96,7 @@ def demo_rows(site, ts: datetime, hot_target: str | None) -> pl.DataFrame:
         for metric, value in points.items():
             ts_col.append(ts), dev.append(d.id), met.append(metric), val.append(value)
     if hot_target is not None:  # an extra rack sensor (a new target each time) whose return is too hot
-        ts_col.append(ts), dev.append(hot_target), met.append("rack.liquid_return_temp_c"), val.append(53.0)
+        ts_col.append(ts), dev.append(hot_target), met.append("rack.liquid_return_temp_c"), val.append(56.0)
     n = len(ts_col)
     return pl.DataFrame({"ts": ts_col, "device": dev, "metric": met, "value": val, "quality": [0] * n})
 
@@ -113,7 +113,8 @@ async def main() -> None:
     args = ap.parse_args()
 
     site = load_site(args.site)
-    default_hold_s = load_rules().by_id()["rack_return_temp_high"].hold_s
+    default_hold_s = load_rules().by_id()["rack_return_temp_breach"].hold_s
+    check_hold_s = load_rules().by_id()["rack_return_temp_high"].hold_s
     workdir = Path(tempfile.mkdtemp(prefix="podwatch-alert-bench-"))
     sink = Sink()
     (workdir / "am.yml").write_text(AM_CONFIG % sink.port)
@@ -121,7 +122,7 @@ async def main() -> None:
     am_url = f"http://{am.address}"
     con = duckdb.connect(str(workdir / "bench.duckdb"))
     settings = settings_from_dict({"receivers": [{"type": "alertmanager", "name": "am", "url": am_url}]})
-    runtime = build_runtime(con, settings, rules=load_rules(text="rules: [{id: rack_return_temp_high, for: 0s, clear_for: 0s}]"),
+    runtime = build_runtime(con, settings, rules=load_rules(text="rules: [{id: rack_return_temp_breach, for: 0s, clear_for: 0s}]"),
                             site=site)
     client = httpx.AsyncClient(timeout=5)
     pipeline_s: list[float] = []
@@ -198,8 +199,8 @@ async def main() -> None:
     print(row("podwatch part: sample ts -> Alertmanager acked POST", ack_s))
     print(row("engine: evaluate batch + DuckDB state/outbox commit", engine_s))
     print(f"missed notifications: {missed}")
-    print(f"goal p99 < 1000 ms (hold time excluded). Hold time is added on top: rack_return_temp_high for={default_hold_s:g} s "
-          f"by default (this run: 0 s).")
+    print(f"goal p99 < 1000 ms (hold time excluded). The rule's hold time adds on top: rack_return_temp_breach "
+          f"for={default_hold_s:g} s, rack_return_temp_high (analytics check) for={check_hold_s:g} s by default (this run: 0 s).")
 
 
 if __name__ == "__main__":

@@ -21,14 +21,14 @@ pytestmark = [pytest.mark.integration, pytest.mark.timeout(60)]
 
 OVERRIDES = """
 rules:
-  - {id: cdu_supply_temp_high, for: 2s, clear_for: 0s}
+  - {id: rack_return_temp_breach, for: 2s, clear_for: 0s}
   - {id: pump_redundancy_lost, for: 0s, clear_for: 0s}
 """
 
 
-def supply_rows(device: str, start: datetime, values: list[float]) -> pl.DataFrame:
+def return_rows(device: str, start: datetime, values: list[float]) -> pl.DataFrame:
     return pl.DataFrame({"ts": [start + timedelta(seconds=i) for i in range(len(values))], "device": [device] * len(values),
-                         "metric": ["cdu.supply_temp_c"] * len(values), "value": values, "quality": [0] * len(values)})
+                         "metric": ["rack.liquid_return_temp_c"] * len(values), "value": values, "quality": [0] * len(values)})
 
 
 def for_target(notifications: list[dict], target: str) -> list[dict]:
@@ -41,19 +41,19 @@ async def test_fault_notifies_through_alertmanager_and_resolves(am_with_sink, tm
                                    "generator_url": "http://podwatch.test:8080"})
     con = duckdb.connect(str(tmp_path / "alerts.duckdb"))
     runtime = build_runtime(con, settings, rules=load_rules(text=OVERRIDES))
-    device = f"cdu-{uuid.uuid4().hex[:6]}"
+    device = f"bms-{uuid.uuid4().hex[:6]}"
     try:
         start = datetime.now(UTC) - timedelta(seconds=5)
-        # Above 35 °C from +1 s, hold 2 s: fires on the sample at +3 s (37.0 °C).
-        events = await runtime.on_batch(supply_rows(device, start, [33.0, 36.0, 36.5, 37.0, 37.2]))
+        # At/above 55 °C from +1 s, hold 2 s: fires on the sample at +3 s (56.0 °C).
+        events = await runtime.on_batch(return_rows(device, start, [50.0, 55.0, 55.5, 56.0, 56.2]))
         assert [e["state"] for e in events] == ["pending", "firing"]
         firing = await wait_until(lambda: for_target(sink.am_notifications("firing"), device), timeout=10,
                                   what="firing notification at the webhook via Alertmanager")
         alert = firing[0]["alerts"][0]
-        assert alert["labels"]["alertname"] == "cdu_supply_temp_high"
+        assert alert["labels"]["alertname"] == "rack_return_temp_breach"
         assert alert["labels"]["severity"] == "critical" and alert["labels"]["team"] == "facilities"
-        assert alert["annotations"]["summary"] == f"CDU {device} secondary supply 37.0 °C above 35 °C"
-        assert "cdu.supply_temp_c" in alert["annotations"]["reasons"]
+        assert alert["annotations"]["summary"] == f"Rack sensor {device}: coolant return 56.0 °C at/above the 55 °C limit"
+        assert "rack.liquid_return_temp_c 56 >= 55" in alert["annotations"]["reasons"]
         assert alert["generatorURL"].startswith("http://podwatch.test:8080/api/alerts/")
         assert datetime.fromisoformat(alert["startsAt"].replace("Z", "+00:00")) == start + timedelta(seconds=1)
 
@@ -67,12 +67,12 @@ async def test_fault_notifies_through_alertmanager_and_resolves(am_with_sink, tm
         listed = httpx.get(f"{am_url}/api/v2/alerts", params={"filter": f'target="{device}"'}).json()
         assert [a["status"]["state"] for a in listed] == ["active"]
 
-        # Clear: back below 34 °C (clear_for 0): resolved at Alertmanager and at the webhook.
-        events = await runtime.on_batch(supply_rows(device, start + timedelta(seconds=5), [33.0]))
+        # Clear: back below 53 °C (clear_for 0): resolved at Alertmanager and at the webhook.
+        events = await runtime.on_batch(return_rows(device, start + timedelta(seconds=5), [52.0]))
         assert [e["state"] for e in events] == ["resolved"]
         resolved = await wait_until(lambda: for_target(sink.am_notifications("resolved"), device), timeout=10,
                                     what="resolved notification at the webhook")
-        assert resolved[0]["alerts"][0]["labels"]["alertname"] == "cdu_supply_temp_high"
+        assert resolved[0]["alerts"][0]["labels"]["alertname"] == "rack_return_temp_breach"
         assert runtime.dispatcher.pending_count() == 0
     finally:
         await runtime.aclose()

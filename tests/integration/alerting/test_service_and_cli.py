@@ -23,7 +23,7 @@ from tests.conftest import wait_until
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(60)]
 
-RULES = "rules: [{id: rack_return_temp_high, for: 0s, clear_for: 0s}]"
+RULES = "rules: [{id: rack_return_temp_breach, for: 0s, clear_for: 0s}]"
 
 
 def return_rows(device: str, values: list[float]) -> pl.DataFrame:
@@ -44,7 +44,7 @@ async def test_attached_to_service_and_cli_reads_through_api(webhook_sink, tmp_p
     service = Service(ServiceSettings(db=db, port=0))
     alerting = attach_alerting(service, settings, publish, rules=load_rules(text=RULES))
     async with service:
-        events = await alerting.on_batch(return_rows("rack-m1-01", [45.0, 51.0, 52.0]))
+        events = await alerting.on_batch(return_rows("rack-m1-01", [45.0, 56.0, 57.0]))
         assert [e["state"] for e in events] == ["pending", "firing"]
         await wait_until(lambda: len(webhook_sink.snapshot()) == 1, timeout=10, what="webhook delivery from the service")
         await wait_until(lambda: [e["state"] for e in published] == ["pending", "firing"], timeout=10,
@@ -58,14 +58,14 @@ async def test_attached_to_service_and_cli_reads_through_api(webhook_sink, tmp_p
         assert proc.returncode == 0, stderr.decode()
         assert "reading through its API" in stderr.decode()
         rows = json.loads(stdout)
-        assert [(r["rule"], r["target"], r["state"]) for r in rows] == [("rack_return_temp_high", "rack-m1-01", "firing")]
+        assert [(r["rule"], r["target"], r["state"]) for r in rows] == [("rack_return_temp_breach", "rack-m1-01", "firing")]
         assert rows[0]["labels"]["team"] == "facilities"
         await alerting.aclose()
     # Released: the CLI reads the file itself, and `show` adds the deliveries.
     runner = CliRunner()
     result = runner.invoke(app, ["alerts", "list", "--db", db])
     assert result.exit_code == 0, result.output
-    assert "rack_return_temp_high" in result.output and "firing" in result.output
+    assert "rack_return_temp_breach" in result.output and "firing" in result.output
     result = runner.invoke(app, ["alerts", "show", rows[0]["alert_id"][:10], "--db", db])
     assert result.exit_code == 0, result.output
     shown = json.loads(result.output)

@@ -9,17 +9,26 @@ from podwatch.analytics.alerting.rules import load_rules, parse_duration_s, rend
 from podwatch.analytics.alerting.settings import settings_from_dict
 from podwatch.errors import ConfigError
 
-ANALYTICS_CHECKS = ["cdu_supply_temp_high", "rack_return_temp_high", "flow_per_kw_low", "heat_balance_mismatch",
-                    "delta_t_high", "approach_rising", "dew_point_margin_low", "pump_redundancy_lost", "leak_detected",
-                    "sensor_stale", "sensor_stuck", "thermal_risk_high"]
+ANALYTICS_CHECKS = ["cdu_supply_temp_high", "rack_return_temp_high", "return_temp_rising", "flow_per_kw_low",
+                    "heat_balance_mismatch", "delta_t_high", "approach_rising", "dew_point_margin_low",
+                    "pump_redundancy_lost", "leak_detected", "sensor_stale", "sensor_stuck"]
 
 
 def test_defaults_cover_every_check_and_risk():
-    rules = load_rules().by_id()
-    assert set(ANALYTICS_CHECKS) <= set(rules)
-    assert rules["thermal_risk_high"].source == "risk"
-    assert rules["cdu_supply_temp_high"].metric == ["cdu.supply_temp_c"]
-    assert rules["cdu_supply_temp_high"].hold_s == 120.0
+    rules = load_rules()
+    consumed = {r.check_name for r in rules.enabled_rules()}
+    assert set(ANALYTICS_CHECKS) <= consumed
+    assert "thermal_risk" in consumed  # the risk model's observations
+    by_id = rules.by_id()
+    assert by_id["thermal_risk_high"].source == "risk"
+    assert by_id["rack_return_temp_breach"].metric == ["rack.liquid_return_temp_c"]
+    assert by_id["cdu_supply_temp_high"].hold_s == 120.0
+
+
+def test_defaults_cover_the_check_names_analytics_emits():
+    checks = pytest.importorskip("podwatch.analytics.checks")
+    consumed = {r.check_name for r in load_rules().enabled_rules()}
+    assert set(checks.CHECK_NAMES) <= consumed
 
 
 @pytest.mark.parametrize(("text", "seconds"), [("500ms", 0.5), ("30s", 30), ("2m", 120), ("1h", 3600), (5, 5.0), ("1.5m", 90)])
@@ -38,9 +47,9 @@ def test_site_override_merges_by_id_and_extends(tmp_path):
     site.write_text("""
 labels: {site: dc7}
 rules:
-  - id: cdu_supply_temp_high
-    threshold: 38
-    clear_threshold: 37
+  - id: rack_return_temp_breach
+    threshold: 57
+    clear_threshold: 55
     labels: {team: cooling}
   - id: sensor_stuck
     enabled: false
@@ -54,10 +63,10 @@ rules:
 """)
     rs = load_rules(site)
     rules = rs.by_id()
-    assert rules["cdu_supply_temp_high"].threshold == 38
-    assert rules["cdu_supply_temp_high"].hold_s == 120.0  # kept from the default
-    assert rules["cdu_supply_temp_high"].labels == {"team": "cooling"}
-    assert rules["cdu_supply_temp_high"].annotations.summary.startswith("CDU {target}")
+    assert rules["rack_return_temp_breach"].threshold == 57
+    assert rules["rack_return_temp_breach"].clear_for_s == 30.0  # kept from the default
+    assert rules["rack_return_temp_breach"].labels == {"team": "cooling"}
+    assert rules["rack_return_temp_breach"].annotations.summary.startswith("Rack sensor {target}")
     assert "sensor_stuck" not in {r.id for r in rs.enabled_rules()}
     assert rules["busway_power_high"].metric == ["meter.power_kw"]
     assert rs.labels == {"team": "facilities", "site": "dc7"}
@@ -67,7 +76,7 @@ def test_bad_rules_file_reports_every_error_with_path(tmp_path):
     site = tmp_path / "bad.yaml"
     site.write_text("""
 rules:
-  - id: cdu_supply_temp_high
+  - id: rack_return_temp_breach
     threshold: 30
     clear_threshold: 31
   - id: new_rule
@@ -84,7 +93,7 @@ rules:
     with pytest.raises(ConfigError) as info:
         load_rules(site)
     text = str(info.value)
-    assert "rules[0] (cdu_supply_temp_high)" in text and "clear_threshold 31.0 must be <= threshold 30.0" in text
+    assert "rules[0] (rack_return_temp_breach)" in text and "clear_threshold 31.0 must be <= threshold 30.0" in text
     assert "rules[1] (new_rule).op" in text
     assert "rules[2] (typo_rule).severty: unknown field" in text
     assert len(info.value.errors) == 3
