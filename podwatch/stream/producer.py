@@ -138,6 +138,7 @@ class TelemetryProducer:
         self._stop_task: asyncio.Task | None = None
         self._outage_started: float | None = None
         self._drain_failures = 0
+        self._unconfirmed: tuple | None = None  # (SpoolBatch, futures, refused) of the last timed-out drain
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -488,6 +489,19 @@ class TelemetryProducer:
     async def _drain_once(self) -> bool:
         """Send the oldest spooled batch; ack it in the spool once Kafka acked all of it."""
         await self._settle_abandoned()
+        if self._unconfirmed is not None:
+            previous, futures, refused = self._unconfirmed
+            self._unconfirmed = None
+            if len(futures) + refused == len(previous) and all(
+                    f.done() and not f.cancelled() and f.exception() is None for f in futures):
+                # Kafka acked the whole previous attempt after we stopped waiting: no resend needed
+                self._spool.ack(previous)
+                self._kafka_ok = True
+                self._drain_failures = 0
+                self.health.inc("sent", len(futures))
+                self._update_gauges()
+                log.debug("late acks confirmed a spool batch", extra=fields(records=len(previous)))
+                return True
         batch = self._spool.read_batch(max_records=self.settings.drain_batch_records,
                                        max_bytes=max(self.settings.max_request_size, 1 << 20) * 4)
         if batch is None:
@@ -528,6 +542,8 @@ class TelemetryProducer:
                     else:
                         error = exc
         if error is not None:
+            if task in done and task.exception() is None:
+                self._unconfirmed = (batch, futures, len(permanent))
             for fut in futures:
                 if not fut.done():
                     fut.add_done_callback(_retrieve)
