@@ -200,7 +200,7 @@ def site_overview() -> Dashboard:
         .with_panel(
             Stat().title("Headroom, 24 h (${node})")
             .description("Usable capacity minus the forecast p99 peak.")
-            .datasource(SITE_DS).unit("kwatt").span(4).height(4)
+            .datasource(SITE_DS).unit("kwatt").span(4).height(9)
             .with_target(InfinityQuery("A", "/api/headroom", None,
                                        [*headroom_cols, Column("headroom_kw", "number")], filters=headroom_filter))
             .reduce_options(ReduceDataOptions().calcs(["lastNotNull"]).fields("headroom_kw"))
@@ -209,7 +209,7 @@ def site_overview() -> Dashboard:
         .with_panel(
             Stat().title("Stranded power, 24 h (${node})")
             .description("Provisioned (allocated) power minus the forecast p99 peak: paid for, never drawn.")
-            .datasource(SITE_DS).unit("kwatt").span(4).height(5)
+            .datasource(SITE_DS).unit("kwatt").span(4).height(9)
             .with_target(InfinityQuery("A", "/api/headroom", None,
                                        [*headroom_cols, Column("stranded_kw", "number")], filters=headroom_filter))
             .reduce_options(ReduceDataOptions().calcs(["lastNotNull"]).fields("stranded_kw"))
@@ -383,7 +383,9 @@ def rack_thermal() -> Dashboard:
             .with_target(series_query("A", {"rack": "${rack}",
                                             "metric": "rack.liquid_flow_lpm,rack.liquid_diff_pressure_kpa"}, by=METRIC))
             .display_name("${__field.labels.metric}")
-            .override_by_name("value rack.liquid_diff_pressure_kpa", [DynamicConfigValue("unit", "kpa")])
+            .override_by_regexp(".*diff_pressure.*", [DynamicConfigValue("unit", "kpa"),
+                                                      DynamicConfigValue("custom.axisPlacement", "right")])
+            .override_by_regexp(".*flow_lpm.*", [DynamicConfigValue("unit", "litre/min")])
         )
         .with_panel(
             Heatmap().title("Rack power, ${module} (kW per rack per minute)")
@@ -486,18 +488,22 @@ def pipeline_dashboard() -> Dashboard:
                                                                    Column("quality", "number")]))
             .sort_by([TableSortByFieldState().display_name("time").desc(False)])
         )
-        .with_row(Row("History (optional Prometheus datasource scraping /metrics)"))
-        .with_panel(prom_panel("Ingest rate (points/s)", "rate(podwatch_ingest_points_total[1m])", "points/s", "short"))
-        .with_panel(prom_panel("Consumer lag by partition", "podwatch_ingest_lag_messages", "partition {{partition}}",
-                               "short"))
-        .with_panel(prom_panel("Dead letters per minute", "increase(podwatch_ingest_dead_letters_total[1m])",
-                               "dead letters", "short"))
-        .with_panel(prom_panel("Batch latency p95",
-                               "histogram_quantile(0.95, rate(podwatch_ingest_batch_latency_seconds_bucket[5m]))",
-                               "p95", "s"))
-        .with_panel(prom_panel("Collector errors per minute",
-                               "sum by (component, instance) (increase(podwatch_component_errors_total[1m]))",
-                               "{{component}} {{instance}}", "short"))
+        # Collapsed: a Grafana without the optional Prometheus datasource shows no errors.
+        .with_row(
+            Row("History (optional Prometheus datasource scraping /metrics)").collapsed(True)
+            .with_panel(prom_panel("Ingest rate (points/s)", "rate(podwatch_ingest_points_total[1m])", "points/s",
+                                   "short"))
+            .with_panel(prom_panel("Consumer lag by partition", "podwatch_ingest_lag_messages",
+                                   "partition {{partition}}", "short"))
+            .with_panel(prom_panel("Dead letters per minute", "increase(podwatch_ingest_dead_letters_total[1m])",
+                                   "dead letters", "short"))
+            .with_panel(prom_panel("Batch latency p95",
+                                   "histogram_quantile(0.95, rate(podwatch_ingest_batch_latency_seconds_bucket[5m]))",
+                                   "p95", "s"))
+            .with_panel(prom_panel("Collector errors per minute",
+                                   "sum by (component, instance) (increase(podwatch_component_errors_total[1m]))",
+                                   "{{component}} {{instance}}", "short"))
+        )
     )
 
 
@@ -601,3 +607,44 @@ def prometheus_queries(docs: dict[str, dict] | list[dict] | None = None) -> list
                 if (target.get("datasource") or {}).get("type") == "prometheus" and target.get("expr"):
                     out.append(PrometheusQuery(doc["uid"], panel.get("title", ""), target["expr"]))
     return out
+
+
+def markdown_inventory(docs: dict[str, dict] | None = None) -> str:
+    """Every dashboard, panel and query as Markdown (`podwatch dashboards list`); the panel
+    reference in docs/dashboards.md is this text, and a test keeps the two equal."""
+    docs = docs if docs is not None else dashboard_docs()
+    lines: list[str] = []
+    for uid, doc in docs.items():
+        variables = [v["name"] for v in doc["templating"]["list"]]
+        lines += [f"### {doc['title']} (`{uid}`)", "", doc.get("description", ""), "",
+                  "Variables: " + ", ".join(f"`${name}`" for name in variables), ""]
+        for query in panel_queries({uid: doc}):
+            if query.panel_title.startswith("variable $"):
+                lines.append(f"- `{query.panel_title.removeprefix('variable ')}` options: "
+                             f"`GET {query.url_template}` column `{next(iter(query.expected_columns))}`"
+                             + (f", filter `{' && '.join(f.expression() for f in query.filters)}`"
+                                if query.filters else ""))
+        lines.append("")
+        for panel in _iter_panels(doc):
+            if panel["type"] == "row":
+                lines += [f"#### Row: {panel['title']}", ""]
+                continue
+            lines += [f"**{panel['title']}** ({panel['type']})" + (f": {panel['description']}"
+                                                                    if panel.get("description") else ""), ""]
+            for target in panel.get("targets") or []:
+                if target.get("expr"):
+                    lines.append(f"- {target['refId']}: PromQL `{target['expr']}`")
+                    continue
+                query = _panel_query(uid, panel["title"], target)
+                columns = ", ".join(f"{c['selector']}:{c['type']}" + (f" as {c['text']}" if c["text"] != c["selector"] else "")
+                                    for c in target.get("columns", []))
+                text = f"- {query.ref_id}: `GET {query.url_template}` ({target['type']}, {target['format']}) -> {columns}"
+                if query.filters:
+                    text += f"; filter `{' && '.join(f.expression() for f in query.filters)}`"
+                lines.append(text)
+            for transform in panel.get("transformations") or []:
+                on = f" (on {transform['filter']['options']})" if transform.get("filter") else ""
+                lines.append(f"- transformation `{transform['id']}`{on} "
+                             f"{json.dumps(transform.get('options'), sort_keys=True)}")
+            lines.append("")
+    return "\n".join(lines).rstrip() + "\n"

@@ -29,12 +29,14 @@ def register(app: typer.Typer) -> None:
                                             help="Where DIR/dashboards is mounted in the Grafana container"),
         datasource_name: str = typer.Option("podwatch", "--datasource-name",
                                             help="Name of the Infinity datasource (must contain 'podwatch')"),
+        datasource_uid: str = typer.Option("podwatch-api", "--datasource-uid",
+                                           help="Uid of the Infinity datasource (one per site API)"),
     ) -> None:
         """Write Grafana provisioning files (datasource YAML, dashboard provider YAML, dashboard JSON)."""
         from podwatch.dashboards.provisioning import export
 
         _check_name(datasource_name)
-        for path in export(directory, api_url, prometheus_url, dashboards_path, datasource_name):
+        for path in export(directory, api_url, prometheus_url, dashboards_path, datasource_name, datasource_uid):
             typer.echo(str(path))
 
     @dashboards.command("push")
@@ -45,7 +47,10 @@ def register(app: typer.Typer) -> None:
         folder: str = typer.Option("podwatch", "--folder", help="Folder uid (created with this title if missing)"),
         api_url: str = api_url_option,
         prometheus_url: str = prometheus_option,
-        datasource_name: str = typer.Option("podwatch", "--datasource-name"),
+        datasource_name: str = typer.Option("podwatch", "--datasource-name",
+                                            help="Name of the Infinity datasource (must contain 'podwatch')"),
+        datasource_uid: str = typer.Option("podwatch-api", "--datasource-uid",
+                                           help="Uid of the Infinity datasource (one per site API)"),
         overwrite: bool = typer.Option(False, "--overwrite",
                                        help="Replace dashboards even if they were changed in Grafana"),
         timeout_s: float = typer.Option(10.0, "--timeout-s", min=0.1),
@@ -65,10 +70,18 @@ def register(app: typer.Typer) -> None:
             raise ConfigError("grafana settings", [f"{'.'.join(map(str, e['loc']))}: {e['msg']}"
                                                    for e in exc.errors()]) from None
         report = push(settings, list(dashboard_docs().values()),
-                      datasource_specs(api_url, prometheus_url, datasource_name), folder, folder, overwrite)
+                      datasource_specs(api_url, prometheus_url, datasource_name, datasource_uid), folder, folder,
+                      overwrite)
         for kind, uid, action in report.actions:
             typer.echo(f"{kind:<10} {uid:<28} {action}")
         typer.echo(f"{report.requests} request(s), {report.retries} retried")
+
+    @dashboards.command("list")
+    def list_cmd() -> None:
+        """Print every dashboard, panel and query as Markdown (the panel reference of docs/dashboards.md)."""
+        from podwatch.dashboards.build import markdown_inventory
+
+        typer.echo(markdown_inventory(), nl=False)
 
     @dashboards.command("check")
     def check_cmd(

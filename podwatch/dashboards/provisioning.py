@@ -35,7 +35,7 @@ def _check_url(name: str, url: str) -> str:
 
 
 def datasource_specs(api_url: str = DEFAULT_API_URL, prometheus_url: str | None = None,
-                     name: str = "podwatch") -> list[dict]:
+                     name: str = "podwatch", uid: str = INFINITY_UID) -> list[dict]:
     """Grafana datasource JSON (the same keys serve the HTTP API and provisioning YAML).
     The Infinity datasource's URL is the API base: panel URLs are relative to it, and
     `allowedHosts` keeps its queries on the podwatch API."""
@@ -43,7 +43,7 @@ def datasource_specs(api_url: str = DEFAULT_API_URL, prometheus_url: str | None 
     specs = [{
         "name": name,
         "type": INFINITY_TYPE,
-        "uid": INFINITY_UID,
+        "uid": uid,
         "access": "proxy",
         "url": api_url,
         "isDefault": False,
@@ -67,10 +67,11 @@ def dashboard_json_text(doc: dict) -> str:
 
 
 def export(directory: str | Path, api_url: str = DEFAULT_API_URL, prometheus_url: str | None = None,
-           dashboards_path: str = DASHBOARDS_PATH, datasource_name: str = "podwatch") -> list[Path]:
+           dashboards_path: str = DASHBOARDS_PATH, datasource_name: str = "podwatch",
+           datasource_uid: str = INFINITY_UID) -> list[Path]:
     """Write the provisioning tree under `directory`; returns the files written."""
     root = Path(directory)
-    datasources = datasource_specs(api_url, prometheus_url, datasource_name)
+    datasources = datasource_specs(api_url, prometheus_url, datasource_name, datasource_uid)
     provider = {
         "apiVersion": 1,
         "providers": [{

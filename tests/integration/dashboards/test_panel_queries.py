@@ -214,7 +214,8 @@ def test_checker_fails_a_panel_without_data_and_prometheus_names_are_exported(po
     prom = check_prometheus_names(podwatch_api)
     assert prom and all(r.ok for r in prom), [(r.panel_title, r.problem) for r in prom if not r.ok]
     pipeline = copy.deepcopy(dashboard_docs()["podwatch-pipeline"])
-    for panel in pipeline["panels"]:
+    nested = [p for row in pipeline["panels"] for p in row.get("panels") or []]  # the collapsed row
+    for panel in pipeline["panels"] + nested:
         for target in panel.get("targets") or []:
             if "expr" in target:
                 target["expr"] = target["expr"].replace("podwatch_ingest_lag_messages", "podwatch_ingest_lag_msgs")

@@ -165,3 +165,21 @@ def test_cli_export_writes_the_tree(tmp_path):
                           "--api-url", "podwatch:8080"], capture_output=True, text=True, timeout=60)
     assert bad.returncode != 0 and "--api-url must start with http" in bad.stderr
     assert "Traceback" not in bad.stderr
+
+
+def test_docs_panel_reference_matches_the_code():
+    from pathlib import Path
+
+    from podwatch.dashboards.build import markdown_inventory
+
+    text = (Path(__file__).parents[3] / "docs" / "dashboards.md").read_text()
+    begin, end = "<!-- BEGIN podwatch dashboards list -->\n", "<!-- END podwatch dashboards list -->"
+    assert begin in text and end in text
+    documented = text.split(begin, 1)[1].split(end, 1)[0]
+    assert documented == markdown_inventory(), "regenerate the section with `podwatch dashboards list`"
+    assert "No Grafana server could be installed" in text
+
+
+def test_second_site_datasource_gets_its_own_uid():
+    spec = datasource_specs("http://site-b:8080", name="podwatch site-b", uid="podwatch-site-b")[0]
+    assert (spec["uid"], spec["name"], spec["url"]) == ("podwatch-site-b", "podwatch site-b", "http://site-b:8080")
