@@ -238,16 +238,24 @@ class EmailReceiver(Receiver):
         self.min_severity = settings.min_severity
         self._password = settings.password_value()
 
+    def _tls_context(self) -> ssl.SSLContext:
+        s = self.settings
+        context = ssl.create_default_context(cafile=str(s.tls_ca_file) if s.tls_ca_file else None)
+        if not s.tls_verify:
+            context.check_hostname = False
+            context.verify_mode = ssl.CERT_NONE
+        return context
+
     def _send_sync(self, messages: list[EmailMessage]) -> None:
         s = self.settings
         try:
             if s.security == "ssl":
-                smtp: smtplib.SMTP = smtplib.SMTP_SSL(s.host, s.port, timeout=s.timeout_s, context=ssl.create_default_context())
+                smtp: smtplib.SMTP = smtplib.SMTP_SSL(s.host, s.port, timeout=s.timeout_s, context=self._tls_context())
             else:
                 smtp = smtplib.SMTP(s.host, s.port, timeout=s.timeout_s)
             with smtp:
                 if s.security == "starttls":
-                    smtp.starttls(context=ssl.create_default_context())
+                    smtp.starttls(context=self._tls_context())
                 if s.username:
                     smtp.login(s.username, self._password or "")
                 for message in messages:
@@ -264,6 +272,9 @@ class EmailReceiver(Receiver):
         except smtplib.SMTPResponseException as exc:
             raise DeliveryError(f"SMTP {s.host}:{s.port}: {exc.smtp_code} {exc.smtp_error!r}",
                                 retriable=400 <= exc.smtp_code < 500) from None
+        except ssl.SSLCertVerificationError as exc:
+            raise DeliveryError(f"SMTP {s.host}:{s.port}: TLS certificate not trusted: {exc.verify_message} "
+                                "(set tls_ca_file)", retriable=False) from None
         except (smtplib.SMTPException, OSError) as exc:  # connection refused/reset, timeout, disconnect
             raise DeliveryError(f"SMTP {s.host}:{s.port}: {type(exc).__name__}: {exc}", retriable=True) from None
 

@@ -108,6 +108,8 @@ class EmailReceiverSettings(_ReceiverBase):
     sender: str = Field(description="From address")
     to: list[str] = Field(min_length=1, description="Recipient addresses")
     subject_prefix: str = "[podwatch]"
+    tls_ca_file: Path | None = Field(None, description="CA bundle to verify the server's certificate (e.g. an internal CA)")
+    tls_verify: bool = Field(True, description="Verify the server certificate and host name (turn off only for tests)")
 
     @model_validator(mode="after")
     def _auth(self) -> "EmailReceiverSettings":

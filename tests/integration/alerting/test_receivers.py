@@ -186,3 +186,45 @@ async def test_email_refused_recipient_is_dead_not_blocking(smtp_server, tmp_pat
     finally:
         await runtime.aclose()
         con.close()
+
+
+@pytest.fixture
+def tls_smtp_server(tmp_path):
+    """aiosmtpd requiring STARTTLS (and TLS before AUTH), with a self-signed certificate for 127.0.0.1."""
+    import ssl
+    import subprocess
+
+    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", str(key), "-out", str(cert),
+                    "-days", "1", "-subj", "/CN=127.0.0.1", "-addext", "subjectAltName=IP:127.0.0.1"],
+                   check=True, capture_output=True, timeout=30)
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    context.load_cert_chain(cert, key)
+    mailbox = _Mailbox()
+    controller = Controller(mailbox, hostname="127.0.0.1", port=procs.free_port(), authenticator=_authenticator,
+                            tls_context=context, require_starttls=True, auth_require_tls=True)
+    controller.start()
+    yield controller, mailbox, cert
+    controller.stop()
+
+
+async def test_email_starttls_with_auth(tls_smtp_server, tmp_path):
+    controller, mailbox, cert = tls_smtp_server
+    common = {"type": "email", "host": "127.0.0.1", "port": controller.port, "security": "starttls",
+              "username": "podwatch", "password": "pw", "sender": "podwatch@site.test", "to": ["facilities@site.test"]}
+    settings = settings_from_dict({"receivers": [{**common, "name": "trusted", "tls_ca_file": str(cert)},
+                                                 {**common, "name": "untrusted"}]})
+    con = duckdb.connect(str(tmp_path / "a.duckdb"))
+    runtime = build_runtime(con, settings, rules=load_rules(text=RULES))
+    try:
+        await runtime.observe(flaps(1)[:1])
+        await runtime.deliver()
+        await wait_until(lambda: len(mailbox.messages) >= 1, timeout=10, what="e-mail over STARTTLS")
+        assert mailbox.messages[0]["Subject"].startswith("[podwatch] [FIRING] critical:")
+        rows = dict(con.execute("SELECT receiver, status FROM alert_outbox").fetchall())
+        assert rows == {"trusted": "delivered", "untrusted": "dead"}
+        error = con.execute("SELECT last_error FROM alert_outbox WHERE receiver = 'untrusted'").fetchone()[0]
+        assert "certificate not trusted" in error
+    finally:
+        await runtime.aclose()
+        con.close()
