@@ -206,7 +206,7 @@ class TelemetryProducer:
             await asyncio.wait(runners, timeout=s.delivery_timeout_s)
         if self._inflight:
             await self._failover("producer stopping with unacked sends")
-        if self._spool.pending_records and self._kafka is not None and s.stop_drain_timeout_s > 0:
+        if self._spool.pending_records and self._kafka is not None and self._kafka_ok and s.stop_drain_timeout_s > 0:
             self._hurry.set()
             self._wake.set()
             waiter = asyncio.get_running_loop().create_task(self._drained.wait())
@@ -255,7 +255,9 @@ class TelemetryProducer:
         """Stop an aiokafka producer within delivery_timeout_s; if its flush hangs (Kafka down),
         tear its sender and connections down without waiting for queued batches."""
         stop = asyncio.get_running_loop().create_task(producer.stop())
-        done, _ = await asyncio.wait({stop}, timeout=self.settings.delivery_timeout_s)
+        # while Kafka is down, queued batches are already in the spool: do not wait for them to expire
+        timeout_s = self.settings.delivery_timeout_s if self._kafka_ok else min(1.0, self.settings.delivery_timeout_s)
+        done, _ = await asyncio.wait({stop}, timeout=timeout_s)
         if stop in done:
             if stop.exception() is not None:
                 log.debug("Kafka client stop failed", extra=fields(error=repr(stop.exception())))
