@@ -40,6 +40,7 @@ from dataclasses import dataclass, field
 from typing import Protocol
 
 from pydantic import BaseModel, ConfigDict, Field
+from pymodbus.exceptions import ConnectionException, ModbusIOException
 
 from podwatch.collectors.planner import ReadPlan, ReadRequest, decode_request, plan_reads
 from podwatch.collectors.profiles import ModbusProfile, available_profiles
@@ -113,8 +114,9 @@ def _jitter(delay_s: float) -> float:
 class Endpoint:
     """One connection (TCP, RTU-over-TCP or serial) shared by every unit id behind it.
 
-    pymodbus 3.16 serialises requests per client anyway (one transaction in flight), so one
-    asyncio lock guards the client; the per-request timeout is the device's own `timeout_s`."""
+    pymodbus 3.16 serialises requests per client (one transaction in flight). Our lock guards
+    (re)connecting, and — only when the devices behind the endpoint have different timeouts —
+    each request, because the per-request timeout is set on the shared client."""
 
     def __init__(self, key: str, device: Device, settings: ModbusSettings, health: ComponentHealth):
         self.key = key
@@ -128,6 +130,7 @@ class Endpoint:
         self.next_connect_at = 0.0
         self.down_logged = False
         self.requests_sent = 0
+        self.timeouts: set[float] = set()  # per-request timeouts of the devices behind this endpoint
 
     def _new_client(self, timeout_s: float):
         from pymodbus.client import AsyncModbusSerialClient, AsyncModbusTcpClient
@@ -174,6 +177,8 @@ class Endpoint:
                             extra=fields(endpoint=self.key, error=err or "connect failed", retry_in_s=round(delay, 2)))
                 self.down_logged = True
             raise ModbusReadError("connection", f"cannot connect to {self.key}")
+        if len(self.timeouts) == 1:
+            self.client.comm_params.timeout_connect = next(iter(self.timeouts))
         if self.down_logged:
             log.info("Modbus endpoint reconnected", extra=fields(endpoint=self.key, failed_attempts=self.failures))
         self.failures = 0
@@ -181,35 +186,42 @@ class Endpoint:
 
     async def read(self, function_code: int, start: int, count: int, unit_id: int, timeout_s: float) -> list[int]:
         """One read; returns the registers or raises a classified ModbusReadError."""
-        from pymodbus.exceptions import ConnectionException, ModbusIOException
-
-        async with self.lock:
-            await self._ensure_connected(timeout_s)
+        client = self.client
+        if client is None or not client.connected:
+            async with self.lock:
+                await self._ensure_connected(timeout_s)
             client = self.client
-            # One client, several devices with their own timeouts: set it per request (we hold the lock).
-            client.comm_params.timeout_connect = timeout_s
-            self.requests_sent += 1
-            try:
-                if function_code == 3:
-                    rr = await client.read_holding_registers(start, count=count, device_id=unit_id)
-                else:
-                    rr = await client.read_input_registers(start, count=count, device_id=unit_id)
-            except ConnectionException as exc:
-                self._lost(exc)
-                raise ModbusReadError("connection", f"{self.key}: {exc}") from None
-            except ModbusIOException as exc:
-                if not client.connected:
-                    self._lost(exc)
-                    raise ModbusReadError("connection", f"{self.key}: connection lost") from None
-                raise ModbusReadError("timeout", f"unit {unit_id} did not answer within {timeout_s:g} s") from None
-            except (OSError, asyncio.TimeoutError) as exc:
-                self._lost(exc)
-                raise ModbusReadError("connection", f"{self.key}: {exc}") from None
+        if len(self.timeouts) == 1:
+            # every device here has the same timeout (the usual gateway case): pymodbus already
+            # serialises the client's requests, so no second lock on the hot path
+            rr = await self._request(client, function_code, start, count, unit_id, timeout_s)
+        else:
+            async with self.lock:  # one client, devices with their own timeouts: set it per request
+                client.comm_params.timeout_connect = timeout_s
+                rr = await self._request(client, function_code, start, count, unit_id, timeout_s)
         if rr.isError():
             code = int(getattr(rr, "exception_code", 4))
             raise ModbusReadError(classify_exception_code(code),
                                   f"exception {code:02X} ({EXCEPTION_NAME.get(code, 'unknown')})", code)
         return rr.registers
+
+    async def _request(self, client, function_code: int, start: int, count: int, unit_id: int, timeout_s: float):
+        self.requests_sent += 1
+        try:
+            if function_code == 3:
+                return await client.read_holding_registers(start, count=count, device_id=unit_id)
+            return await client.read_input_registers(start, count=count, device_id=unit_id)
+        except ConnectionException as exc:
+            self._lost(exc)
+            raise ModbusReadError("connection", f"{self.key}: {exc}") from None
+        except ModbusIOException as exc:
+            if not client.connected:
+                self._lost(exc)
+                raise ModbusReadError("connection", f"{self.key}: connection lost") from None
+            raise ModbusReadError("timeout", f"unit {unit_id} did not answer within {timeout_s:g} s") from None
+        except (OSError, asyncio.TimeoutError) as exc:
+            self._lost(exc)
+            raise ModbusReadError("connection", f"{self.key}: {exc}") from None
 
     def _lost(self, exc: BaseException) -> None:
         if self.client is not None:
@@ -304,6 +316,7 @@ class ModbusCollector:
             ep = self.endpoints.get(d.endpoint)
             if ep is None:
                 ep = self.endpoints[d.endpoint] = Endpoint(d.endpoint, d, self.settings, self.health)
+            ep.timeouts.add(d.timeout_s)
             if d.gateway and d.gateway in gateways and gateways[d.gateway].max_concurrent > 1:
                 log.debug("pymodbus serialises requests per connection; max_concurrent > 1 has no effect",
                           extra=fields(gateway=d.gateway))
