@@ -36,7 +36,7 @@ from podwatch.analytics.alerting.store import ensure_alerting_tables
 if TYPE_CHECKING:
     from podwatch.site import Site
 
-Publish = Callable[[dict], Awaitable[None]]
+Publish = Callable[[dict], Awaitable[object]]  # e.g. TelemetryProducer.send_alert_event
 PRUNE_EVERY_S = 3600.0
 
 

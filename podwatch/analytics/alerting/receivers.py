@@ -284,11 +284,12 @@ class EmailReceiver(Receiver):
 
 
 class PublishReceiver(Receiver):
-    """Wraps the injected Kafka publisher (`publish(event) -> Awaitable[None]`, e.g. the stream
-    stage's `send_alert_event`) so alert events reach `podwatch.alerts.v1` through the outbox:
+    """Wraps the injected Kafka publisher (`publish(event) -> Awaitable[None | bool]`, e.g. the
+    stream stage's `TelemetryProducer.send_alert_event`, which returns once the event is acked or
+    spooled, and False if it dropped it) so alert events reach `podwatch.alerts.v1` through the outbox:
     every transition (pending included), in order, retried while Kafka is unreachable."""
 
-    def __init__(self, publish: Callable[[dict], Awaitable[None]], name: str = "kafka") -> None:
+    def __init__(self, publish: Callable[[dict], Awaitable[object]], name: str = "kafka") -> None:
         self.name = name
         self.states = frozenset({"pending", "firing", "resolved"})
         self._publish = publish
@@ -299,10 +300,18 @@ class PublishReceiver(Receiver):
     async def send(self, entries: Sequence[OutboxEntry]) -> None:
         for entry in entries:
             try:
-                await self._publish(entry.event)
-            except Exception as exc:  # the publisher's errors carry `retriable` when they know
+                result = await self._publish(entry.event)
+            except Exception as exc:
+                # Errors that know carry `retriable`; a bad event (ValueError, e.g. the stream's
+                # EnvelopeError) never gets better; anything else may be an outage.
+                retriable = getattr(exc, "retriable", None)
+                if retriable is None:
+                    retriable = not isinstance(exc, (ValueError, TypeError))
                 raise DeliveryError(f"publish to podwatch.alerts.v1: {type(exc).__name__}: {exc}",
-                                    retriable=getattr(exc, "retriable", True)) from None
+                                    retriable=bool(retriable)) from None
+            if result is False:  # TelemetryProducer.send_alert_event: dropped for good (counted there)
+                raise DeliveryError("publish to podwatch.alerts.v1: the producer dropped the event "
+                                    "(see the kafka_producer health counters)", retriable=False)
 
 
 def build_receivers(settings: AlertingSettings, con: "duckdb.DuckDBPyConnection | None" = None) -> list[Receiver]:
