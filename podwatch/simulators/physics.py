@@ -111,6 +111,11 @@ class Modifiers:
         return Modifiers(**{f.name: getattr(self, f.name)[i:i + 1] for f in fields(self)})
 
 
+def _clip(x, lo, hi):
+    """np.clip without its Python-level overhead (it dominates on arrays of a few dozen values)."""
+    return np.minimum(np.maximum(x, lo), hi)
+
+
 class _ModRow:
     """One time row of Modifiers, read as m["field"] without copying."""
 
@@ -315,9 +320,9 @@ class SitePhysics:
         else:
             self.standby_on[:] = False  # duty pumps back: standby returns to standby
         running = running | self.standby_on
-        level_factor = np.clip((self.reservoir_pct - 5.0) / 15.0, 0.0, 1.0)  # air in the pumps below 20 %
+        level_factor = _clip((self.reservoir_pct - 5.0) / 15.0, 0.0, 1.0)  # air in the pumps below 20 %
         capacity_lpm = running.sum(axis=1) * tp.cdu_pump_flow_lpm * level_factor
-        conductance = tp.design_flow_lpm * np.clip(m["restriction"], 0.0, 1.0)
+        conductance = tp.design_flow_lpm * _clip(m["restriction"], 0.0, 1.0)
         demand_lpm = np.bincount(rc, weights=conductance, minlength=len(tp.cdu_ids))
         short = capacity_lpm < demand_lpm
         dp_ratio = np.where(short, (capacity_lpm / np.maximum(demand_lpm, 1e-9)) ** 2, 1.0)
@@ -335,7 +340,7 @@ class SitePhysics:
         floor = np.where(over_k > SHUTDOWN_MARGIN_K, SHUTDOWN_FLOOR, THROTTLE_FLOOR)
         throttle = np.where(over_k > 0, self.throttle - THROTTLE_RATE_PER_K_S * over_k * dt_s,
                             np.where(over_k < -1.0, self.throttle + THROTTLE_RECOVERY_PER_S * dt_s, self.throttle))
-        self.throttle = np.clip(throttle, floor, 1.0)
+        self.throttle = _clip(throttle, floor, 1.0)
         self.rack_demand_kw = demand
         self.rack_power_kw = demand * self.throttle
 
@@ -360,7 +365,7 @@ class SitePhysics:
         approach = tp.cdu_approach_c * np.maximum(m["fouling"], 1.0) * np.maximum(heat_in / tp.cdu_capacity_kw, 0.05)
         margin = tp.cdu_setpoint_c - facility
         valve = np.where(margin > 0, 100.0 * approach / np.maximum(margin, 1e-9), 100.0)
-        valve = np.clip(valve, 5.0, 100.0)
+        valve = _clip(valve, 5.0, 100.0)
         target_supply = np.maximum(tp.cdu_setpoint_c, facility + approach)
         a_sup = 1.0 - math.exp(-dt_s / SUPPLY_TAU_S) if dt_s > 0 else 0.0
         self.cdu_supply_c = self.cdu_supply_c + (target_supply - self.cdu_supply_c) * a_sup
@@ -371,11 +376,11 @@ class SitePhysics:
         # --- reservoir, leaks, pressures
         leak = m["leak_lpm"]
         makeup = np.where((leak <= 0) & (self.reservoir_pct < RESERVOIR_START_PCT), MAKEUP_LPM, 0.0)
-        self.reservoir_pct = np.clip(self.reservoir_pct + (makeup - leak) * dt_s / 60.0 / RESERVOIR_L * 100.0,
+        self.reservoir_pct = _clip(self.reservoir_pct + (makeup - leak) * dt_s / 60.0 / RESERVOIR_L * 100.0,
                                      0.0, np.maximum(self.reservoir_pct, RESERVOIR_START_PCT))
         low_level = np.where(self.reservoir_pct < 30.0, 2, np.where(self.reservoir_pct < 60.0, 1, 0))
         cdu_leak = np.maximum(m["cdu_leak_state"], low_level)
-        static = STATIC_PRESSURE_KPA * np.clip(self.reservoir_pct / 50.0, 0.2, 1.0)
+        static = STATIC_PRESSURE_KPA * _clip(self.reservoir_pct / 50.0, 0.2, 1.0)
         loop_dp = DESIGN_LOOP_DP_KPA * dp_ratio
         rack_dp = RACK_DP_SHARE * loop_dp[rc] * np.where(conductance > 0, 1.0, 0.0)
 
