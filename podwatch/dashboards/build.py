@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import re
+from dataclasses import dataclass
 from typing import NamedTuple
 
 from grafana_foundation_sdk.builders import prometheus as prom
@@ -528,8 +529,13 @@ def dashboard_docs() -> dict[str, dict]:
 
 # --------------------------------------------------------------------------- query inventory
 
-class PanelQuery(NamedTuple):
-    """One API call a panel target (or a query variable) makes through Infinity."""
+@dataclass(frozen=True)
+class PanelQuery:
+    """One API call a panel target (or a query variable) makes through Infinity.
+
+    Unpacks as the 4-tuple (dashboard_uid, panel_title, url_template, expected_columns); the
+    rest (ref_id, Infinity row filters, CSV or JSON, may the answer be empty) are attributes.
+    """
 
     dashboard_uid: str
     panel_title: str
@@ -539,6 +545,9 @@ class PanelQuery(NamedTuple):
     filters: tuple[RowFilter, ...] = ()
     csv: bool = False
     may_be_empty: bool = False             # e.g. active alerts: none firing is a valid answer
+
+    def __iter__(self):
+        return iter((self.dashboard_uid, self.panel_title, self.url_template, self.expected_columns))
 
 
 class PrometheusQuery(NamedTuple):
@@ -579,12 +588,19 @@ def _panel_query(uid: str, title: str, query: dict) -> PanelQuery:
         may_be_empty=url.split("?")[0] in MAY_BE_EMPTY)
 
 
-def panel_queries(docs: dict[str, dict] | list[dict] | None = None) -> list[PanelQuery]:
-    """Every Infinity query of the dashboards: variables first (in dashboard order), then panels."""
-    if docs is None:
-        docs = dashboard_docs()
+def _as_docs(dashboards) -> list[dict]:
+    if dashboards is None:
+        return list(dashboard_docs().values())
+    items = dashboards.values() if isinstance(dashboards, dict) else dashboards
+    return [to_json_doc(d) if isinstance(d, Dashboard) else d for d in items]
+
+
+def panel_queries(dashboards: dict[str, dict] | list[dict] | list[Dashboard] | None = None) -> list[PanelQuery]:
+    """Every Infinity query of the dashboards (JSON docs, or SDK builders; default: all of
+    podwatch's): each dashboard's variables first, in order, then its panels' targets."""
+    docs = _as_docs(dashboards)
     out: list[PanelQuery] = []
-    for doc in (docs.values() if isinstance(docs, dict) else docs):
+    for doc in docs:
         uid = doc["uid"]
         for var in (doc.get("templating") or {}).get("list") or []:
             query = var.get("query")
@@ -597,11 +613,9 @@ def panel_queries(docs: dict[str, dict] | list[dict] | None = None) -> list[Pane
     return out
 
 
-def prometheus_queries(docs: dict[str, dict] | list[dict] | None = None) -> list[PrometheusQuery]:
-    if docs is None:
-        docs = dashboard_docs()
+def prometheus_queries(dashboards: dict[str, dict] | list[dict] | list[Dashboard] | None = None) -> list[PrometheusQuery]:
     out = []
-    for doc in (docs.values() if isinstance(docs, dict) else docs):
+    for doc in _as_docs(dashboards):
         for panel in _iter_panels(doc):
             for target in panel.get("targets") or []:
                 if (target.get("datasource") or {}).get("type") == "prometheus" and target.get("expr"):

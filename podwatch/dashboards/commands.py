@@ -97,6 +97,10 @@ def register(app: typer.Typer) -> None:
         from podwatch.errors import PodwatchError
 
         try:
+            httpx.get(api.rstrip("/") + "/healthz", timeout=10)
+        except httpx.HTTPError as exc:
+            raise PodwatchError(f"cannot reach the podwatch API at {api}: {type(exc).__name__}: {exc}") from None
+        try:
             results = run_checks(api, range_s=range_h * 3600)
             if prometheus:
                 results += check_prometheus_names(api)

@@ -29,6 +29,7 @@ from podwatch.dashboards.build import dashboard_docs
 from podwatch.dashboards.check import check_prometheus_names, run_checks
 from podwatch.health import REGISTRY
 from podwatch.metrics import CATALOG
+from podwatch.procs import free_port
 
 pytestmark = pytest.mark.integration
 
@@ -223,6 +224,7 @@ def test_checker_fails_a_panel_without_data_and_prometheus_names_are_exported(po
     assert [r.problem for r in renamed] == ["not on /metrics: podwatch_ingest_lag_msgs"]
 
 
+@pytest.mark.slow
 def test_cli_check_prints_the_table_and_exits_zero(podwatch_api):
     out = subprocess.run([sys.executable, "-m", "podwatch", "dashboards", "check", "--api", podwatch_api],
                          capture_output=True, text=True, timeout=60)
@@ -230,6 +232,10 @@ def test_cli_check_prints_the_table_and_exits_zero(podwatch_api):
     total = len(run_checks(podwatch_api)) + len(check_prometheus_names(podwatch_api))
     assert f"{total}/{total} queries ok" in out.stdout
     assert "podwatch-rack-thermal" in out.stdout and "FAIL" not in out.stdout
+    unreachable = subprocess.run([sys.executable, "-m", "podwatch", "dashboards", "check", "--api",
+                                  f"http://127.0.0.1:{free_port()}"], capture_output=True, text=True, timeout=60)
+    assert unreachable.returncode == 1 and "cannot reach the podwatch API" in unreachable.stderr
+    assert "Traceback" not in unreachable.stderr
 
 
 def test_level_table_is_sane():

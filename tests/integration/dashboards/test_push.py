@@ -173,6 +173,7 @@ def test_bad_settings_are_rejected_by_name(url, token, problem):
         GrafanaSettings(url=url, token=token)
 
 
+@pytest.mark.slow
 def test_cli_push_prints_actions_and_errors_without_traceback(grafana):
     cmd = [sys.executable, "-m", "podwatch", "dashboards", "push", "--grafana-url", grafana.url,
            "--api-url", "http://podwatch:8080"]

@@ -156,6 +156,17 @@ def test_row_filter(flt, row, matches):
     assert flt.matches(row) is matches
 
 
+def test_panel_queries_unpack_as_four_tuples_and_accept_builders():
+    from podwatch.dashboards.build import build_dashboards
+
+    from_builders = panel_queries(build_dashboards())
+    assert from_builders == panel_queries()
+    uid, title, url, columns = from_builders[0]
+    assert (uid, title, url) == ("podwatch-site-overview", "variable $node", "/api/topology/power")
+    assert columns == {"node": "string", "kind": "string"}
+
+
+@pytest.mark.slow
 def test_cli_export_writes_the_tree(tmp_path):
     out = subprocess.run([sys.executable, "-m", "podwatch", "dashboards", "export", str(tmp_path),
                           "--api-url", "http://podwatch:8080"], capture_output=True, text=True, timeout=60)
