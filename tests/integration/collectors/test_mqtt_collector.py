@@ -157,12 +157,14 @@ class FailingOnceSink(MemorySink):
         await super().send(reading)
 
 
-async def test_qos1_message_is_not_acknowledged_until_the_sink_accepted_it(mosquitto_broker, publisher):
+@pytest.mark.parametrize("protocol", ["3.1.1", "5"])
+async def test_qos1_message_is_not_acknowledged_until_the_sink_accepted_it(mosquitto_broker, publisher, protocol):
     """The first delivery fails in the sink -> no PUBACK; after a reconnect with the persistent
-    session the broker redelivers it, and this time it is accepted."""
+    session (3.1.1: clean_session False; 5: clean_start False + session expiry) the broker
+    redelivers it, and this time it is accepted."""
     host, port = mosquitto_broker
     site = rack_site(1, [], sensors={"enabled": True}, site_id="t1",
-                     mqtt={"url": f"mqtt://{host}:{port}", "client_id": f"c-{uuid.uuid4().hex[:8]}"})
+                     mqtt={"url": f"mqtt://{host}:{port}", "protocol": protocol, "client_id": f"c-{uuid.uuid4().hex[:8]}"})
     sink = FailingOnceSink()
     settings = MqttCollectorSettings(batch_window_s=0.05)
     collector = MqttCollector(site, sink, settings)
