@@ -334,7 +334,7 @@ class DuckDBSink:
         try:
             while not self._stop.is_set():
                 try:
-                    data = await consumer.getmany(timeout_ms=s.fetch_timeout_ms, max_records=s.max_batch_messages)
+                    data = await self._fetch_batch()
                 except OffsetOutOfRangeError as exc:
                     for tp, offset in (exc.args[0] if exc.args and isinstance(exc.args[0], dict) else {}).items():
                         await self._reset_to_earliest(tp, offset, consumer.highwater(tp))
@@ -355,6 +355,23 @@ class DuckDBSink:
         finally:
             self._running = False
             self._run_finished.set()
+
+    async def _fetch_batch(self) -> dict[TopicPartition, list]:
+        """One fetch, topped up with whatever is already buffered (up to max_batch_messages):
+        bigger transactions amortise the per-commit costs while the previous write runs."""
+        s = self.settings
+        consumer = self._consumer
+        data = await consumer.getmany(timeout_ms=s.fetch_timeout_ms, max_records=s.max_batch_messages)
+        count = sum(len(v) for v in data.values())
+        while data and count < s.max_batch_messages and self._pending_write is not None and not self._pending_write.done():
+            more = await consumer.getmany(timeout_ms=0, max_records=s.max_batch_messages - count)
+            if not more:
+                await asyncio.sleep(0.005)
+                continue
+            for tp, records in more.items():
+                data.setdefault(tp, []).extend(records)
+                count += len(records)
+        return data
 
     async def _handle(self, data: dict[TopicPartition, list]) -> None:
         started = time.perf_counter()
@@ -453,7 +470,8 @@ class DuckDBSink:
             raise
 
     async def _notify(self, rows: pl.DataFrame) -> None:
-        view = rows.select(pl.col("ts").dt.replace_time_zone("UTC"), "device", "metric", "value", "quality")
+        view = rows.select(pl.col("ts").dt.replace_time_zone("UTC"), pl.col("device").cast(pl.String),
+                           pl.col("metric").cast(pl.String), "value", "quality")
         for fn in self._listeners:
             try:
                 result = fn(view)

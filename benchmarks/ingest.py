@@ -1,0 +1,228 @@
+"""Ingest benchmark: Kafka -> DuckDB points/s next to a raw consumer, bytes per point, and the
+p95 latency of the dashboard queries on a large table.
+
+1. A real Tansu broker on a free loopback port; `--messages` readings (25 points each, PDU-like
+   values with the 2-3 decimals Modbus scaling gives) pre-filled into 6 partitions.
+2. Reference: a raw aiokafka consumer reads every message without decoding (messages/s).
+3. The DuckDB sink (decode, dedup, one transaction per batch with the offsets, rollups) reads
+   the same messages from the start into a fresh file (points/s, messages/s). Figure: the ratio.
+4. Bytes per stored point: file size after CHECKPOINT / points (everything in the file counted:
+   samples, rollups, latest values, offsets).
+5. Dashboard queries (the API's own query functions) on `--big-samples` rows generated directly
+   with SQL (1000 devices x 25 metrics at 1 s, sorted like the sink writes), rollups computed,
+   each query run `--repeat` times: p50 / p95.
+
+    .venv/bin/python benchmarks/ingest.py                      # full run (100 M samples, several minutes)
+    .venv/bin/python benchmarks/ingest.py --big-samples 20000000 --messages 100000
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import random
+import statistics
+import sys
+import tempfile
+import time
+from datetime import datetime, timedelta
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import orjson  # noqa: E402
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition  # noqa: E402
+from aiokafka.admin import AIOKafkaAdminClient, NewTopic  # noqa: E402
+
+from podwatch import procs  # noqa: E402
+from podwatch.samples import Reading  # noqa: E402
+from podwatch.storage import queries  # noqa: E402
+from podwatch.storage.db import Database  # noqa: E402
+from podwatch.storage.rollups import advance_rollups  # noqa: E402
+from podwatch.storage.sink import DuckDBSink, SinkSettings  # noqa: E402
+
+PARTITIONS = 6
+POINTS_PER_MESSAGE = 25
+METRICS = [f"pdu.l{p}.{m}" for p in (1, 2, 3) for m in ("voltage_v", "current_a", "power_kw")] + [
+    "pdu.power_kw", "pdu.apparent_power_kva", "pdu.power_factor", "pdu.frequency_hz", "pdu.energy_kwh"] + [
+    f"pdu.outlet{i}.power_kw" for i in range(1, 12)]
+assert len(METRICS) == POINTS_PER_MESSAGE
+
+
+def make_messages(n: int, devices: int = 400) -> list[tuple[bytes, bytes]]:
+    rng = random.Random(1)
+    t0 = 1_764_000_000_000
+    out = []
+    for i in range(n):
+        device = i % devices
+        seq = i // devices
+        base = 40 + device % 50
+        points = {m: round(base * (1 + j / 10) + rng.random(), 2) for j, m in enumerate(METRICS)}
+        r = Reading("bench", f"pdu-{device:04d}", seq, t0 + seq * 1000 + device, points)
+        out.append((r.device.encode(), orjson.dumps(r.to_envelope())))
+    return out
+
+
+async def prefill(bootstrap: str, topic: str, messages: list[tuple[bytes, bytes]]) -> None:
+    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap)
+    await admin.start()
+    await admin.create_topics([NewTopic(topic, PARTITIONS, 1), NewTopic(topic + ".dl", 1, 1)])
+    await admin.close()
+    producer = AIOKafkaProducer(bootstrap_servers=bootstrap, acks="all", linger_ms=20, max_batch_size=1024 * 1024,
+                                max_request_size=8 * 1024 * 1024)
+    await producer.start()
+    futures = []
+    for key, value in messages:
+        futures.append(await producer.send(topic, value, key=key))
+        if len(futures) >= 20_000:
+            await asyncio.gather(*futures)
+            futures.clear()
+    await asyncio.gather(*futures)
+    await producer.stop()
+
+
+async def raw_consumer_rate(bootstrap: str, topic: str, total: int) -> float:
+    consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap, enable_auto_commit=False, auto_offset_reset="earliest",
+                                fetch_max_bytes=64 * 1024 * 1024, max_partition_fetch_bytes=16 * 1024 * 1024)
+    await consumer.start()
+    consumer.assign([TopicPartition(topic, p) for p in range(PARTITIONS)])
+    got, nbytes = 0, 0
+    started = time.perf_counter()
+    while got < total:
+        data = await consumer.getmany(timeout_ms=500, max_records=20_000)
+        for records in data.values():
+            got += len(records)
+            nbytes += sum(len(r.value) for r in records)
+    elapsed = time.perf_counter() - started
+    await consumer.stop()
+    return got / elapsed
+
+
+async def sink_rate(bootstrap: str, topic: str, total: int, db_path: Path) -> tuple[float, float, int]:
+    db = Database(db_path)
+    sink = DuckDBSink(db, SinkSettings(kafka=bootstrap, topic=topic, dead_letter_topic=topic + ".dl", group_id=None))
+    await sink.start()
+    task = asyncio.create_task(sink.run())
+    started = time.perf_counter()
+    while not (sink.stats.messages >= total and sink._pending_write is None and sink.stats.readings >= total):
+        await asyncio.sleep(0.01)
+        if task.done():
+            task.result()
+    elapsed = time.perf_counter() - started
+    points = sink.stats.points
+    await sink.stop()
+    await task
+    db.connection.execute("CHECKPOINT")
+    db.close()
+    return points / elapsed, total / elapsed, points
+
+
+def big_table(path: Path, samples: int) -> None:
+    db = Database(path)
+    con = db.connection
+    devices, metrics = 1000, 25
+    seconds = samples // (devices * metrics)
+    start = datetime(2026, 1, 1)
+    step = 600  # seconds of data per INSERT, in time order like the sink (sorted by device, ts inside a batch)
+    t = time.perf_counter()
+    for lo in range(0, seconds, step):
+        con.execute(f"""
+            INSERT INTO samples
+            SELECT ?::TIMESTAMP + to_seconds(s), 'dev-' || lpad(d::VARCHAR, 4, '0'),
+                   CASE WHEN d < 500 THEN 'pdu.' ELSE 'cdu.' END || 'metric_' || m || '_kw',
+                   round(40 + d % 50 + m + 3 * sin(s / 600.0 + d), 2), 0, s
+            FROM range({lo}, {min(lo + step, seconds)}) a(s), range({devices}) b(d), range({metrics}) c(m)
+            ORDER BY d, s, m""", [start])
+    con.execute("INSERT INTO dedup_state SELECT device, max(seq), max(ts) FROM samples GROUP BY device")
+    con.execute("INSERT INTO latest_values SELECT device, metric, max(ts), arg_max(value, ts), 0 FROM samples GROUP BY ALL")
+    con.execute("INSERT INTO topo_devices (device, kind, rack) SELECT 'dev-' || lpad(d::VARCHAR, 4, '0'), "
+                "CASE WHEN d < 500 THEN 'pdu' ELSE 'cdu' END, 'rack-' || (d // 2) FROM range(1000) r(d)")
+    print(f"  generated {con.execute('SELECT count(*) FROM samples').fetchone()[0]:,} samples "
+          f"({seconds} s x {devices} devices x {metrics} metrics) in {time.perf_counter() - t:.0f} s")
+    t = time.perf_counter()
+    while advance_rollups(con, 120):
+        pass
+    con.execute("CHECKPOINT")
+    print(f"  rollups in {time.perf_counter() - t:.0f} s; file {os.path.getsize(path) / 1e9:.2f} GB")
+    db.close()
+
+
+def dashboard_p95(path: Path, repeat: int) -> list[tuple[str, float, float]]:
+    db = Database(path)
+    cur = db.cursor()
+    newest = cur.execute("SELECT max(max_ts) FROM dedup_state").fetchone()[0]
+    rng = random.Random(2)
+
+    def dev() -> str:
+        return f"dev-{rng.randrange(1000):04d}"
+
+    cases = {
+        "series 1 device/metric, last 1 h, auto step (raw)": lambda: queries.series(
+            cur, device=dev(), metric="pdu.metric_3_kw", start=newest - timedelta(hours=1), end=newest),
+        "series 1 device, all metrics, last 6 h, 1m": lambda: queries.series(
+            cur, device=dev(), start=newest - timedelta(hours=6), end=newest, step_s=60),
+        "series rack (2 devices), 24 h, 5m": lambda: queries.series(
+            cur, rack=f"rack-{rng.randrange(500)}", start=newest - timedelta(hours=24), end=newest, step_s=300),
+        "series 1 metric x 20 devices, full range, 1h": lambda: queries.series(
+            cur, device=",".join(dev() for _ in range(20)), metric="pdu.metric_1_kw",
+            start=newest - timedelta(days=30), end=newest, step_s=3600),
+        "latest kind=cdu": lambda: queries.latest(cur, kind="cdu"),
+    }
+    results = []
+    for name, fn in cases.items():
+        fn()  # warm
+        times = []
+        for _ in range(repeat):
+            t = time.perf_counter()
+            rows = fn()
+            times.append((time.perf_counter() - t) * 1000)
+        assert rows, name
+        times.sort()
+        results.append((name, statistics.median(times), times[int(0.95 * (len(times) - 1))]))
+    cur.close()
+    db.close()
+    return results
+
+
+async def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--messages", type=int, default=200_000)
+    parser.add_argument("--big-samples", type=int, default=100_000_000)
+    parser.add_argument("--repeat", type=int, default=20)
+    parser.add_argument("--skip-big", action="store_true")
+    args = parser.parse_args()
+    work = Path(tempfile.mkdtemp(prefix="podwatch-bench-"))
+    print(f"cpus={os.cpu_count()} workdir={work}")
+    messages = make_messages(args.messages)
+    avg_bytes = sum(len(v) for _, v in messages) / len(messages)
+    with procs.tansu() as broker:
+        topic = "bench.telemetry"
+        t = time.perf_counter()
+        await prefill(broker.address, topic, messages)
+        print(f"pre-filled {len(messages):,} messages x {POINTS_PER_MESSAGE} points ({avg_bytes:.0f} B each) "
+              f"in {time.perf_counter() - t:.1f} s")
+        del messages
+        raw = await raw_consumer_rate(broker.address, topic, args.messages)
+        print(f"raw aiokafka consumer (no decoding):   {raw:>12,.0f} messages/s  ({raw * POINTS_PER_MESSAGE:,.0f} points/s equivalent)")
+        points_s, msgs_s, points = await sink_rate(broker.address, topic, args.messages, work / "ingest.duckdb")
+        print(f"DuckDB sink (decode+dedup+txn+rollups): {msgs_s:>12,.0f} messages/s = {points_s:,.0f} points/s "
+              f"(goal >= 1,000,000)")
+        print(f"ratio sink / raw consumer: {msgs_s / raw:.0%} (goal >= 50%)")
+        size = os.path.getsize(work / "ingest.duckdb")
+        print(f"bytes per stored point: {size / points:.2f} ({size / 1e6:.1f} MB file / {points:,} points; goal <= 3)")
+    if not args.skip_big:
+        big = work / "big.duckdb"
+        print(f"dashboard queries on {args.big_samples:,} samples:")
+        big_table(big, args.big_samples)
+        size = os.path.getsize(big)
+        n = Database(big, read_only=True)
+        count = n.query("SELECT count(*) FROM samples")[0][0]
+        n.close()
+        print(f"  bytes per point in the big file (with rollups): {size / count:.2f}")
+        for name, p50, p95 in dashboard_p95(big, args.repeat):
+            print(f"  {name:<52} p50 {p50:7.1f} ms  p95 {p95:7.1f} ms  (goal p95 < 200 ms)")
+
+
+if __name__ == "__main__":
+    asyncio.run(main())
