@@ -30,6 +30,7 @@ rows; flap history and clear holds restart empty, which only delays a resolution
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import operator
@@ -53,6 +54,7 @@ if TYPE_CHECKING:
     from podwatch.site import Site
 
 log = logging.getLogger(__name__)
+COMMIT_ATTEMPTS = 3
 
 _OPS: dict[str, Callable[[Any, Any], Any]] = {
     ">": operator.gt, ">=": operator.ge, "<": operator.lt, "<=": operator.le, "==": operator.eq, "!=": operator.ne}
@@ -424,17 +426,30 @@ class AlertEngine:
         records = list(records)
         if not events and not records:
             return
-        self._con.execute("BEGIN TRANSACTION")
-        try:
-            store.upsert_alert_rows(self._con, [r.row() for r in records])
-            for receiver in self.receivers:
-                wanted = [e for e in events if receiver.wants(e)]
-                if wanted:
-                    enqueue(self._con, [receiver.name], wanted)
-            self._con.execute("COMMIT")
-        except BaseException:
-            self._con.execute("ROLLBACK")
-            raise
+        rows = [r.row() for r in records]
+        for attempt in range(1, COMMIT_ATTEMPTS + 1):
+            self._con.execute("BEGIN TRANSACTION")
+            try:
+                store.upsert_alert_rows(self._con, rows)
+                for receiver in self.receivers:
+                    wanted = [e for e in events if receiver.wants(e)]
+                    if wanted:
+                        enqueue(self._con, [receiver.name], wanted)
+                self._con.execute("COMMIT")
+                break
+            except duckdb.TransactionException as exc:
+                # A write-write conflict with the dispatcher's outbox updates: try again; the
+                # state change is already made in memory, so giving up would lose the events.
+                with contextlib.suppress(duckdb.Error):
+                    self._con.execute("ROLLBACK")
+                if attempt == COMMIT_ATTEMPTS:
+                    log.error("could not store %d alert event(s) after %d attempts: %s", len(events), attempt, exc)
+                    raise
+                self.health.inc("retries")
+            except BaseException:
+                with contextlib.suppress(duckdb.Error):
+                    self._con.execute("ROLLBACK")
+                raise
         self.health.inc("sent", len(events))
         if events and self.on_events is not None:
             self.on_events(events)
