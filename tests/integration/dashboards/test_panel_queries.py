@@ -169,13 +169,16 @@ def podwatch_api(tmp_path_factory, tansu_broker):
     counts = fill_demo_site(db_path, now)
     assert counts["samples"] > 100_000 and counts["racks"] == 16
     # A collector's health record, exported on /metrics the way in-process collectors do.
-    REGISTRY.component("modbus_collector", "dashboards-test").inc("errors", 2)
+    REGISTRY.component("dashboards_test_collector", "test").inc("errors", 2)
     runner = ServiceThread(ServiceSettings(db=str(db_path), kafka=tansu_broker, port=0,
                                            group_id=f"dashboards-{uuid.uuid4().hex[:8]}"))
     try:
         yield runner.start()
     finally:
         runner.stop()
+        # Leave the process-wide registry as we found it (HealthRegistry has no per-key removal).
+        with REGISTRY._lock:
+            REGISTRY._components.pop(("dashboards_test_collector", "test"), None)
 
 
 @pytest.mark.slow
