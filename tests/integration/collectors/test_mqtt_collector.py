@@ -168,9 +168,10 @@ async def test_qos1_message_is_not_acknowledged_until_the_sink_accepted_it(mosqu
     sink = FailingOnceSink()
     settings = MqttCollectorSettings(batch_window_s=0.05)
     collector = MqttCollector(site, sink, settings)
+    dropped_before = collector.health.counters["dropped"]  # health is per site id, shared across tests
     stop, task = await start(collector)
     publisher(*bms("RackLiquidFlow", "r1", 77.0))
-    await wait_until(lambda: collector.health.counters["dropped"] == 1, 5, what="sink failure")
+    await wait_until(lambda: collector.health.counters["dropped"] - dropped_before == 1, 5, what="sink failure")
     stop.set()
     await task
     assert sink.readings == []
