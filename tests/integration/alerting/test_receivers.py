@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import asyncio
 import email
-import json
 from datetime import UTC, datetime, timedelta
 from email import policy
 

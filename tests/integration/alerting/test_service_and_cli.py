@@ -10,12 +10,11 @@ import subprocess
 import sys
 from datetime import UTC, datetime, timedelta
 
-import duckdb
 import polars as pl
 import pytest
 from typer.testing import CliRunner
 
-from podwatch.analytics.alerting import attach_alerting, build_runtime, load_rules
+from podwatch.analytics.alerting import attach_alerting, load_rules
 from podwatch.analytics.alerting.settings import settings_from_dict
 from podwatch.cli import app
 from podwatch.storage.service import Service, ServiceSettings
