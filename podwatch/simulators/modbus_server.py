@@ -22,7 +22,6 @@ devices on a serial port or pty (RTU framer), e.g. one end of a `socat` pty pair
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import math
 from dataclasses import dataclass, field

@@ -361,7 +361,7 @@ def random_scenario(site: Site, duration_s: float, episodes_per_day: float, seed
                     sensor_faults: bool = True, warmup_s: float = 3600.0) -> Scenario:
     """Randomised fault episodes for training histories: kinds, targets, onsets, magnitudes and
     durations drawn from the seed. Episodes last 10 min - 3 h (fouling and facility rises ramp over
-    hours); about a third are severe enough to breach. Roughly `episodes_per_day` episodes per day."""
+    hours); the severe ones (all duty pumps lost without takeover, large restrictions) breach. Roughly `episodes_per_day` episodes per day."""
     rng = np.random.default_rng(seed + 104729)
     n = rng.poisson(episodes_per_day * duration_s / 86400.0)
     cdus = site.cdus
