@@ -143,7 +143,7 @@ class AlertmanagerReceiver(_HttpReceiver):
             ends = now + timedelta(seconds=4 * self.settings.resend_interval_s)
         starts = min(starts, ends)
         return {"labels": labels, "annotations": annotations, "startsAt": starts.isoformat(), "endsAt": ends.isoformat(),
-                "generatorURL": f"{self.generator_url}/api/alerts/{event['alert_id']}"}
+                "generatorURL": f"{self.generator_url}/api/alerts?alert_id={event['alert_id']}"}
 
     async def post(self, alerts: list[dict]) -> None:
         url = f"{self.settings.url}/api/v2/alerts"

@@ -54,7 +54,7 @@ async def test_fault_notifies_through_alertmanager_and_resolves(am_with_sink, tm
         assert alert["labels"]["severity"] == "critical" and alert["labels"]["team"] == "facilities"
         assert alert["annotations"]["summary"] == f"Rack sensor {device}: coolant return 56.0 °C at/above the 55 °C limit"
         assert "rack.liquid_return_temp_c 56 >= 55" in alert["annotations"]["reasons"]
-        assert alert["generatorURL"].startswith("http://podwatch.test:8080/api/alerts/")
+        assert alert["generatorURL"].startswith("http://podwatch.test:8080/api/alerts?alert_id=")
         assert datetime.fromisoformat(alert["startsAt"].replace("Z", "+00:00")) == start + timedelta(seconds=1)
 
         # Firing alerts are resent to Alertmanager (resend_interval 1 s here).

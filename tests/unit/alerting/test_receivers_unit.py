@@ -47,7 +47,7 @@ def test_alertmanager_firing_payload():
     assert out["annotations"] == {"summary": "S", "reasons": "a; b", "value": "41.25"}
     assert out["startsAt"] == (NOW - timedelta(minutes=5)).isoformat()
     assert out["endsAt"] == (NOW + timedelta(minutes=4)).isoformat()  # 4 x resend_interval
-    assert out["generatorURL"] == "http://api:8080/api/alerts/abc"
+    assert out["generatorURL"] == "http://api:8080/api/alerts?alert_id=abc"
 
 
 @pytest.mark.parametrize(("ends", "expected"), [
