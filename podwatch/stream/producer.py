@@ -335,6 +335,19 @@ class TelemetryProducer:
         entry.runner = loop.create_task(self._run_direct(entry))
 
     async def _run_direct(self, entry: _InFlight) -> None:
+        try:
+            await self._run_direct_bounded(entry)
+        except BaseException as exc:  # never leave a caller waiting forever
+            for _, _, waiter in entry.waiters:
+                if not waiter.done():
+                    waiter.set_exception(exc if isinstance(exc, Exception) else PodwatchError("producer stopped"))
+            if isinstance(exc, Exception):
+                self.health.inc("errors")
+                log.exception("direct send failed unexpectedly")
+            else:
+                raise
+
+    async def _run_direct_bounded(self, entry: _InFlight) -> None:
         await asyncio.wait({entry.task}, timeout=self._timeout_for(len(entry.records)))
         if entry.state == "inflight":
             reason = repr(entry.error) if entry.error else f"no ack within {self.settings.delivery_timeout_s}s"
@@ -386,10 +399,10 @@ class TelemetryProducer:
         """Synchronous: the records are in the spool (page cache) when this returns, in order."""
         try:
             accepted = self._spool.append(records)
-        except OSError as exc:
+        except (OSError, ValueError) as exc:  # disk failure, or a record the spool cannot frame
             accepted = 0
             self.health.inc("errors")
-            log.error("spool write failed; records dropped", extra=fields(records=len(records), error=exc))
+            log.error("spool write failed; records dropped", extra=fields(records=len(records), error=repr(exc)))
         self.health.inc("spooled", accepted)
         if accepted:
             self._drained.clear()
@@ -462,7 +475,15 @@ class TelemetryProducer:
                 await self._wake.wait()
                 continue
             self._drained.clear()
-            if not await self._ensure_kafka() or not await self._drain_once():
+            try:
+                delivered = await self._ensure_kafka() and await self._drain_once()
+            except asyncio.CancelledError:
+                raise
+            except Exception:  # a bug or a disk error must not kill the drainer for good
+                self.health.inc("errors")
+                log.exception("spool drain round failed unexpectedly")
+                delivered = False
+            if not delivered:
                 self.health.inc("retries")
                 delay = _jitter(backoff)
                 backoff = min(backoff * 2, s.retry_backoff_max_s)

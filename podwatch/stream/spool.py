@@ -257,13 +257,13 @@ class Spool:
         `dropped`, see the overflow policy). Durable against a process crash on return; await
         `flush()` for durability against power loss."""
         self._check_open()
+        frames = [encode_frame(record) for record in records]  # a bad record raises before anything is written
         disk = self.disk_bytes
         tail = next(reversed(self._segments.values()))
         chunk: list[bytes] = []
         chunk_bytes = 0
         accepted = 0
-        for record in records:
-            frame = encode_frame(record)
+        for frame in frames:
             if disk + len(frame) > self.max_bytes:
                 refused = len(records) - accepted
                 self.dropped += refused

@@ -12,7 +12,7 @@ import pytest
 
 from podwatch import procs
 from podwatch.errors import PodwatchError
-from podwatch.health import REGISTRY
+from podwatch.health import REGISTRY, STANDARD_COUNTERS
 from podwatch.stream.envelope import decode_envelope, load_schema
 from podwatch.stream.producer import TelemetryProducer
 from podwatch.stream.topics import ensure_topics
@@ -62,6 +62,9 @@ async def test_produced_messages_validate_against_the_json_schemas(tansu_broker,
     letter = orjson.loads(letters[0].value)
     assert letter["payload_truncated"] is True and letter["payload_bytes"] == 90_000
     assert letter["meta"] == {"device": "cdu-01", "site": "test"}
+    health = REGISTRY.component("kafka_producer", "schema").snapshot()
+    assert set(STANDARD_COUNTERS) <= set(health) and {"spool_records", "spool_bytes", "spooling"} <= set(health)
+    assert (health["received"], health["sent"], health["spooled"], health["dropped"]) == (5, 5, 0, 0)
 
 
 async def test_confluent_kafka_reads_what_podwatch_produced(tansu_broker, topics, tmp_path):

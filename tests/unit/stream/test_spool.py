@@ -151,3 +151,12 @@ def test_close_is_idempotent_and_use_after_close_fails(tmp_path):
     spool.close()
     with pytest.raises(PodwatchError, match="closed"):
         spool.append([rec(0)])
+
+
+def test_a_record_that_cannot_be_framed_writes_nothing(tmp_path):
+    with Spool(tmp_path) as spool:
+        with pytest.raises(ValueError, match="topic name longer"):
+            spool.append([rec(0), SpoolRecord("t" * 300, None, b"x")])
+        assert spool.pending_records == 0 and spool.disk_bytes == 0
+        spool.append([rec(1)])
+        assert [r.value[:8] for r in drain_all(spool)] == [b"00000001"]
