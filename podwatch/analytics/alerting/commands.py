@@ -1,4 +1,4 @@
-"""`podwatch alerts ...`: list and show alerts, validate rules, test the receivers.
+"""`podwatch alerts ...`: list and show alerts, validate rules, outbox state, test the receivers.
 
 The DuckDB file is locked by the process that owns it (`podwatch serve`); `list` and `show`
 then read through that process's HTTP API (`GET /api/alerts`), found from `<db>.serve.json`
@@ -163,6 +163,50 @@ def _rules(
     Console(width=200).print(table)
 
 
+def _outbox(
+    db: str = typer.Option(..., "--db", help="DuckDB file (read-only; not while `podwatch serve` holds it)"),
+    receiver: Optional[str] = typer.Option(None, "--receiver", help="Only this receiver"),
+    show_dead: bool = typer.Option(False, "--dead", help="List the events that were rejected for good"),
+) -> None:
+    """Delivery state of the alert outbox per receiver: pending, delivered, dead, oldest pending."""
+    import duckdb
+
+    from podwatch.storage.db import is_lock_error
+
+    if not Path(db).exists():
+        raise PodwatchError(f"{db}: no such DuckDB file")
+    try:
+        con = duckdb.connect(db, read_only=True)
+    except duckdb.Error as exc:
+        if is_lock_error(exc):
+            raise PodwatchError(f"{db} is held by another process; ask it through its API instead: podwatch sql --db {db} "
+                                "\"SELECT receiver, status, count(*) FROM alert_outbox GROUP BY ALL\"") from None
+        raise PodwatchError(f"cannot open {db}: {exc}") from None
+    try:
+        tables = {r[0] for r in con.execute("SELECT table_name FROM information_schema.tables").fetchall()}
+        if "alert_outbox" not in tables:
+            typer.echo("no alert outbox in this file (alerting never ran on it)")
+            return
+        where, params = ("WHERE receiver = ?", [receiver]) if receiver else ("", [])
+        rows = con.execute(
+            "SELECT receiver, count(*) FILTER (status = 'pending'), count(*) FILTER (status = 'delivered'), "
+            "count(*) FILTER (status = 'dead'), min(timezone('UTC', created_at)) FILTER (status = 'pending'), "
+            f"max(attempts) FILTER (status = 'pending'), any_value(last_error) FILTER (status = 'pending') "
+            f"FROM alert_outbox {where} GROUP BY receiver ORDER BY receiver", params).fetchall()
+        for name, pending, delivered, dead, oldest, attempts, error in rows:
+            line = f"{name}: {pending} pending, {delivered} delivered, {dead} dead"
+            if pending:
+                line += f"; oldest pending since {_fmt_time(oldest)} UTC, {attempts} attempt(s), last error: {error}"
+            typer.echo(line)
+        if show_dead:
+            for name, seq, alert, state, error in con.execute(
+                    f"SELECT receiver, seq, alert_id, state, last_error FROM alert_outbox WHERE status = 'dead' "
+                    f"{'AND receiver = ?' if receiver else ''} ORDER BY receiver, seq", params).fetchall():
+                typer.echo(f"dead {name}#{seq} {alert[:12]} {state}: {error}")
+    finally:
+        con.close()
+
+
 def receiver_test_event(now: datetime | None = None) -> dict:
     from podwatch.analytics.alerting.model import EVENT_VERSION, alert_id
 
@@ -222,9 +266,10 @@ def _test_receivers(
 
 
 def register(app: typer.Typer) -> None:
-    alerts = typer.Typer(help="Alerts: list, show, rules, test the receivers.", no_args_is_help=True)
+    alerts = typer.Typer(help="Alerts: list, show, rules, outbox, test the receivers.", no_args_is_help=True)
     alerts.command("list")(_list)
     alerts.command("show")(_show)
     alerts.command("rules")(_rules)
+    alerts.command("outbox")(_outbox)
     alerts.command("test-receivers")(_test_receivers)
     app.add_typer(alerts, name="alerts")

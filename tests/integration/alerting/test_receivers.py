@@ -185,6 +185,17 @@ async def test_email_refused_recipient_is_dead_not_blocking(smtp_server, tmp_pat
     finally:
         await runtime.aclose()
         con.close()
+    # The dead events are visible to operators, not dropped silently.
+    from typer.testing import CliRunner
+
+    from podwatch.cli import app
+
+    result = CliRunner().invoke(app, ["alerts", "outbox", "--db", str(tmp_path / "a.duckdb"), "--dead"])
+    assert result.exit_code == 0, result.output
+    lines = result.output.splitlines()
+    assert lines[0] == "bad: 0 pending, 0 delivered, 2 dead"
+    assert lines[1] == "good: 0 pending, 2 delivered, 0 dead"
+    assert lines[2].startswith("dead bad#1 ") and "550" in lines[2]
 
 
 @pytest.fixture
