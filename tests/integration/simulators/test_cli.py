@@ -21,14 +21,15 @@ def podwatch(*args: str, timeout: float = 45) -> subprocess.CompletedProcess:
                           cwd=ROOT)
 
 
+@pytest.mark.slow
 def test_simulate_serves_runs_a_scenario_and_writes_truth(small_site, tmp_path):
     truth = tmp_path / "truth.json"
-    r = podwatch("simulate", "--site", str(small_site.source), "--speed", "100", "--duration", "150", "--no-mqtt",
+    r = podwatch("simulate", "--site", str(small_site.source), "--speed", "100", "--duration", "400", "--no-mqtt",
                  "--seed", "3", "--truth-out", str(truth), "--scenario", str(tmp_path / "pf.yaml"))
     assert r.returncode == 2 and "cannot read" in r.stderr and "Traceback" not in r.stderr  # missing scenario file
     (tmp_path / "pf.yaml").write_text("name: pf\nfaults:\n  - {kind: pump_failure, target: cdu-1, onset_s: 20, "
                                       "pumps: [1], standby_takeover: false}\n")
-    r = podwatch("simulate", "--site", str(small_site.source), "--speed", "100", "--duration", "150", "--no-mqtt",
+    r = podwatch("simulate", "--site", str(small_site.source), "--speed", "100", "--duration", "400", "--no-mqtt",
                  "--seed", "3", "--truth-out", str(truth), "--scenario", str(tmp_path / "pf.yaml"))
     assert r.returncode == 0, r.stderr
     gw = next(g for g in small_site.spec.gateways if g.id == "gw")
