@@ -109,6 +109,11 @@ def site_target_labels(site: "Site") -> Callable[[str], dict[str, str]]:
     return lookup
 
 
+def site_device_entities(site: "Site") -> dict[str, str]:
+    """Device id -> the rack / CDU / power node id it measures (for rules with `target: entity`)."""
+    return {d.id: d.entity for d in site.devices if d.entity}
+
+
 def _fmt(value: float | None) -> str:
     return "n/a" if value is None else f"{value:.3g}" if abs(value) < 1000 else f"{value:.0f}"
 
@@ -118,12 +123,14 @@ class AlertEngine:
 
     def __init__(self, con: duckdb.DuckDBPyConnection, rules: RuleSet, *, receivers: Sequence["Receiver"] = (),
                  target_labels: Callable[[str], dict[str, str]] | None = None,
+                 device_entities: dict[str, str] | None = None,
                  on_events: Callable[[list[dict]], None] | None = None) -> None:
         self._con = con
         store.ensure_alerting_tables(con)
         self.rules = rules
         self.receivers = list(receivers)
         self.target_labels = target_labels or (lambda target: {})
+        self.device_entities = dict(device_entities or {})
         self.on_events = on_events
         self.health = REGISTRY.component("alert_engine")
         enabled = rules.enabled_rules()
@@ -133,7 +140,7 @@ class AlertEngine:
             if r.check_name:
                 self._by_check.setdefault(r.check_name, []).append(r)
         self._alerts: dict[tuple[str, str], AlertRecord] = {}
-        self._last_seen: dict[tuple[str, str], datetime] = {}  # (rule id, device) -> newest good sample
+        self._last_seen: dict[tuple[str, str], datetime] = {}  # (rule id, target) -> newest good sample
         self._unmatched: set[str] = set()
         self.clock: datetime | None = None  # newest sample/observation time seen
         self._load()
@@ -218,17 +225,21 @@ class AlertEngine:
         self.health.inc("received", rows.height)
         for rule in self._metric_rules:
             part = good.filter(pl.col("metric").is_in(rule.metric or []))
+            if rule.target == "entity" and self.device_entities:
+                part = part.with_columns(pl.col("device").replace(self.device_entities).alias("target"))
+            else:
+                part = part.with_columns(pl.col("device").alias("target"))
             if part.height:
-                for device, last_ts in part.group_by("device").agg(pl.col("ts").max()).iter_rows():
-                    key = (rule.id, device)
+                for target, last_ts in part.group_by("target").agg(pl.col("ts").max()).iter_rows():
+                    key = (rule.id, target)
                     if key not in self._last_seen or last_ts > self._last_seen[key]:
                         self._last_seen[key] = last_ts
                 if rule.threshold is not None:
                     self._threshold_runs(rule, part, events, dirty)
                 else:  # a staleness-only rule: fresh data clears it
-                    for device, last_ts, value in part.sort("ts").group_by("device").agg(
-                            pl.col("ts").last(), pl.col("value").last()).iter_rows():
-                        self._step(self._record(rule, device), False, last_ts, value, {"device": device}, [], events, dirty)
+                    for target, device, last_ts, value in part.sort("ts").group_by("target").agg(
+                            pl.col("device").last(), pl.col("ts").last(), pl.col("value").last()).iter_rows():
+                        self._step(self._record(rule, target), False, last_ts, value, {"device": device}, [], events, dirty)
             if rule.stale_after_s is not None and watermark is not None:
                 self._stale(rule, as_utc(watermark), events, dirty)
         if watermark is not None:
@@ -266,23 +277,24 @@ class AlertEngine:
                            pl.col("value").cast(pl.Float64), good.fill_null(False).alias("good"))
 
     def _threshold_runs(self, rule: Rule, part: pl.DataFrame, events: list[dict], dirty: dict[str, AlertRecord]) -> None:
-        """Vectorised: per device, the condition per row (1 active, 0 clear, null = inside the
+        """Vectorised: per target, the condition per row (1 active, 0 clear, null = inside the
         hysteresis band: keep the previous state), forward-filled; only the rows where it changes,
-        the last row of each run and the last row of each device go to the state machine."""
+        the first row past each hold deadline of a run and the last row of each run go to the
+        state machine."""
         op = _OPS[rule.op]
         value = pl.col("value")
         hi = op(value, rule.threshold)
         still = op(value, rule.effective_clear_threshold)
         cond = pl.when(hi).then(pl.lit(True)).when(~still).then(pl.lit(False)).otherwise(pl.lit(None, dtype=pl.Boolean))
-        runs = (part.sort("device", "ts")
+        runs = (part.sort("target", "ts")
                 .with_columns(cond.alias("cond"))
-                .with_columns(pl.col("cond").forward_fill().over("device"))
+                .with_columns(pl.col("cond").forward_fill().over("target"))
                 .filter(pl.col("cond").is_not_null())
-                .with_columns(changed=(pl.col("cond") != pl.col("cond").shift(1).over("device")).fill_null(True))
-                .with_columns(run_end=pl.col("changed").shift(-1).over("device").fill_null(True),
-                              run_id=pl.col("changed").cum_sum().over("device"))
-                .with_columns(elapsed_s=(pl.col("ts") - pl.col("ts").first().over("device", "run_id")).dt.total_microseconds() / 1e6)
-                .with_columns(prev_elapsed_s=pl.col("elapsed_s").shift(1).over("device", "run_id").fill_null(-1.0)))
+                .with_columns(changed=(pl.col("cond") != pl.col("cond").shift(1).over("target")).fill_null(True))
+                .with_columns(run_end=pl.col("changed").shift(-1).over("target").fill_null(True),
+                              run_id=pl.col("changed").cum_sum().over("target"))
+                .with_columns(elapsed_s=(pl.col("ts") - pl.col("ts").first().over("target", "run_id")).dt.total_microseconds() / 1e6)
+                .with_columns(prev_elapsed_s=pl.col("elapsed_s").shift(1).over("target", "run_id").fill_null(-1.0)))
         # The first row at/after each deadline of a run (hold when active; clear hold and flap
         # stable-clear when clear), so transitions carry the time the deadline passed.
         crossing = pl.lit(False)
@@ -290,8 +302,8 @@ class AlertEngine:
             crossing = crossing | ((pl.col("cond") == when_active) & (pl.col("elapsed_s") >= deadline_s)
                                    & (pl.col("prev_elapsed_s") < deadline_s))
         runs = runs.filter(pl.col("changed") | pl.col("run_end") | crossing)
-        for device, ts, metric, val, active in runs.select("device", "ts", "metric", "value", "cond").iter_rows():
-            rec = self._record(rule, device)
+        for target, device, ts, metric, val, active in runs.select("target", "device", "ts", "metric", "value", "cond").iter_rows():
+            rec = self._record(rule, target)
             if active:
                 reasons = [f"{metric} {_fmt(val)} {rule.op} {rule.threshold:g} on {device}"]
             else:
@@ -300,12 +312,12 @@ class AlertEngine:
 
     def _stale(self, rule: Rule, now: datetime, events: list[dict], dirty: dict[str, AlertRecord]) -> None:
         limit = timedelta(seconds=rule.stale_after_s or 0)
-        for (rule_id, device), last in list(self._last_seen.items()):
+        for (rule_id, target), last in list(self._last_seen.items()):
             if rule_id == rule.id and now - last > limit:
                 age_s = (now - last).total_seconds()
-                reasons = [f"no good sample of {', '.join(rule.metric or [])} from {device} for {age_s:.0f} s "
+                reasons = [f"no good sample of {', '.join(rule.metric or [])} from {target} for {age_s:.0f} s "
                            f"(stale after {rule.stale_after_s:g} s)"]
-                self._step(self._record(rule, device), True, now, None, {"device": device}, reasons, events, dirty)
+                self._step(self._record(rule, target), True, now, None, {}, reasons, events, dirty)
 
     @staticmethod
     def _hysteresis(rule: Rule, value: float, previous: bool | None) -> bool | None:

@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING, Any
 import duckdb
 import polars as pl
 
-from podwatch.analytics.alerting.engine import AlertEngine, site_target_labels
+from podwatch.analytics.alerting.engine import AlertEngine, site_device_entities, site_target_labels
 from podwatch.analytics.alerting.model import Observation
 from podwatch.analytics.alerting.outbox import OutboxDispatcher
 from podwatch.analytics.alerting.receivers import PublishReceiver, Receiver, build_receivers
@@ -99,7 +99,8 @@ def build_runtime(con: duckdb.DuckDBPyConnection, settings: AlertingSettings, pu
                                   max_backoff_s=settings.retry.max_backoff_s)
     if target_labels is None and site is not None:
         target_labels = site_target_labels(site)
-    engine = AlertEngine(engine_con, rules, receivers=receivers, target_labels=target_labels)
+    engine = AlertEngine(engine_con, rules, receivers=receivers, target_labels=target_labels,
+                         device_entities=site_device_entities(site) if site is not None else None)
     return AlertingRuntime(engine, dispatcher, settings)
 
 

@@ -125,6 +125,9 @@ class Rule(_Model):
     hold_s: float = Field(0.0, alias="for", description="Hold time: condition active this long before firing")
     clear_for_s: float = Field(0.0, alias="clear_for", description="Clear hold: clear this long before resolving")
     stale_after_s: float | None = Field(None, alias="stale_after", description="metric rules: also active when no good sample for this long")
+    target: Literal["device", "entity"] = Field(
+        "device", description="metric rules: the alert's target is the sample's device, or the rack/CDU/power node it "
+                              "measures (site model; use `entity` only where one device per entity reports the metric)")
     flap: FlapDamping = Field(default_factory=FlapDamping)
     labels: dict[str, str] = Field(default_factory=dict, description="Extra labels (team, ...)")
     annotations: Annotations
@@ -159,8 +162,8 @@ class Rule(_Model):
                 problems.append("a metric rule needs `metric`")
             if self.threshold is None and self.stale_after_s is None:
                 problems.append("a metric rule needs `op` and `threshold`, or `stale_after`")
-        elif self.metric or self.stale_after_s is not None:
-            problems.append("`metric` and `stale_after` apply only to `source: metric`")
+        elif self.metric or self.stale_after_s is not None or self.target != "device":
+            problems.append("`metric`, `stale_after` and `target` apply only to `source: metric`")
         if (self.threshold is None) != (self.op is None):
             problems.append("`op` and `threshold` go together")
         if self.clear_threshold is not None:

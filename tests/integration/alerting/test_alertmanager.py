@@ -52,7 +52,7 @@ async def test_fault_notifies_through_alertmanager_and_resolves(am_with_sink, tm
         alert = firing[0]["alerts"][0]
         assert alert["labels"]["alertname"] == "rack_return_temp_breach"
         assert alert["labels"]["severity"] == "critical" and alert["labels"]["team"] == "facilities"
-        assert alert["annotations"]["summary"] == f"Rack sensor {device}: coolant return 56.0 °C at/above the 55 °C limit"
+        assert alert["annotations"]["summary"] == f"Rack {device}: coolant return 56.0 °C at/above the 55 °C limit"
         assert "rack.liquid_return_temp_c 56 >= 55" in alert["annotations"]["reasons"]
         assert alert["generatorURL"].startswith("http://podwatch.test:8080/api/alerts?alert_id=")
         assert datetime.fromisoformat(alert["startsAt"].replace("Z", "+00:00")) == start + timedelta(seconds=1)

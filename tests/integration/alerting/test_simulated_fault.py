@@ -72,6 +72,10 @@ async def test_pump_failure_reaches_alertmanager_with_reasons_and_resolves(am_wi
                                                                 "flow_per_kw_low", "return_temp_rising")},
             timeout=15, what="rack alerts for the racks of cdu-m1")
         assert rack_alerts & breached
+        # The engine's own breach threshold names the racks (target: entity), as the checks do.
+        breach_targets = {n["commonLabels"]["target"] for n in sink.am_notifications("firing")
+                          if n["commonLabels"].get("alertname") == "rack_return_temp_breach"}
+        assert breach_targets & breached
         # The pumps are back at 180 s; 3 minutes later the pump alert has resolved.
         await wait_until(lambda: for_alert(sink.am_notifications("resolved"), "pump_redundancy_lost", "cdu-m1"),
                          timeout=15, what="pump_redundancy_lost resolved at the webhook")

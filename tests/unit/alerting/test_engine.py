@@ -224,3 +224,31 @@ def test_epoch_ms_and_string_quality_accepted(con):
     assert [e["state"] for e in engine.evaluate_samples(frame)] == ["pending", "firing"]
     with pytest.raises(ValueError, match="lack column"):
         engine.evaluate_samples(pl.DataFrame({"ts": [ms], "value": [1.0]}))
+
+
+def test_entity_target_uses_the_site_mapping(tmp_path):
+    con = duckdb.connect(str(tmp_path / "e.duckdb"))
+    try:
+        rules = load_rules(text="""
+rules:
+  - {id: breach, source: metric, metric: rack.liquid_return_temp_c, target: entity, op: ">=", threshold: 55,
+     annotations: {summary: "{target} at {value:.1f}"}}
+""", include_defaults=False)
+        engine = AlertEngine(con, rules, device_entities={"bms-m1-r01": "m1-r01"},
+                             target_labels=lambda t: {"rack": t} if t.startswith("m1-") else {})
+        frame = pl.concat([rows("bms-m1-r01", "rack.liquid_return_temp_c", [50.0, 56.0]),
+                           rows("bms-unknown", "rack.liquid_return_temp_c", [57.0])])
+        events = engine.evaluate_samples(frame)
+        firing = {e["target"]: e for e in events if e["state"] == "firing"}
+        assert set(firing) == {"m1-r01", "bms-unknown"}  # unknown devices stay their own target
+        assert firing["m1-r01"]["labels"]["rack"] == "m1-r01" and firing["m1-r01"]["labels"]["device"] == "bms-m1-r01"
+        assert firing["m1-r01"]["reasons"] == ["rack.liquid_return_temp_c 56 >= 55 on bms-m1-r01"]
+    finally:
+        con.close()
+
+
+def test_target_only_for_metric_rules():
+    from podwatch.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="apply only to `source: metric`"):
+        load_rules(text="rules: [{id: x, source: 'check:x', target: entity, annotations: {summary: s}}]", include_defaults=False)

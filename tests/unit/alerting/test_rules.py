@@ -66,7 +66,7 @@ rules:
     assert rules["rack_return_temp_breach"].threshold == 57
     assert rules["rack_return_temp_breach"].clear_for_s == 30.0  # kept from the default
     assert rules["rack_return_temp_breach"].labels == {"team": "cooling"}
-    assert rules["rack_return_temp_breach"].annotations.summary.startswith("Rack sensor {target}")
+    assert rules["rack_return_temp_breach"].annotations.summary.startswith("Rack {target}")
     assert "sensor_stuck" not in {r.id for r in rs.enabled_rules()}
     assert rules["busway_power_high"].metric == ["meter.power_kw"]
     assert rs.labels == {"team": "facilities", "site": "dc7"}
