@@ -14,6 +14,7 @@ Faults (set by the simulator from the scenario):
   Modbus exception (0x0B = gateway target device failed to respond, 0x06 busy, ...).
 * `silent_units`: requests to that unit are dropped on arrival (a receive-side `trace_pdu` hook
   returns None), so clients time out, as with a dead device behind a gateway.
+* A unit id no device has: a TCP gateway answers 0x0B; on RTU framings the request goes unanswered.
 
 Framing: `modbus-tcp` uses the MBAP socket framer; `modbus-rtu-over-tcp` serves RTU frames (with
 CRC) over a TCP socket, like a serial gateway in transparent mode. `serve_serial()` serves the same
@@ -121,14 +122,28 @@ class ModbusEndpoint:
         return None
 
     def _trace_pdu(self, sending: bool, pdu):
-        """Drop requests to silent units on arrival: no response, the client times out."""
-        if not sending and pdu is not None and getattr(pdu, "dev_id", None) in self.silent_units:
-            return None
+        """Drop requests to silent units on arrival: no response, the client times out. On RTU
+        framings (a serial bus) a unit id nobody has is silent too, as on a real RS-485 line."""
+        if not sending and pdu is not None:
+            unit = getattr(pdu, "dev_id", None)
+            if unit in self.silent_units or (self.framing != "modbus-tcp" and unit not in self.devices):
+                return None
         return pdu
 
+    async def _unknown_unit(self, *args):
+        return ExcCodes.GATEWAY_NO_RESPONSE
+
     def sim_devices(self) -> list[SimDevice]:
-        return [SimDevice(id=unit, simdata=regs.simdata(), action=partial(self._action, unit))
-                for unit, regs in sorted(self.devices.items())]
+        devices = [SimDevice(id=unit, simdata=regs.simdata(), action=partial(self._action, unit))
+                   for unit, regs in sorted(self.devices.items())]
+        if self.framing == "modbus-tcp" and 0 not in self.devices:
+            # a TCP gateway answers a unit id it does not have with 0x0B (target device failed to
+            # respond), for any address: pymodbus routes unknown ids to device 0
+            everything = [SimData(0, count=65536, values=0, datatype=DataType.REGISTERS)]
+            bits = [SimData(0, count=16, values=False, datatype=DataType.BITS)]
+            devices.append(SimDevice(id=0, simdata=(bits, list(bits), everything, list(everything)),
+                                     action=self._unknown_unit))
+        return devices
 
     async def start(self) -> None:
         framer = FramerType.RTU if self.framing == "modbus-rtu-over-tcp" else FramerType.SOCKET

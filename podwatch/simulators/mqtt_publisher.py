@@ -90,7 +90,9 @@ class MqttPublisher:
         self.client.reconnect_delay_set(1, 5)
         self.client.on_connect = self._on_connect
         self.client.on_disconnect = self._on_disconnect
+        self.client.on_connect_fail = self._on_connect_fail
         self._started = False
+        self._warned = False
 
     @property
     def url(self) -> str:
@@ -108,6 +110,11 @@ class MqttPublisher:
 
     def _on_disconnect(self, client, userdata, flags, reason_code, properties) -> None:
         self.connected.clear()
+
+    def _on_connect_fail(self, client, userdata) -> None:
+        if not self._warned:  # the first failure loudly, retries quietly (paho keeps reconnecting)
+            self._warned = True
+            log.warning("cannot reach MQTT broker %s; MQTT devices are not published until it is up", self.url)
 
     def start(self) -> None:
         if self._started:

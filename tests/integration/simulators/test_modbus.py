@@ -106,6 +106,8 @@ async def test_device_fault_exception_0x0b_and_silent_device(small_site):
         assert not good.isError()
         volts = client.convert_from_registers(good.registers, client.DATATYPE.FLOAT32, word_order="big")
         assert 220 < volts < 260
+        unknown = await client.read_holding_registers(12296, count=2, device_id=77)  # no such unit on the gateway
+        assert unknown.isError() and unknown.exception_code == 11
         with pytest.raises(ModbusIOException):
             await client.read_holding_registers(12296, count=2, device_id=2)  # silent: times out
     finally:
@@ -113,3 +115,19 @@ async def test_device_fault_exception_0x0b_and_silent_device(small_site):
         await sim.stop()
         await sim.stop()  # idempotent
     assert sim.endpoints == []
+
+
+async def test_port_in_use_is_a_clear_error(small_site):
+    from podwatch.errors import PodwatchError
+
+    gw = next(g for g in small_site.spec.gateways if g.id == "gw")
+    blocker = await asyncio.start_server(lambda r, w: None, "127.0.0.1", gw.port)
+    sim = Simulator(small_site, seed=1, speed=FROZEN)
+    try:
+        with pytest.raises(PodwatchError, match=f"127.0.0.1:{gw.port}"):
+            await sim.start()
+        assert sim.endpoints == []  # what did start was stopped again
+    finally:
+        blocker.close()
+        await blocker.wait_closed()
+        await sim.stop()
