@@ -11,7 +11,7 @@ Public API (docs/alerts.md):
   the serve process (`observe(obs)` for analytics, `aclose()`).
 """
 
-from podwatch.analytics.alerting.engine import AlertEngine, AlertRecord, site_target_labels
+from podwatch.analytics.alerting.engine import AlertEngine, AlertRecord, site_device_entities, site_target_labels
 from podwatch.analytics.alerting.glue import AlertingRuntime, ServiceAlerting, attach_alerting, build_runtime
 from podwatch.analytics.alerting.model import ALERTS_TOPIC, AlertState, Observation, alert_id
 from podwatch.analytics.alerting.outbox import DeliveryError, OutboxDispatcher
@@ -21,5 +21,5 @@ from podwatch.analytics.alerting.settings import AlertingSettings, load_settings
 __all__ = [
     "ALERTS_TOPIC", "AlertEngine", "AlertRecord", "AlertState", "AlertingRuntime", "AlertingSettings", "DeliveryError",
     "Observation", "OutboxDispatcher", "Rule", "RuleSet", "ServiceAlerting", "alert_id", "attach_alerting", "build_runtime", "load_rules",
-    "load_settings", "site_target_labels",
+    "load_settings", "site_device_entities", "site_target_labels",
 ]
