@@ -149,8 +149,14 @@ async def _serve(site, scenario, seed, speed, clock, mqtt_url, duration, truth_o
             order = " -B" if profile.order_of(point) == "ABCD" else ""
             typer.echo(f"  try: mbpoll -m tcp -p {port} -a {unit} -0 -r {profile.wire_address(point)} -c 1 "
                        f"-t {table}:float{order} -1 {host}   # {dev} {point.metric} (docs/devices.md)")
-        last_report = loop.time()
+        last_report = started = loop.time()
+        mqtt_checked = sim.mqtt is None
         while not stop.is_set():
+            if not mqtt_checked and loop.time() - started > 3.0:
+                mqtt_checked = True
+                if not sim.mqtt.connected.is_set():
+                    typer.echo(f"  warning: MQTT broker {sim.mqtt.url} not reachable; MQTT devices are not published "
+                               "until it is (use --mqtt URL or --no-mqtt)", err=True)
             if duration is not None and sim.t_s >= duration:
                 break
             try:
