@@ -358,7 +358,10 @@ class ModbusCollector:
                         point_quality[p.metric] = Quality.BAD
                     continue
                 return self._failed(st, exc, ts_ms)
-            decode_request(req, registers, values)
+            try:
+                decode_request(req, registers, values)
+            except ValueError as exc:  # the device answered with the wrong number of registers
+                return self._failed(st, ModbusReadError("device_failure", str(exc)), ts_ms)
             raw_parts.append(registers)
             polled_any = True
         if not polled_any:
@@ -417,7 +420,7 @@ class ModbusCollector:
         if exc.kind != "connection":  # the endpoint backs off connects itself
             delay = min(dev.poll_interval_s * 2 ** (st.failures - 1), max(self.settings.backoff_max_s, dev.poll_interval_s))
             st.next_attempt_at = asyncio.get_running_loop().time() + _jitter(delay) if st.failures > 1 else 0.0
-        if st.failures == 1:
+        if st.failures == 1 and exc.kind != "connection":  # a lost connection is logged once by its endpoint
             log.warning("Modbus poll failed; repeats are logged at debug level until the device recovers",
                         extra=fields(device=dev.id, endpoint=st.endpoint.key, unit_id=dev.unit_id, kind=exc.kind, error=exc))
         else:
@@ -457,10 +460,15 @@ class ModbusCollector:
                 except asyncio.TimeoutError:
                     pass
             tick = next_at
-            if st.next_attempt_at and loop.time() < st.next_attempt_at:
-                reading = self._bad_reading(st, time.time_ns() // 1_000_000)  # backing off: no request
-            else:
-                reading = await self.poll_once(st.device.id)
+            try:
+                if st.next_attempt_at and loop.time() < st.next_attempt_at:
+                    reading = self._bad_reading(st, time.time_ns() // 1_000_000)  # backing off: no request
+                else:
+                    reading = await self.poll_once(st.device.id)
+            except Exception as exc:  # a bug must not silently end this device's polling
+                self.health.inc("errors")
+                log.exception("Unexpected error polling a Modbus device", extra=fields(device=st.device.id))
+                reading = self._failed(st, ModbusReadError("device_failure", repr(exc)), time.time_ns() // 1_000_000)
             await self._emit(reading)
             next_at = tick + interval
             now = loop.time()

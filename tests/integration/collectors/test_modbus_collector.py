@@ -173,3 +173,22 @@ async def test_unchanging_answers_become_stale_and_a_change_makes_them_good(gate
     reading = await collector.poll_once("pdu-r1-a")
     assert reading.quality is Quality.GOOD and reading.points["pdu.power_kw"] == pytest.approx(12.5)
     collector.close()
+
+
+async def test_a_short_answer_is_a_failed_poll_not_a_crash(gateway, free_port):
+    """A device answering fewer registers than asked (firmware bug) gives a bad reading."""
+    await gateway(units=(1,))
+    collector = ModbusCollector(gateway_site(free_port, racks=1), MemorySink())
+    endpoint = collector.devices["pdu-r1-a"].endpoint
+    real_read = endpoint.read
+
+    async def short_read(*args):
+        return (await real_read(*args))[:-1]
+
+    endpoint.read = short_read
+    reading = await collector.poll_once("pdu-r1-a")
+    assert reading.quality is Quality.BAD and set(reading.points.values()) == {None}
+    assert "expected" in collector.devices["pdu-r1-a"].last_error
+    endpoint.read = real_read
+    assert (await collector.poll_once("pdu-r1-a")).quality is Quality.GOOD
+    collector.close()
