@@ -100,3 +100,43 @@ async def test_30s_broker_outage_through_a_cut_proxy_loses_nothing(tmp_path):
                   f"retries={health.counters['retries']}")
         finally:
             await proxy.cut()
+
+
+async def test_frozen_broker_sigstop_is_an_outage_too(tmp_path):
+    """SIGSTOP keeps the broker's sockets open but answers nothing (no reset, connects still
+    succeed): only the producer's own timeouts can detect it. Nothing is lost or reordered."""
+    with procs.tansu() as broker:
+        topic = "frozen.telemetry"
+        await ensure_topics(broker.address, topics={topic: 3})
+        producer = TelemetryProducer(fast_settings(broker.address), tmp_path / "spool", "test",
+                                     health_instance="frozen", telemetry_topic=topic)
+        health = REGISTRY.component("kafka_producer", "frozen")
+        devices = ["cdu-01", "cdu-02"]
+        seq = 0
+        async with producer:
+            async def produce_until(predicate, timeout_s: float) -> None:
+                nonlocal seq
+                deadline = time.monotonic() + timeout_s
+                while not predicate():
+                    assert time.monotonic() < deadline, "condition not reached while producing"
+                    assert all(await asyncio.gather(*(producer.send(reading(d, seq)) for d in devices)))
+                    seq += 1
+                    await asyncio.sleep(POLL_INTERVAL_S)
+
+            await produce_until(lambda: seq >= 10, 10)
+            broker.pause()
+            try:
+                await produce_until(lambda: producer.mode == "spool" and health.counters["spooled"] >= 40, 20)
+            finally:
+                broker.resume()
+            await produce_until(lambda: producer.mode == "direct", 30)
+            await produce_until(lambda: health.counters["sent"] >= seq * len(devices) - 2, 10)
+            assert await producer.wait_drained(20)
+        records = await read_all(broker.address, topic, seq * len(devices))
+        first_seen: dict[str, list[int]] = {d: [] for d in devices}
+        for record in records:
+            env = decode_envelope(record.value)
+            if env["seq"] not in first_seen[env["device"]]:
+                first_seen[env["device"]].append(env["seq"])
+        assert first_seen == {d: list(range(seq)) for d in devices}
+        assert health.counters["dropped"] == 0
