@@ -191,3 +191,23 @@ def settings_from_dict(data: Any, source: str = "<alerting settings>", base: Pat
     if settings.rules_file is not None and base is not None and not settings.rules_file.is_absolute():
         settings.rules_file = base / settings.rules_file
     return settings
+
+
+def settings_for(alertmanager_url: str | None = None, *, rules_file: str | Path | None = None,
+                 generator_url: str | None = None, config_file: str | Path | None = None) -> AlertingSettings:
+    """Settings for `podwatch serve` flags: a settings file if given, else defaults; an
+    `--alertmanager URL` adds (or replaces the URL of) an Alertmanager receiver named `alertmanager`."""
+    settings = load_settings(config_file) if config_file is not None else AlertingSettings()
+    updates: dict[str, Any] = {}
+    if rules_file is not None:
+        updates["rules_file"] = Path(rules_file)
+    if generator_url is not None:
+        updates["generator_url"] = generator_url
+    if alertmanager_url is not None:
+        receivers = [r for r in settings.receivers if r.name != "alertmanager"]
+        try:
+            receivers.append(AlertmanagerReceiverSettings(type="alertmanager", name="alertmanager", url=alertmanager_url))
+        except ValidationError as exc:
+            raise ConfigError("--alertmanager", _pydantic_errors(exc, "alertmanager")) from None
+        updates["receivers"] = receivers
+    return settings.model_copy(update=updates)

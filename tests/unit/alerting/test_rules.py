@@ -122,3 +122,17 @@ def test_settings_errors_name_fields():
     assert any(e.startswith("receivers[0].webhook.url: must be an http(s) URL") for e in errors)
     assert any(e.startswith("receivers[1].email.port") for e in errors)
     assert any(e.startswith("receivers[2]") and "pager" in e for e in errors)
+
+
+def test_settings_for_serve_flags(tmp_path):
+    from podwatch.analytics.alerting.settings import settings_for
+
+    config = tmp_path / "alerting.yaml"
+    config.write_text("receivers: [{type: alertmanager, name: alertmanager, url: 'http://old:9093'},"
+                      " {type: webhook, name: hook, url: 'http://h/x'}]\nrules_file: site-rules.yaml\n")
+    s = settings_for("http://127.0.0.1:9093", config_file=config, generator_url="http://api:8080")
+    assert [(r.name, getattr(r, "url", None)) for r in s.receivers] == [("hook", "http://h/x"), ("alertmanager", "http://127.0.0.1:9093")]
+    assert s.rules_file == tmp_path / "site-rules.yaml" and s.generator_url == "http://api:8080"
+    assert settings_for().receivers == []
+    with pytest.raises(ConfigError, match="must be an http"):
+        settings_for("ftp://x")
