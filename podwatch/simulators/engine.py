@@ -160,6 +160,22 @@ class Simulator:
         snap = self.physics.step(dt, t_new, demand, mods)
         self._tracker.update(t_new, snap.rack_return_c[0])
 
+    def inject(self, fault: dict, at_s: float | None = None) -> FaultRecord:
+        """Add a fault while running (the demo's "inject a pump failure now"): `fault` is one scenario
+        fault as a dict (`{"kind": "pump_failure", "target": "cdu-m1", "pumps": [1, 2], ...}`);
+        `onset_s` defaults to `at_s`, else to now. Returns its ground-truth record."""
+        data = dict(fault)
+        data.setdefault("onset_s", self.physics.t_s if at_s is None else at_s)
+        data.setdefault("id", f"{data.get('kind', 'fault')}-{len(self.scenario.faults)}")
+        probe = Scenario.parse({"name": self.scenario.name, "faults": [data]}, "inject", self.site)
+        new_fault = probe.faults[0]
+        self.scenario.faults.append(new_fault)
+        record = fault_records(probe, self.site, self.start_ms)[0]
+        self.truth.faults.append(record)
+        self._tracker.fault_racks.append((record, set(record.racks)))
+        log.info("injected %s on %s at t=%.0f s", new_fault.kind, new_fault.target, new_fault.onset_s)
+        return record
+
     def observe(self) -> Observation:
         """What every device reports now (noise and sensor faults applied)."""
         obs = self.observer.observe(self.physics.snapshot, self.start_ms)

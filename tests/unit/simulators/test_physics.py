@@ -167,3 +167,15 @@ def test_inference_load_follows_the_trace_between_idle_and_rated(demo):
     p = np.array(powers) / sim.state.topo.rated_kw
     assert p.min() >= 0.3 - 1e-9 and p.max() <= 1.0 + 1e-9
     assert p.std(axis=0).min() > 0.005  # real request bursts, not a constant
+
+
+def test_fault_injected_while_running_is_in_the_ground_truth(demo):
+    sim = Simulator(demo, None, seed=13, start_time=START_MS)
+    sim.step(60.0)
+    record = sim.inject({"kind": "pump_failure", "target": "cdu-m2", "pumps": [1, 2], "standby_takeover": False})
+    assert record.onset_ms == START_MS + 60_000 and set(record.racks) == {r.id for r in demo.racks if r.cdu == "cdu-m2"}
+    sim.step(240.0)
+    assert sim.truth.breaches and all(b.causes == [record.id] for b in sim.truth.breaches)
+    assert set(sim.truth.breached_racks) <= set(record.racks)
+    with pytest.raises(Exception, match="faults\\[0\\].target"):
+        sim.inject({"kind": "leak", "target": "nowhere", "magnitude": 1})
