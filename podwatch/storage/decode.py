@@ -69,6 +69,45 @@ def empty_rows() -> pl.DataFrame:
     return pl.DataFrame(schema=ROW_SCHEMA)
 
 
+# Metric-name dictionary of this process: name -> code, and key tuple -> codes. Bounded: cleared
+# (and rebuilt on demand) if a producer sends an unreasonable number of distinct names.
+_METRIC_CODE: dict[str, int] = {}
+_METRIC_NAMES: list[str] = []
+_KEY_CODES: dict[tuple, np.ndarray] = {}
+_CATEGORIES: list = [None]
+MAX_METRIC_NAMES = 100_000
+MAX_KEY_TUPLES = 50_000
+
+
+def _bound_metric_cache() -> None:
+    """Called between batches only: codes handed out within a batch must stay valid."""
+    if len(_METRIC_NAMES) > MAX_METRIC_NAMES or len(_KEY_CODES) > MAX_KEY_TUPLES:
+        _METRIC_CODE.clear()
+        _METRIC_NAMES.clear()
+        _KEY_CODES.clear()
+        _CATEGORIES[0] = None
+
+
+def _codes_for(names: tuple) -> np.ndarray:
+    codes = []
+    for name in names:
+        code = _METRIC_CODE.get(name)
+        if code is None:
+            code = _METRIC_CODE[name] = len(_METRIC_NAMES)
+            _METRIC_NAMES.append(name)
+            _CATEGORIES[0] = None
+        codes.append(code)
+    array = np.asarray(codes, dtype=np.uint32)
+    _KEY_CODES[names] = array
+    return array
+
+
+def _metric_categories() -> pl.Series:
+    if _CATEGORIES[0] is None:
+        _CATEGORIES[0] = pl.Series("metric", _METRIC_NAMES, dtype=pl.Categorical)
+    return _CATEGORIES[0]
+
+
 def _check_envelope(env) -> str | None:
     """Reason why `env` is not a usable v1 envelope, or None. Cheap checks, one per field."""
     if type(env) is not dict:
@@ -109,6 +148,7 @@ def _bad_point_value(points: dict) -> str | None:
 
 def decode_messages(values: list[bytes | None]) -> DecodedBatch:
     """Decode Kafka message values into rows; rejected messages are listed with a reason."""
+    _bound_metric_cache()
     rejected: list[Rejected] = []
     msg_index: list[int] = []
     devices: list[str] = []
@@ -116,10 +156,11 @@ def decode_messages(values: list[bytes | None]) -> DecodedBatch:
     ts_ms: list[int] = []
     qualities: list[int] = []
     counts: list[int] = []
-    metric_names: list[str] = []
+    metric_codes: list[np.ndarray] = []  # per message: codes of its metric names (cached per key tuple)
+    key_codes = _KEY_CODES
     point_values: list = []
     sites: set[str] = set()
-    overrides: list[tuple[int, int, dict]] = []  # (first row, message position, pq) for per-point quality
+    overrides: list[tuple[int, tuple, dict]] = []  # (first row, metric names, pq) for per-point quality
     loads = orjson.loads
     row = 0
     for i, raw in enumerate(values):
@@ -150,8 +191,14 @@ def decode_messages(values: list[bytes | None]) -> DecodedBatch:
         counts.append(len(points))
         pq = env.get("pq")
         if pq:
-            overrides.append((row, len(counts) - 1, pq))
-        metric_names.extend(points)
+            overrides.append((row, tuple(points), pq))
+        # A device sends the same metric names in the same order every time: one dict lookup per
+        # message instead of building a string per point.
+        names = tuple(points)
+        codes = key_codes.get(names)
+        if codes is None:
+            codes = _codes_for(names)
+        metric_codes.append(codes)
         point_values.extend(points.values())
         row += len(points)
 
@@ -168,9 +215,7 @@ def decode_messages(values: list[bytes | None]) -> DecodedBatch:
     reading_of_row = np.repeat(np.arange(len(counts), dtype=np.int64), counts_np)
     quality_rows = np.asarray(qualities, dtype=np.uint8)[reading_of_row] if len(counts) else np.empty(0, np.uint8)
     if overrides:
-        for first_row, reading, pq in overrides:
-            n = counts_np[reading]
-            names = metric_names[first_row:first_row + n]
+        for first_row, names, pq in overrides:
             for j, name in enumerate(names):
                 if name in pq:
                     quality_rows[first_row + j] = QUALITY_CODES[pq[name]]
@@ -196,7 +241,8 @@ def decode_messages(values: list[bytes | None]) -> DecodedBatch:
         {
             "ts": reading_frame["ts"].gather(reading_of_sorted_row).cast(pl.Datetime("ms")),
             "device": reading_frame["device"].gather(reading_of_sorted_row),
-            "metric": pl.Series(metric_names, dtype=pl.Categorical).gather(row_order),
+            "metric": _metric_categories().gather(
+                (np.concatenate(metric_codes) if metric_codes else np.empty(0, np.uint32))[row_order]),
             "value": value_series.gather(row_order),
             "quality": pl.Series(quality_rows, dtype=pl.UInt8).gather(row_order),
             "seq": reading_frame["seq"].gather(reading_of_sorted_row),

@@ -83,3 +83,12 @@ def test_booleans_are_rejected_like_the_stream_contract_says():
     batch = decode_messages([env(points={"cdu.pump1.running": True, "cdu.flow_lpm": 3.0}), env(device="truey")])
     assert [r.index for r in batch.rejected] == [0] and "True" in batch.rejected[0].reason
     assert batch.rows.height == 2
+
+def test_metric_name_cache_is_bounded_between_batches(monkeypatch):
+    from podwatch.storage import decode
+
+    monkeypatch.setattr(decode, "MAX_METRIC_NAMES", 3)
+    for i in range(4):
+        batch = decode_messages([env(points={f"m{i}_{k}_kw": float(k) for k in range(4)}), env(seq=2)])
+        metrics = batch.rows["metric"].cast(str).to_list()
+        assert set(metrics) == {f"m{i}_{k}_kw" for k in range(4)} | {"pdu.power_kw", "pdu.l1.voltage_v"}

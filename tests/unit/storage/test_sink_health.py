@@ -1,0 +1,39 @@
+"""/healthz logic of the sink: stuck ingest and unbounded lag growth."""
+
+from __future__ import annotations
+
+import time
+
+from podwatch.storage.db import Database
+from podwatch.storage.sink import DuckDBSink, SinkSettings, SinkStats
+
+
+def test_stuck_and_growing_lag_are_reported(tmp_path):
+    db = Database(tmp_path / "h.duckdb")
+    try:
+        sink = DuckDBSink(db, SinkSettings(kafka="127.0.0.1:1", stuck_after_s=30, lag_limit_messages=1000))
+        assert sink.health_problems() == ["sink is not running"]
+        sink._running = True
+        assert sink.health_problems() == []
+        sink.stats.lag = {0: 5000}
+        sink.stats.last_commit_monotonic = time.monotonic() - 60
+        problems = sink.health_problems()
+        assert any("ingest stuck: lag 5000" in p for p in problems)
+        sink.stats.last_commit_monotonic = time.monotonic()
+        now = time.monotonic()
+        for i, lag in enumerate([2000, 3000, 4000, 4500, 5000]):
+            sink.stats._lag_window.append((now - 50 + i * 10, lag))
+        assert any("keeps growing" in p for p in sink.health_problems())
+    finally:
+        db.close()
+
+
+def test_rates_and_latency_histogram():
+    stats = SinkStats()
+    for seconds in (0.004, 0.02, 0.2, 30.0):
+        stats.observe_latency(seconds)
+    assert sum(stats.latency_bucket_counts) == 4 and stats.latency_bucket_counts[-1] == 1
+    stats._rate_window.append((time.monotonic() - 2, 0, 0))
+    stats.points, stats.messages = 2000, 100
+    points_s, messages_s = stats.rates()
+    assert 900 < points_s < 1100 and 45 < messages_s < 55
