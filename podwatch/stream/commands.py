@@ -87,7 +87,8 @@ def register(app: typer.Typer) -> None:
              topic: str = typer.Option(TELEMETRY_TOPIC, "--topic", help="Topic to read"),
              count: int = typer.Option(10, "--count", "-n", min=1, help="Stop after this many messages"),
              follow: bool = typer.Option(False, "--follow", "-f", help="Only new messages (default: from the beginning)"),
-             idle_timeout: float = typer.Option(5.0, "--idle-timeout", help="Stop after this many seconds without a message"),
+             idle_timeout: float = typer.Option(5.0, "--idle-timeout",
+                                                help="Stop after this many seconds without a message (0: never)"),
              meta: bool = typer.Option(False, "--meta", help="Wrap each envelope with partition, offset and key")) -> None:
         """Print the messages of a topic as JSON lines (envelopes; invalid ones with the reason)."""
         from podwatch.stream.consumer import read_topic
@@ -107,7 +108,7 @@ def register(app: typer.Typer) -> None:
         async def run() -> int:
             printed = 0
             async for record in read_topic(kafka, topic, from_beginning=not follow, max_messages=count,
-                                           idle_timeout_s=idle_timeout):
+                                           idle_timeout_s=idle_timeout if idle_timeout > 0 else None):
                 typer.echo(render(record))
                 printed += 1
             return printed

@@ -489,6 +489,7 @@ class TelemetryProducer:
                 backoff = min(backoff * 2, s.retry_backoff_max_s)
                 with contextlib.suppress(asyncio.TimeoutError):
                     await asyncio.wait_for(self._hurry.wait(), delay)
+                self._hurry.clear()  # one immediate retry per stop(), never a hot loop
                 continue
             backoff = s.retry_backoff_min_s
 

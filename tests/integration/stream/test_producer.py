@@ -15,6 +15,7 @@ from podwatch.errors import PodwatchError
 from podwatch.health import REGISTRY, STANDARD_COUNTERS
 from podwatch.stream.envelope import decode_envelope, load_schema
 from podwatch.stream.producer import TelemetryProducer
+from podwatch.stream.spool import Spool
 from podwatch.stream.topics import ensure_topics
 from tests.conftest import wait_until
 from tests.integration.stream.conftest import fast_settings
@@ -136,6 +137,8 @@ async def test_spool_overflow_and_oversized_records_are_counted_drops(tansu_brok
     accepted = results.count(True)
     assert 0 < accepted < 60 and results == [True] * accepted + [False] * (60 - accepted)
     assert health.counters["dropped"] == 60 - accepted and health.counters["spooled"] == accepted
+    with Spool(tmp_path / "spool") as left:  # stop() left the unacked records on disk for the next start
+        assert left.pending_records == accepted
 
     big = producer(tansu_broker, tmp_path / "big", topics, "oversize", max_request_size=2000)
     async with big:
