@@ -31,6 +31,7 @@ def return_rows(device: str, values: list[float]) -> pl.DataFrame:
                          "metric": ["rack.liquid_return_temp_c"] * len(values), "value": values, "quality": [0] * len(values)})
 
 
+@pytest.mark.slow
 async def test_attached_to_service_and_cli_reads_through_api(webhook_sink, tmp_path):
     db = str(tmp_path / "site.duckdb")
     settings = settings_from_dict({"receivers": [{"type": "webhook", "name": "hook", "url": webhook_sink.url, "secret": "k"}],
