@@ -113,3 +113,36 @@ class KafkaSettings(BaseModel):
         """Keyword arguments of `aiokafka.admin.AIOKafkaAdminClient`."""
         return {"bootstrap_servers": self.bootstrap_servers, "client_id": self.client_id,
                 "request_timeout_ms": self.request_timeout_ms, **self._security_kwargs()}
+
+
+def load_kafka_settings(path: str | Path | None = None, **overrides) -> KafkaSettings:
+    """KafkaSettings from an optional YAML/JSON file (a mapping of the fields above, e.g. SASL/TLS
+    for Apache Kafka), with `overrides` (e.g. bootstrap_servers from `--kafka`) on top. `None`
+    overrides are ignored. Raises ConfigError listing every bad field with its name."""
+    import yaml
+    from pydantic import ValidationError
+
+    from podwatch.errors import ConfigError
+
+    source = str(path) if path is not None else "Kafka settings"
+    values: dict = {}
+    if path is not None:
+        try:
+            loaded = yaml.safe_load(Path(path).read_text())
+        except OSError as exc:
+            raise ConfigError(source, [f"cannot read the file: {exc.strerror or exc}"]) from None
+        except yaml.YAMLError as exc:
+            raise ConfigError(source, [f"not valid YAML/JSON: {exc}"]) from None
+        if loaded is not None and not isinstance(loaded, dict):
+            raise ConfigError(source, [f"expected a mapping of Kafka settings, got {type(loaded).__name__}"])
+        values.update(loaded or {})
+    values.update({k: v for k, v in overrides.items() if v is not None})
+    try:
+        return KafkaSettings(**values)
+    except ValidationError as exc:
+        errors = []
+        for err in exc.errors():
+            where = ".".join(str(p) for p in err["loc"])
+            message = err["msg"].removeprefix("Value error, ")
+            errors.extend(f"{where}: {m}" if where else m for m in message.split("; "))
+        raise ConfigError(source, errors) from None

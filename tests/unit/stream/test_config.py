@@ -45,3 +45,32 @@ def test_bad_settings_name_the_field(kwargs, message):
     with pytest.raises(ValidationError) as info:
         KafkaSettings(**kwargs)
     assert message in str(info.value)
+
+
+def test_load_from_file_with_overrides(tmp_path):
+    from podwatch.stream.config import load_kafka_settings
+
+    path = tmp_path / "kafka.yaml"
+    path.write_text("security_protocol: SASL_SSL\nsasl_mechanism: PLAIN\nsasl_plain_username: pw\n"
+                    "sasl_plain_password: s3cret\nenable_idempotence: true\n")
+    s = load_kafka_settings(path, bootstrap_servers="kafka:9093", client_id=None)
+    assert (s.bootstrap_servers, s.client_id, s.enable_idempotence) == ("kafka:9093", "podwatch", True)
+
+
+def test_load_reports_every_bad_field(tmp_path):
+    from podwatch.errors import ConfigError
+    from podwatch.stream.config import load_kafka_settings
+
+    path = tmp_path / "kafka.yaml"
+    path.write_text("linger_ms: -1\ncompression: zstd\nsecurity_protocol: SASL_SSL\n")
+    with pytest.raises(ConfigError) as info:
+        load_kafka_settings(path)
+    text = "\n".join(info.value.errors)
+    assert "linger_ms" in text and "compression" in text
+    path.write_text("security_protocol: SASL_SSL\nssl_certfile: /c.pem\n")
+    with pytest.raises(ConfigError) as info:
+        load_kafka_settings(path)
+    assert len(info.value.errors) == 2  # both cross-field problems, one line each
+    path.write_text("[1, 2]")
+    with pytest.raises(ConfigError, match="expected a mapping"):
+        load_kafka_settings(path)
