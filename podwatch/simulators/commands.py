@@ -133,9 +133,9 @@ async def _serve(site, scenario, seed, speed, clock, mqtt_url, duration, truth_o
                    + (f", for {duration:g} simulated s" if duration else ", Ctrl-C to stop"))
         for ep in sim.served():
             if ep.protocol == "mqtt":
-                typer.echo(f"  mqtt        {ep.address:<22} {len(ep.units)} devices publishing")
+                typer.echo(f"  {'mqtt':<19} {ep.address:<22} {len(ep.units)} devices publishing")
             else:
-                typer.echo(f"  {ep.protocol:<11} {ep.address:<22} units {_compress_units(list(ep.units))} "
+                typer.echo(f"  {ep.protocol:<19} {ep.address:<22} units {_compress_units(list(ep.units))} "
                            f"({len(ep.units)} devices)")
         first = next((e for e in sim.served() if e.protocol == "modbus-tcp"), None)
         if first is not None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -33,7 +34,7 @@ def test_simulate_serves_runs_a_scenario_and_writes_truth(small_site, tmp_path):
                  "--seed", "3", "--truth-out", str(truth), "--scenario", str(tmp_path / "pf.yaml"))
     assert r.returncode == 0, r.stderr
     gw = next(g for g in small_site.spec.gateways if g.id == "gw")
-    assert f"modbus-tcp  127.0.0.1:{gw.port}" in r.stdout and "units 1-2,50,101-102,200" in r.stdout
+    assert re.search(rf"modbus-tcp +127.0.0.1:{gw.port} ", r.stdout) and "units 1-2,50,101-102,200" in r.stdout
     assert "modbus-rtu-over-tcp" in r.stdout
     t = GroundTruth.read_json(truth)
     assert t.faults[0].kind == "pump_failure" and t.breached_racks == ["r1", "r2"]
