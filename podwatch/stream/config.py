@@ -53,6 +53,8 @@ class KafkaSettings(BaseModel):
                                                                       "are refused (counted as dropped) beyond it")
     spool_segment_bytes: int = Field(8 * 1024 * 1024, gt=0, description="Size at which a spool segment file rolls")
     spool_fsync: bool = Field(True, description="fsync spooled records before send() returns (group commit)")
+    health_log_interval_s: float = Field(60.0, ge=0, description="Log the producer's health counters this often "
+                                                                 "(0: never)")
 
     @model_validator(mode="after")
     def _check(self) -> "KafkaSettings":

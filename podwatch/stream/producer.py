@@ -138,6 +138,7 @@ class TelemetryProducer:
         self._stop_task: asyncio.Task | None = None
         self._outage_started: float | None = None
         self._drain_failures = 0
+        self._health_logger: asyncio.Task | None = None
         self._unconfirmed: tuple | None = None  # (SpoolBatch, futures, refused) of the last timed-out drain
 
     # ------------------------------------------------------------------ lifecycle
@@ -160,6 +161,8 @@ class TelemetryProducer:
                         extra=fields(bootstrap=s.bootstrap_servers, spool=str(self.spool_dir)))
         self._update_gauges()
         self._drainer = asyncio.get_running_loop().create_task(self._drain_loop(), name="kafka-spool-drainer")
+        if s.health_log_interval_s > 0:
+            self._health_logger = asyncio.get_running_loop().create_task(self._log_health_every(s.health_log_interval_s))
         log.info("Kafka producer started", extra=fields(bootstrap=s.bootstrap_servers, mode=self.mode,
                  spooled_records=self._spool.pending_records))
         return self
@@ -212,10 +215,11 @@ class TelemetryProducer:
             waiter = asyncio.get_running_loop().create_task(self._drained.wait())
             await asyncio.wait({waiter}, timeout=s.stop_drain_timeout_s)
             waiter.cancel()
-        if self._drainer is not None:
-            self._drainer.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._drainer
+        for task in (self._drainer, self._health_logger):
+            if task is not None:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
         await self._close_kafka()
         for fut in self._abandoned:
             if not fut.done():
@@ -227,8 +231,19 @@ class TelemetryProducer:
         finally:
             self._spool.close()
         self._update_gauges()
+        self.log_health()
         log.info("Kafka producer stopped", extra=fields(sent=self.health.counters.get("sent", 0),
                  left_in_spool=left, dropped=self.health.counters.get("dropped", 0)))
+
+    def log_health(self) -> None:
+        """One log line with every counter and gauge (also written periodically and at stop)."""
+        log.info("Kafka producer health", extra=fields(instance=self.health.instance, mode=self.mode,
+                                                       **self.health.snapshot()))
+
+    async def _log_health_every(self, interval_s: float) -> None:
+        while True:
+            await asyncio.sleep(interval_s)
+            self.log_health()
 
     async def _ensure_kafka(self) -> bool:
         """Start the aiokafka client if it is not running; False (no exception) when Kafka is down."""

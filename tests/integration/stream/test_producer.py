@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 
 import jsonschema
@@ -150,10 +151,13 @@ async def test_spool_overflow_and_oversized_records_are_counted_drops(tansu_brok
     assert (health.counters["dropped"], health.counters["sent"], health.counters["spooled"]) == (1, 1, 0)
 
 
-async def test_stop_is_idempotent_and_send_after_stop_is_refused(tansu_broker, topics, tmp_path):
-    p = producer(tansu_broker, tmp_path, topics, "lifecycle")
+async def test_stop_is_idempotent_and_send_after_stop_is_refused(tansu_broker, topics, tmp_path, caplog):
+    p = producer(tansu_broker, tmp_path, topics, "lifecycle", health_log_interval_s=0.05)
+    caplog.set_level(logging.INFO, logger="podwatch.stream.producer")
     await p.start()
     assert await p.send(reading("pdu-01", 1))
+    await wait_until(lambda: any(r.getMessage() == "Kafka producer health" and r.fields["sent"] == 1
+                                 for r in caplog.records), timeout=5, what="a periodic health log line")
     await asyncio.gather(p.stop(), p.stop())
     await p.stop()
     with pytest.raises(PodwatchError, match="not running"):
