@@ -128,6 +128,7 @@ class BacktestResult:
     predictions: pl.DataFrame  # ts, node, horizon, scale, y_kw, q{50,95,99}_kw, naive_q{..}_kw
     history_days: float
     quantiles: tuple[float, ...]
+    skipped: dict[str, str] = field(default_factory=dict)  # horizon -> why it was not evaluated
 
     def summary_lines(self) -> list[str]:
         lines = [f"rolling-origin backtest over {self.history_days:.1f} days of history"]
@@ -138,6 +139,7 @@ class BacktestResult:
                 lines.append(f"  P{round(q * 100)}: pinball model {s.pinball_model[q]:.4f} vs seasonal-naive "
                              f"{s.pinball_naive[q]:.4f} ({s.improvement(q) * 100:+.1f} % better); coverage model "
                              f"{s.coverage_model[q] * 100:.1f} % vs naive {s.coverage_naive[q] * 100:.1f} %")
+        lines += [f"[{h}] skipped: {why}" for h, why in self.skipped.items()]
         return lines
 
 
@@ -149,6 +151,7 @@ def rolling_origin_backtest(hourly_peaks: pl.DataFrame, timezone_name: str = "UT
     ts_all = hourly_peaks["ts"]
     history_days = (ts_all.max() - ts_all.min()).total_seconds() / 86400 + 1 / 24
     scores: dict[str, HorizonScores] = {}
+    skipped: dict[str, str] = {}
     pred_frames = []
     for horizon in horizons:
         h = HORIZON_HOURS[horizon]
@@ -156,12 +159,14 @@ def rolling_origin_backtest(hourly_peaks: pl.DataFrame, timezone_name: str = "UT
         frame = table.frame
         known = frame.filter(pl.col("target").is_not_nan())
         if known.is_empty():
+            skipped[horizon] = f"history too short for a {horizon} backtest: no origin with a known {horizon} peak"
             continue
         first = known["ts"].min() + timedelta(days=min_train_days) + timedelta(hours=h)
         last = known["ts"].max()
         if first > last:
-            raise ValueError(f"history too short for a {horizon} backtest: needs {min_train_days:g} training days "
-                             f"after the first 7 days, plus the horizon")
+            skipped[horizon] = (f"history too short for a {horizon} backtest: needs {min_train_days:g} training days "
+                                f"after the first 7 days, plus the horizon twice")
+            continue
         eval_rows = known.filter((pl.col("ts") >= first)
                                  & (((pl.col("ts") - pl.lit(first)).dt.total_hours()) % step_h == 0))
         collected = []
@@ -194,8 +199,10 @@ def rolling_origin_backtest(hourly_peaks: pl.DataFrame, timezone_name: str = "UT
             s.coverage_model[q] = coverage(y, model_q)
             s.coverage_naive[q] = coverage(y, naive_q)
         scores[horizon] = s
-    predictions = pl.concat(pred_frames) if pred_frames else pl.DataFrame()
-    return BacktestResult(scores=scores, predictions=predictions, history_days=history_days, quantiles=cfg.quantiles)
+    if not scores:
+        raise ValueError("; ".join(skipped.values()) or "nothing to evaluate")
+    return BacktestResult(scores=scores, predictions=pl.concat(pred_frames), history_days=history_days,
+                          quantiles=cfg.quantiles, skipped=skipped)
 
 
 def backtest_figures(result: BacktestResult, out_dir: str | Path, node: str | None = None) -> list[Path]:

@@ -23,7 +23,7 @@ import polars as pl
 
 from podwatch.analytics.capacity import site_capacities
 from podwatch.analytics.forecast import HORIZON_HOURS, ForecastConfig, forecast_peaks
-from podwatch.analytics.load import IT_SUFFIX, DataSourceError, LoadData
+from podwatch.analytics.load import IT_SUFFIX, DataSourceError, LoadData, duckdb_frame
 from podwatch.site import Site
 
 FORECAST_COLUMNS = ("generated_at", "node", "node_kind", "horizon", "usable_kw", "provisioned_kw", "measured_peak_kw",
@@ -153,8 +153,8 @@ def read_forecasts(path: str | Path) -> list[ForecastRow]:
         tables = {r[0] for r in con.execute("SELECT table_name FROM information_schema.tables").fetchall()}
         if "forecasts" not in tables:
             return []
-        frame = con.execute(f"SELECT {', '.join(FORECAST_COLUMNS)} FROM forecasts "
-                            "QUALIFY row_number() OVER (PARTITION BY node, horizon ORDER BY generated_at DESC) = 1").pl()
+        frame = duckdb_frame(con, f"SELECT {', '.join(FORECAST_COLUMNS)} FROM forecasts "
+                                  "QUALIFY row_number() OVER (PARTITION BY node, horizon ORDER BY generated_at DESC) = 1")
     finally:
         con.close()
     return [ForecastRow(**row) for row in frame.iter_rows(named=True)]

@@ -71,6 +71,11 @@ class LoadData:
 
 
 def _utc(frame: pl.DataFrame) -> pl.DataFrame:
+    """`ts` as microsecond UTC datetimes, whatever the source wrote (ms, naive, epoch ms)."""
+    return _to_utc(frame).with_columns(pl.col("ts").cast(pl.Datetime("us", "UTC")))
+
+
+def _to_utc(frame: pl.DataFrame) -> pl.DataFrame:
     dtype = frame.schema["ts"]
     if dtype.is_integer():
         return frame.with_columns(pl.from_epoch("ts", time_unit="ms").dt.replace_time_zone("UTC"))
@@ -79,6 +84,11 @@ def _utc(frame: pl.DataFrame) -> pl.DataFrame:
             return frame.with_columns(pl.col("ts").dt.replace_time_zone("UTC"))
         return frame.with_columns(pl.col("ts").dt.convert_time_zone("UTC"))
     raise DataSourceError(f"column 'ts' has type {dtype}; expected a timestamp or epoch milliseconds")
+
+
+def duckdb_frame(con, sql: str, params: list | None = None) -> pl.DataFrame:
+    """Run a query and return all its rows as polars (DuckDB 2 wants results fully consumed)."""
+    return con.sql(sql, params=params or None).pl()
 
 
 def read_samples_duckdb(path: str | Path, bucket_s: int, start: datetime | None = None,
@@ -115,11 +125,11 @@ def read_samples_duckdb(path: str | Path, bucket_s: int, start: datetime | None 
             params.append(end.replace(tzinfo=None) if end.tzinfo is None else end)
         cond = " AND ".join(where)
         counts = con.execute(f"SELECT count(*), count(*) FILTER (WHERE quality <> {GOOD_QUALITY} OR value IS NULL) "
-                             f"FROM samples WHERE {cond}", params).fetchone()
-        frame = con.execute(
-            f"SELECT time_bucket(INTERVAL '{int(bucket_s)} seconds', ts) AS ts, device, metric, avg(value) AS value "
-            f"FROM samples WHERE {cond} AND quality = {GOOD_QUALITY} AND value IS NOT NULL GROUP BY ALL ORDER BY ts",
-            params).pl()
+                             f"FROM samples WHERE {cond}", params).fetchall()[0]
+        frame = duckdb_frame(
+            con, f"SELECT time_bucket(INTERVAL '{int(bucket_s)} seconds', ts) AS ts, device, metric, avg(value) AS value "
+                 f"FROM samples WHERE {cond} AND quality = {GOOD_QUALITY} AND value IS NOT NULL GROUP BY ALL ORDER BY ts",
+            params)
     finally:
         con.close()
     return _utc(frame), int(counts[0]), int(counts[1])
@@ -130,6 +140,9 @@ def read_samples_parquet(folder: str | Path, bucket_s: int, start: datetime | No
     """Bucket means per (device, metric) from Parquet files in the long format under `folder`."""
     folder = Path(folder)
     files = sorted(folder.rglob("*.parquet")) if folder.is_dir() else ([folder] if folder.suffix == ".parquet" else [])
+    # a simulator/export folder also holds truth_*.parquet, risk_scores*.parquet, ...: samples only
+    named = [f for f in files if f.name.startswith("samples")]
+    files = named or files
     if not files:
         raise DataSourceError(f"--history {folder}: no .parquet files found")
     lazy = pl.scan_parquet(files, hive_partitioning=False, missing_columns="insert", extra_columns="ignore")

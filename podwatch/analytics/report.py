@@ -16,7 +16,7 @@ from pathlib import Path
 import polars as pl
 
 from podwatch.analytics.headroom import ForecastRow, HeadroomReport
-from podwatch.analytics.load import LoadData
+from podwatch.analytics.load import LoadData, duckdb_frame
 from podwatch.site import Site
 
 
@@ -230,9 +230,9 @@ def read_risk_and_alerts(db: str | Path | None = None, history: str | Path | Non
         try:
             con.execute("SET TimeZone = 'UTC'")
             tables = {r[0] for r in con.execute("SELECT table_name FROM information_schema.tables").fetchall()}
-            risks = con.execute("SELECT ts, rack, probability, level FROM risk_scores ORDER BY ts").pl() \
+            risks = duckdb_frame(con, "SELECT ts, rack, probability, level FROM risk_scores ORDER BY ts") \
                 if "risk_scores" in tables else None
-            alerts = con.execute("SELECT rule, target, severity, state, started_at, fired_at FROM alerts").pl() \
+            alerts = duckdb_frame(con, "SELECT rule, target, severity, state, started_at, fired_at FROM alerts") \
                 if "alerts" in tables else None
         finally:
             con.close()
