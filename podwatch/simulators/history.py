@@ -115,7 +115,58 @@ def generate_history(site: Site, days: float, resolution_s: int = 60, scenarios:
                         ("quality", pa.uint8())])
     samples_path = out / "samples.parquet"
     writer = pq.ParquetWriter(samples_path, schema, compression="zstd", use_dictionary=["device", "metric"])
-    # Parquet encoding releases the GIL: write day k in a thread while the physics computes day k+1
+    def emit(buffers: dict[str, np.ndarray], t: np.ndarray, steps: int) -> int:
+        """Observation, sensor/device faults, long-format columns and the Parquet write for one
+        chunk. Runs in the writer thread (one at a time, in order) while the physics steps on."""
+        obs = observer.observe(Snapshot(**buffers), start_ms)
+        apply_sensor_faults(scenario, obs, sensor_state)
+
+        ts_parts, dev_parts, met_parts, val_parts = [], [], [], []
+        for group in obs.groups.values():
+            if not group.devices:
+                continue
+            keep_rows = np.ones((steps, len(group.devices)), dtype=bool)
+            for f in dev_faults:
+                for j, d in enumerate(group.devices):
+                    if d.id == f.target:
+                        keep_rows[:, j] &= ~f.active(t)
+            codes = np.array([device_code[d.id] for d in group.devices], dtype=np.int32)
+            for metric, values in group.values.items():
+                cols = np.array([metric in served[d.id] for d in group.devices])
+                if not cols.any():
+                    continue
+                if metric not in metric_code:
+                    metric_code[metric] = len(metric_names)
+                    metric_names.append(metric)
+                v = values[:, cols].T  # device-major: each device's series is contiguous
+                keep = keep_rows[:, cols].T
+                n_dev = v.shape[0]
+                ts_block = np.broadcast_to(obs.ts_ms, (n_dev, steps))
+                dev_block = np.broadcast_to(codes[cols][:, None], (n_dev, steps))
+                if keep.all():
+                    ts_parts.append(ts_block.ravel())
+                    dev_parts.append(dev_block.ravel())
+                    val_parts.append(v.ravel())
+                else:
+                    ts_parts.append(ts_block[keep])
+                    dev_parts.append(dev_block[keep])
+                    val_parts.append(v[keep])
+                met_parts.append(np.full(val_parts[-1].size, metric_code[metric], dtype=np.int32))
+        values = np.concatenate(val_parts)
+        bad = np.isnan(values)
+        table = pa.Table.from_arrays([
+            pa.array(np.concatenate(ts_parts), pa.timestamp("ms", tz="UTC")),
+            pa.DictionaryArray.from_arrays(pa.array(np.concatenate(dev_parts), pa.int32()),
+                                           pa.array(device_names, pa.string())),
+            pa.DictionaryArray.from_arrays(pa.array(np.concatenate(met_parts), pa.int32()),
+                                           pa.array(metric_names, pa.string())),
+            pa.array(values, pa.float64(), mask=bad),
+            pa.array(np.where(bad, QUALITY_BAD, QUALITY_GOOD).astype(np.uint8), pa.uint8()),
+        ], schema=schema)
+        writer.write_table(table)
+        return table.num_rows
+
+    # numpy and Parquet encoding release the GIL: emit day k in a thread while the physics steps day k+1
     pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="history-writer")
     pending: Future | None = None
     n_steps = int(round(total_s / resolution_s))
@@ -137,59 +188,13 @@ def generate_history(site: Site, days: float, resolution_s: int = 60, scenarios:
                                               dtype=getattr(snap, name).dtype) for name in SNAPSHOT_FIELDS}
                 for name in SNAPSHOT_FIELDS:
                     buffers[name][i] = getattr(snap, name)[0]
-            obs = observer.observe(Snapshot(**buffers), start_ms)
-            apply_sensor_faults(scenario, obs, sensor_state)
-
-            ts_parts, dev_parts, met_parts, val_parts = [], [], [], []
-            for group in obs.groups.values():
-                if not group.devices:
-                    continue
-                keep_rows = np.ones((steps, len(group.devices)), dtype=bool)
-                for f in dev_faults:
-                    for j, d in enumerate(group.devices):
-                        if d.id == f.target:
-                            keep_rows[:, j] &= ~f.active(t)
-                codes = np.array([device_code[d.id] for d in group.devices], dtype=np.int32)
-                for metric, values in group.values.items():
-                    cols = np.array([metric in served[d.id] for d in group.devices])
-                    if not cols.any():
-                        continue
-                    if metric not in metric_code:
-                        metric_code[metric] = len(metric_names)
-                        metric_names.append(metric)
-                    v = values[:, cols].T  # device-major: each device's series is contiguous
-                    keep = keep_rows[:, cols].T
-                    n_dev = v.shape[0]
-                    ts_block = np.broadcast_to(obs.ts_ms, (n_dev, steps))
-                    dev_block = np.broadcast_to(codes[cols][:, None], (n_dev, steps))
-                    if keep.all():
-                        ts_parts.append(ts_block.ravel())
-                        dev_parts.append(dev_block.ravel())
-                        val_parts.append(v.ravel())
-                    else:
-                        ts_parts.append(ts_block[keep])
-                        dev_parts.append(dev_block[keep])
-                        val_parts.append(v[keep])
-                    met_parts.append(np.full(val_parts[-1].size, metric_code[metric], dtype=np.int32))
-            values = np.concatenate(val_parts)
-            bad = np.isnan(values)
-            table = pa.Table.from_arrays([
-                pa.array(np.concatenate(ts_parts), pa.timestamp("ms", tz="UTC")),
-                pa.DictionaryArray.from_arrays(pa.array(np.concatenate(dev_parts), pa.int32()),
-                                               pa.array(device_names, pa.string())),
-                pa.DictionaryArray.from_arrays(pa.array(np.concatenate(met_parts), pa.int32()),
-                                               pa.array(metric_names, pa.string())),
-                pa.array(values, pa.float64(), mask=bad),
-                pa.array(np.where(bad, QUALITY_BAD, QUALITY_GOOD).astype(np.uint8), pa.uint8()),
-            ], schema=schema)
             if pending is not None:
-                pending.result()
-            pending = pool.submit(writer.write_table, table)
-            rows_total += table.num_rows
+                rows_total += pending.result()
+            pending = pool.submit(emit, buffers, t, steps)
             if progress is not None:
                 progress(min(days, (c0 + steps) * resolution_s / 86400.0), days)
         if pending is not None:
-            pending.result()
+            rows_total += pending.result()
     finally:
         pool.shutdown(wait=True)
         writer.close()
