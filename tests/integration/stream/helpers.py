@@ -9,6 +9,7 @@ from aiokafka import AIOKafkaConsumer, TopicPartition
 
 from podwatch import procs
 from podwatch.samples import Reading
+from podwatch.stream.config import KafkaSettings
 
 
 class TcpProxy:
@@ -100,3 +101,11 @@ async def read_all(bootstrap: str, topic: str, expected: int, timeout_s: float =
         return out
     finally:
         await consumer.stop()
+
+
+def fast_settings(bootstrap: str, **overrides) -> KafkaSettings:
+    """Short bounds so that outages are detected and retried quickly in tests."""
+    values = dict(bootstrap_servers=bootstrap, delivery_timeout_s=2.0, request_timeout_ms=3000,
+                  retry_backoff_min_s=0.1, retry_backoff_max_s=1.0, stop_drain_timeout_s=3.0)
+    values.update(overrides)
+    return KafkaSettings(**values)

@@ -15,8 +15,7 @@ from podwatch.stream.envelope import decode_envelope
 from podwatch.stream.producer import TelemetryProducer
 from podwatch.stream.topics import ensure_topics
 from tests.conftest import wait_until
-from tests.integration.stream.conftest import fast_settings
-from tests.integration.stream.helpers import TcpProxy, read_all, reading, tansu_advertising
+from tests.integration.stream.helpers import TcpProxy, fast_settings, read_all, reading, tansu_advertising
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow, pytest.mark.timeout(120)]
 

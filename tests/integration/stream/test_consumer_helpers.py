@@ -10,8 +10,7 @@ from podwatch.errors import PodwatchError
 from podwatch.stream.consumer import DeadLetterPublisher, partition_lag, read_topic, total_lag
 from podwatch.stream.envelope import decode_envelope
 from podwatch.stream.producer import TelemetryProducer
-from tests.integration.stream.conftest import fast_settings
-from tests.integration.stream.helpers import reading
+from tests.integration.stream.helpers import fast_settings, reading
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(60)]
 

@@ -16,8 +16,7 @@ from podwatch import procs
 from podwatch.health import REGISTRY
 from podwatch.stream.envelope import decode_envelope
 from podwatch.stream.producer import TelemetryProducer
-from tests.integration.stream.conftest import fast_settings
-from tests.integration.stream.helpers import read_all
+from tests.integration.stream.helpers import fast_settings, read_all
 from tests.integration.stream.spool_writer import DEVICES
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(90)]

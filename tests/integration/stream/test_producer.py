@@ -19,8 +19,7 @@ from podwatch.stream.producer import TelemetryProducer
 from podwatch.stream.spool import Spool
 from podwatch.stream.topics import ensure_topics
 from tests.conftest import wait_until
-from tests.integration.stream.conftest import fast_settings
-from tests.integration.stream.helpers import read_all, reading
+from tests.integration.stream.helpers import fast_settings, read_all, reading
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(60)]
 
