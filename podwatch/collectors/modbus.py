@@ -277,6 +277,7 @@ class DeviceState:
     last_raw: tuple | None = None
     unchanged_polls: int = 0
     state: str = "healthy"
+    sleeping: bool = False  # waiting for its next tick (safe to cancel at stop)
     polls: int = 0
     poll_starts: deque = field(default_factory=lambda: deque(maxlen=256))  # loop.time() of each poll start
 
@@ -454,11 +455,14 @@ class ModbusCollector:
         while not stop.is_set():
             delay = next_at - loop.time()
             if delay > 0:
+                # a plain sleep (cheap); run() cancels sleeping loops at stop, never a poll in flight
+                st.sleeping = True
                 try:
-                    await asyncio.wait_for(stop.wait(), timeout=delay)
+                    await asyncio.sleep(delay)
+                finally:
+                    st.sleeping = False
+                if stop.is_set():
                     return
-                except asyncio.TimeoutError:
-                    pass
             tick = next_at
             try:
                 if st.next_attempt_at and loop.time() < st.next_attempt_at:
@@ -503,7 +507,11 @@ class ModbusCollector:
                                                           endpoints=len(self.endpoints)))
         try:
             await stop.wait()
-            # A poll in flight finishes (bounded by its timeouts) so its reading is not lost.
+            # Sleeping loops end now; a poll in flight finishes (bounded by its timeouts) so its
+            # reading is not lost.
+            for st, t in zip(states, tasks):
+                if st.sleeping:
+                    t.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
         finally:
             for t in tasks:
