@@ -73,6 +73,17 @@ def fault_records(scenario: Scenario, site: Site, start_ms: int) -> list[FaultRe
 
 
 class Simulator:
+    """One simulated site.
+
+    site: the validated site (`load_site`, with `port_offset` to move its ports).
+    scenario: a `Scenario`, a path to one, or None; checked against the site (ConfigError).
+    seed: load parameters, fault draws and measurement noise (same seed, same run).
+    speed / start_time / clock: simulated time vs wall time when running (see the module docstring).
+    tick_s: physics step. mqtt_url: publish MQTT devices there (None: not at all).
+    serve_modbus: start the Modbus servers in `start()`. host: bind every server to this host instead
+    of the site's. max_update_hz: register/MQTT refreshes per wall second at most.
+    """
+
     def __init__(self, site: Site, scenario: Scenario | str | Path | None = None, seed: int = 0, speed: float = 1.0,
                  start_time: datetime | int | None = None, clock: WallClock | ScaledClock | None = None,
                  tick_s: float = 1.0, mqtt_url: str | None = None, serve_modbus: bool = True,
