@@ -189,6 +189,7 @@ class MqttCollector:
         self._closed = False
         self.connected = asyncio.Event()  # set once connected and every subscription acknowledged
         self._pending_subacks: set[int] = set()
+        self._connect_failures = 0
         self.health.set("connected", 0)
 
     @property
@@ -222,6 +223,7 @@ class MqttCollector:
         client.on_disconnect = self._on_disconnect
         client.on_message = self._on_message
         client.on_subscribe = self._on_subscribe
+        client.on_connect_fail = self._on_connect_fail
         props = None
         if v5:
             props = Properties(PacketTypes.CONNECT)
@@ -238,6 +240,9 @@ class MqttCollector:
         if reason_code.is_failure:
             log.warning("MQTT broker refused the connection", extra=fields(url=self.mqtt.url, reason=str(reason_code)))
             return
+        if self._connect_failures:
+            log.info("MQTT broker reachable again", extra=fields(url=self.mqtt.url, failed_attempts=self._connect_failures))
+            self._connect_failures = 0
         self._pending_subacks = set()
         for sub in self.subscriptions:
             _, mid = client.subscribe(sub, qos=self.mqtt.qos)
@@ -245,6 +250,14 @@ class MqttCollector:
         log.info("MQTT collector connected",
                  extra=fields(url=self.mqtt.url, session_present=getattr(flags, "session_present", None),
                               subscriptions=",".join(self.subscriptions)))
+
+    def _on_connect_fail(self, client, userdata):
+        # first failure loudly, repeats quietly (paho keeps retrying with back-off)
+        self._connect_failures += 1
+        if self._connect_failures == 1:
+            log.warning("Cannot reach the MQTT broker; retrying with back-off", extra=fields(url=self.mqtt.url))
+        else:
+            log.debug("MQTT broker still unreachable", extra=fields(url=self.mqtt.url, attempts=self._connect_failures))
 
     def _on_subscribe(self, client, userdata, mid, reason_codes, properties):
         # `connected` means subscribed: messages published from now on reach us

@@ -181,3 +181,38 @@ async def test_qos1_message_is_not_acknowledged_until_the_sink_accepted_it(mosqu
     stop2.set()
     await task2
     assert sink.readings[0].points == {"rack.liquid_flow_lpm": 77.0}
+
+
+async def test_collector_started_before_the_broker_connects_when_it_comes_up(tmp_path, caplog):
+    import logging
+
+    from podwatch import procs
+    from podwatch.procs import free_port
+
+    port = free_port()
+    site = rack_site(1, [], sensors={"enabled": True}, site_id="t1",
+                     mqtt={"url": f"mqtt://127.0.0.1:{port}", "client_id": f"c-{uuid.uuid4().hex[:8]}"})
+    sink = MemorySink()
+    collector = MqttCollector(site, sink, MqttCollectorSettings(reconnect_max_s=1.0))  # retry every second
+    stop = asyncio.Event()
+    with caplog.at_level(logging.WARNING, logger="podwatch.collectors.mqtt"):
+        task = asyncio.create_task(collector.run(stop))
+        try:
+            await wait_until(lambda: any("Cannot reach the MQTT broker" in r.getMessage() for r in caplog.records), 5,
+                             what="unreachable broker logged")
+            with procs.mosquitto(port=port, workdir=tmp_path) as broker:
+                await asyncio.wait_for(collector.connected.wait(), 10)
+                pub = paho.Client(CallbackAPIVersion.VERSION2, client_id=f"pub-{uuid.uuid4().hex[:8]}")
+                pub.connect("127.0.0.1", broker.port)
+                pub.loop_start()
+                try:
+                    topic, body = bms("RackLiquidFlow", "r1", 42.0)
+                    pub.publish(topic, json.dumps(body), qos=1).wait_for_publish(5)
+                    await wait_until(lambda: sink.readings, 5, what="reading after the broker came up")
+                finally:
+                    pub.loop_stop()
+                    stop.set()
+                    await task
+        finally:
+            stop.set()
+    assert sink.readings[0].points == {"rack.liquid_flow_lpm": 42.0}
