@@ -58,7 +58,10 @@ async def test_service_ingests_serves_and_runs_extensions(tansu_broker, tmp_path
             assert "podwatch_ingest_dead_letters_total 1.0" in metrics
             assert "podwatch_ingest_batch_latency_seconds_bucket" in metrics
             assert 'podwatch_component_received_total{component="duckdb_sink"' in metrics
-            latest = (await client.get("/api/latest", params={"device": "pdu-002"})).json()
+            async def latest_rows():  # latest_values is flushed about every second
+                return (await client.get("/api/latest", params={"device": "pdu-002"})).json()
+
+            latest = await wait_until(latest_rows, timeout=10, what="latest values flushed")
             assert len(latest) == 5 and {r["value"] for r in latest} == {2049.0 + k / 10 for k in range(5)}
             assert (await client.get("/healthz")).json()["ok"] is True
     finally:
