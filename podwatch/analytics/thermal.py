@@ -6,7 +6,9 @@ within the horizon (site `thermal.risk_horizon_s`, default 300 s), with the reas
   then 1 by definition, see `ThermalModel.score`).
 - Model: scikit-learn `HistGradientBoostingClassifier` over the relative, physics-informed
   features of `features.MODEL_FEATURES` (margins, steady-state margin from ṁ·c_p·ΔT, slopes,
-  projections to the horizon), class-balanced so rare pre-breach rows count.
+  projections to the horizon), class-balanced so rare pre-breach rows count. The probability
+  is the larger of the model's and a physics floor (`physics_risk`: the worst-case settled margin
+  and a draining reservoir), so faults unlike the training set still raise the risk.
 - Saved (`save(model_dir)`) as `thermal.joblib` plus `thermal.json` with the metadata: version,
   features, horizon, training range and runs, level thresholds, and the evaluation scores.
 - Levels: ok < watch (0.2) <= warning (0.5) <= critical (0.8) on the probability.
@@ -181,6 +183,34 @@ def explain(row: dict[str, Any], max_reasons: int = 3) -> list[str]:
     return [text for _, text in cands[:max_reasons]] or ["all signals within healthy ranges"]
 
 
+# --------------------------------------------------------------------------- physics floor
+
+PHYSICS_SCALE_K = 0.5
+
+
+def physics_risk(features: pl.DataFrame, horizon_s: int) -> np.ndarray:
+    """A risk floor from first principles, independent of what the training set held.
+
+    - the worst-case margin (`worst_margin_c`: supply on its trend, load at its recent peak, at
+      the present flow, settled through ΔT = P·f/(ṁ·c_p)) through a logistic of scale 0.5 K:
+      0.5 at 0 K, 0.88 at −1 K, 0.12 at +1 K;
+    - a falling reservoir that reaches the pumps' air-drawing level within the horizon: 0.9.
+    The probability is the larger of this and the model's, so a fault the model never saw still
+    raises the risk when the physics says the loop cannot hold the limit."""
+    n = features.height
+    if n == 0:
+        return np.zeros(0)
+    p = np.zeros(n)
+    if "worst_margin_c" in features.columns:
+        worst = features["worst_margin_c"].cast(pl.Float64).fill_null(np.inf).to_numpy()
+        with np.errstate(over="ignore"):
+            p = np.maximum(p, 1.0 / (1.0 + np.exp(np.clip(worst / PHYSICS_SCALE_K, -50, 50))))
+    if "reservoir_time_to_low_s" in features.columns:
+        ttl = features["reservoir_time_to_low_s"].cast(pl.Float64).fill_null(np.inf).to_numpy()
+        p = np.where(ttl <= horizon_s, np.maximum(p, 0.9), p)
+    return p
+
+
 # --------------------------------------------------------------------------- the model
 
 @dataclass
@@ -198,7 +228,7 @@ class ThermalModel:
         if features.is_empty():
             return np.zeros(0)
         x = features.select([pl.col(c).cast(pl.Float64) for c in self.features]).to_numpy()
-        p = self.classifier.predict_proba(x)[:, 1]
+        p = np.maximum(self.classifier.predict_proba(x)[:, 1], physics_risk(features, self.horizon_s))
         # a rack already at or over its limit is in breach: the risk is certain
         margin = features["margin_c"].to_numpy() if "margin_c" in features.columns else None
         if margin is not None:
@@ -270,19 +300,28 @@ def training_frame(runs: list[TrainingRun], horizon_s: int) -> pl.DataFrame:
 
 
 def train_thermal(runs: list[TrainingRun], *, horizon_s: int = 300, max_iter: int = 200,
+                  max_negative_rows: int = 150_000,
                   random_state: int = 0, extra_metadata: dict[str, Any] | None = None) -> ThermalModel:
     """Fit the classifier on labelled feature rows of all runs."""
     data = training_frame(runs, horizon_s)
     if data.is_empty():
         raise ModelError("no feature rows to train on (are the histories empty?)")
+    # Healthy rows far outnumber the rest and teach little after the first tens of thousands:
+    # keep every positive and a seeded sample of the negatives (weights restore their share).
+    negatives = data.filter(pl.col("label") == 0)
+    keep_share = min(1.0, max_negative_rows / max(1, negatives.height))
+    if keep_share < 1.0:
+        data = pl.concat([data.filter(pl.col("label") == 1),
+                          negatives.sample(fraction=keep_share, seed=random_state)])
     y = data["label"].to_numpy()
     positives = int(y.sum())
     if positives == 0 or positives == len(y):
         raise ModelError(f"training needs both breach and healthy rows; got {positives} positive of {len(y)}")
     x = data.select([pl.col(c).cast(pl.Float64) for c in MODEL_FEATURES]).to_numpy()
     # Positives are rare; weigh them up (capped) so the boundary sits before the breach, not at it.
-    pos_weight = min(20.0, (len(y) - positives) / positives)
-    weights = np.where(y == 1, pos_weight, 1.0)
+    pos_weight = min(20.0, (len(y) - positives) / positives / keep_share)
+    weights = np.where(y == 1, pos_weight, 1.0 / keep_share)
+    pos_weight_note = pos_weight
     clf = HistGradientBoostingClassifier(max_iter=max_iter, learning_rate=0.08, max_leaf_nodes=31,
                                          min_samples_leaf=40, l2_regularization=1.0, random_state=random_state)
     clf.fit(x, y, sample_weight=weights)
@@ -292,7 +331,8 @@ def train_thermal(runs: list[TrainingRun], *, horizon_s: int = 300, max_iter: in
         "trained_at": now.isoformat(),
         "training_range": {"from": str(data["ts"].min()), "to": str(data["ts"].max())},
         "runs": [r.name for r in runs],
-        "rows": int(len(y)), "positives": positives, "positive_weight": pos_weight,
+        "rows": int(len(y)), "positives": positives, "positive_weight": pos_weight_note,
+        "negative_share_kept": keep_share,
         "params": {k: v for k, v in clf.get_params().items() if isinstance(v, (int, float, str, bool, type(None)))},
         "train_accuracy": float((clf.predict(x) == y).mean()),
         **(extra_metadata or {}),
