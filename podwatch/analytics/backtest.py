@@ -145,7 +145,8 @@ class BacktestResult:
 
 def rolling_origin_backtest(hourly_peaks: pl.DataFrame, timezone_name: str = "UTC",
                             config: ForecastConfig | None = None, horizons: tuple[str, ...] = ("24h", "7d"),
-                            step_h: int = 6, refit_every_h: int = 168, min_train_days: float = 10.0) -> BacktestResult:
+                            step_h: int = 6, refit_every_h: int = 168, min_train_days: float = 10.0,
+                            node_info: dict | None = None) -> BacktestResult:
     """Rolling-origin evaluation; see the module docstring for the protocol."""
     cfg = config or ForecastConfig()
     ts_all = hourly_peaks["ts"]
@@ -155,7 +156,7 @@ def rolling_origin_backtest(hourly_peaks: pl.DataFrame, timezone_name: str = "UT
     pred_frames = []
     for horizon in horizons:
         h = HORIZON_HOURS[horizon]
-        table = build_features(hourly_peaks, h, timezone_name)
+        table = build_features(hourly_peaks, h, timezone_name, node_info)
         frame = table.frame
         known = frame.filter(pl.col("target").is_not_nan())
         if known.is_empty():

@@ -188,7 +188,8 @@ def register(app: typer.Typer) -> None:
             load = node_loads(site, synthetic_history(site, synthetic_days, bucket_s, seed=seed), bucket_s)
         else:
             site, load = _load(site_file, db, history, bucket_s)
-        result = rolling_origin_backtest(load.hourly_peaks(), site.spec.site.timezone, step_h=step_h)
+        result = rolling_origin_backtest(load.hourly_peaks(), site.spec.site.timezone, step_h=step_h,
+                                         node_info=load.node_info())
         for line in result.summary_lines():
             typer.echo(line)
         if out:

@@ -79,7 +79,7 @@ def compute_headroom(site: Site, load: LoadData, config: ForecastConfig | None =
     generated_at = generated_at or datetime.now(timezone.utc)
     capacities = site_capacities(site)
     hourly = load.hourly_peaks()
-    forecasts, notes = forecast_peaks(hourly, site.spec.site.timezone, config, horizons)
+    forecasts, notes = forecast_peaks(hourly, site.spec.site.timezone, config, horizons, node_info=load.node_info())
     by_key = {(f.node, f.horizon): f for f in forecasts}
     last_ts = load.loads["ts"].max()
     rows: list[ForecastRow] = []

@@ -59,6 +59,13 @@ class LoadData:
     rows_read: int = 0
     rows_not_good: int = 0  # samples with quality != good, not used (counted, not hidden)
     missing_buckets: dict[str, int] = field(default_factory=dict)
+    racks_behind: dict[str, int] = field(default_factory=dict)
+
+    def node_info(self) -> dict:
+        """Kind and rack count per series, for the forecaster (`forecast.NodeInfo`)."""
+        from podwatch.analytics.forecast import NodeInfo
+
+        return {n: NodeInfo(kind=self.node_kinds.get(n, "other"), racks=self.racks_behind.get(n, 0)) for n in self.nodes}
 
     @property
     def nodes(self) -> list[str]:
@@ -238,7 +245,8 @@ def node_loads(site: Site, samples: pl.DataFrame, bucket_s: int) -> LoadData:
                  extra={"nodes_with_gaps": len(missing), "max_missing_buckets": max(missing.values())})
     return LoadData(loads=loads, bucket_s=int(bucket_s),
                     node_kinds={c: kinds[c.removesuffix(IT_SUFFIX)] for c in loads.columns if c != "ts"},
-                    missing_buckets=missing)
+                    missing_buckets=missing,
+                    racks_behind={c: len(capacities[c.removesuffix(IT_SUFFIX)].racks) for c in loads.columns if c != "ts"})
 
 
 def load_from_source(site: Site, db: str | Path | None = None, history: str | Path | None = None,
