@@ -69,6 +69,9 @@ PERMANENT_ERRORS = (MessageSizeTooLargeError, RecordListTooLargeError, InvalidTo
                     TypeError, ValueError)
 
 
+RECREATE_CLIENT_AFTER = 5  # failed drain rounds in a row before the aiokafka client is rebuilt
+
+
 def is_permanent(exc: BaseException) -> bool:
     """True for errors that a retry cannot fix. Everything else (including aiokafka's
     non-retriable `UnknownError` / `KafkaTimeoutError`, which Tansu returns around restarts and
@@ -221,10 +224,6 @@ class TelemetryProducer:
                 with contextlib.suppress(asyncio.CancelledError):
                     await task
         await self._close_kafka()
-        for fut in self._abandoned:
-            if not fut.done():
-                fut.cancel()
-        self._abandoned.clear()
         left = self._spool.pending_records
         try:
             await self._spool.flush()
@@ -265,6 +264,12 @@ class TelemetryProducer:
         producer, self._kafka = self._kafka, None
         if producer is not None:
             await self._close_client(producer)
+        # records the closed client still held can no longer be delivered: nothing to settle
+        for fut in self._abandoned:
+            if not fut.done():
+                fut.cancel()
+        self._abandoned.clear()
+        self._unconfirmed = None
 
     async def _close_client(self, producer: AIOKafkaProducer) -> None:
         """Stop an aiokafka producer within delivery_timeout_s; if its flush hangs (Kafka down),
@@ -500,6 +505,10 @@ class TelemetryProducer:
                 delivered = False
             if not delivered:
                 self.health.inc("retries")
+                if self._kafka is not None and self._drain_failures and self._drain_failures % RECREATE_CLIENT_AFTER == 0:
+                    # a long outage: start from a fresh client (a broker restart, a wedged connection
+                    # or a dead aiokafka sender task cannot outlive this)
+                    await self._close_kafka()
                 delay = _jitter(backoff)
                 backoff = min(backoff * 2, s.retry_backoff_max_s)
                 with contextlib.suppress(asyncio.TimeoutError):
