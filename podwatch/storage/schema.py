@@ -283,6 +283,7 @@ VIEWS_DDL = [
 def configure_connection(con: duckdb.DuckDBPyConnection) -> None:
     """Session settings every podwatch connection uses."""
     con.execute("SET TimeZone = 'UTC'")
+    con.execute("SET checkpoint_threshold = '256MB'")
 
 
 def ensure_schema(con: duckdb.DuckDBPyConnection) -> None:
