@@ -88,7 +88,7 @@ async def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--readings", type=int, default=50_000)
     parser.add_argument("--points", type=int, default=12, help="points per reading")
-    parser.add_argument("--rounds", type=int, default=2, help="best of this many interleaved runs")
+    parser.add_argument("--rounds", type=int, default=3, help="best of this many interleaved runs")
     parser.add_argument("--compression", default="zstd", choices=["zstd", "lz4", "gzip", "snappy", "none"])
     args = parser.parse_args()
     readings = make_readings(args.readings, args.points)
