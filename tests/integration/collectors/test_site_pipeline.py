@@ -101,22 +101,28 @@ async def test_demo_site_from_simulator_into_kafka(tansu_broker, mosquitto_broke
     await producer.start()
     mqtt = MqttSettings(url=mqtt_url, client_id=f"collect-{uuid.uuid4().hex[:8]}")
     runner = CollectorRunner(site, producer, mqtt_settings=mqtt)
+    # health records are per site id and process-wide: compare with the values before this run
+    before = {name: dict(c.health.counters) for name, c in (("modbus", runner.modbus), ("mqtt", runner.mqtt))}
     stop = asyncio.Event()
     task = asyncio.create_task(runner.run(stop))
     device_ids = {d.id for d in site.devices if d.enabled}
+
+    def delta(collector: str, counter: str) -> int:
+        return getattr(runner, collector).health.counters[counter] - before[collector][counter]
     try:
-        await wait_until(lambda: runner.modbus.health.counters["sent"] >= 3 * len(runner.modbus.devices), 20,
+        await wait_until(lambda: delta("modbus", "sent") >= 3 * len(runner.modbus.devices), 20,
                          what="three polls per Modbus device")
-        await wait_until(lambda: runner.mqtt.health.counters["sent"] >= 2 * len(runner.mqtt.devices), 20,
+        await wait_until(lambda: delta("mqtt", "sent") >= 2 * len(runner.mqtt.devices), 20,
                          what="two BMS readings per rack")
     finally:
         stop.set()
         await task
         await producer.stop()
         await sim.stop()
-    assert runner.modbus.health.counters["errors"] == 0 and runner.mqtt.health.counters["errors"] == 0
-    messages = await consume(tansu_broker, telemetry, lambda m: {e["device"] for e in m} >= device_ids
-                             and len(m) >= runner.modbus.health.counters["sent"] + runner.mqtt.health.counters["sent"])
+    assert delta("modbus", "errors") == 0 and delta("mqtt", "errors") == 0
+    sent = delta("modbus", "sent") + delta("mqtt", "sent")
+    messages = await consume(tansu_broker, telemetry, lambda m: {e["device"] for e in m} >= device_ids and len(m) >= sent)
+    assert len(messages) == sent  # every reading the collectors handed over is in Kafka, once
     check_messages(messages, device_ids)
     pdu = next(e for e in messages if e["device"] == "pdu-m1-r01-a" and e["quality"] == "good")
     assert 0 < pdu["points"]["pdu.power_kw"] < 132 and 200 < pdu["points"]["pdu.l1.voltage_v"] < 280
