@@ -131,6 +131,7 @@ class TelemetryProducer:
         self._inflight: dict[_InFlight, None] = {}  # insertion-ordered set: send order
         self._pending: list[tuple[list[SpoolRecord], asyncio.Future]] = []  # direct sends of this loop turn
         self._start_scheduled = False
+        self._enqueue_lock = asyncio.Lock()  # FIFO: groups reach aiokafka in submission order
         self._abandoned: set[asyncio.Future] = set()
         self._wake = asyncio.Event()
         self._hurry = asyncio.Event()  # cuts a drain backoff short (stop)
@@ -382,14 +383,17 @@ class TelemetryProducer:
         """Hand the records to aiokafka and wait for every ack (never cancelling aiokafka's futures)."""
         indexed: list[tuple[int, asyncio.Future]] = []
         try:
-            for index, record in enumerate(entry.records):
-                try:
-                    fut = await self._kafka.send(record.topic, record.value, key=record.key)
-                except PERMANENT_ERRORS as exc:
-                    entry.permanent[index] = exc
-                    continue
-                entry.futures.append(fut)
-                indexed.append((index, fut))
+            # One group hands its records over at a time: aiokafka's send() waits when a partition's
+            # batch is full, and another group's records must not slip in between (per-device order).
+            async with self._enqueue_lock:
+                for index, record in enumerate(entry.records):
+                    try:
+                        fut = await self._kafka.send(record.topic, record.value, key=record.key)
+                    except PERMANENT_ERRORS as exc:
+                        entry.permanent[index] = exc
+                        continue
+                    entry.futures.append(fut)
+                    indexed.append((index, fut))
             if entry.futures:
                 await asyncio.wait(entry.futures)
         except asyncio.CancelledError:
@@ -559,11 +563,12 @@ class TelemetryProducer:
         permanent: list[BaseException] = []
 
         async def enqueue() -> None:
-            for record in batch.records:
-                try:
-                    futures.append(await self._kafka.send(record.topic, record.value, key=record.key))
-                except PERMANENT_ERRORS as exc:
-                    permanent.append(exc)
+            async with self._enqueue_lock:
+                for record in batch.records:
+                    try:
+                        futures.append(await self._kafka.send(record.topic, record.value, key=record.key))
+                    except PERMANENT_ERRORS as exc:
+                        permanent.append(exc)
 
         loop = asyncio.get_running_loop()
         timeout_s = self._timeout_for(len(batch))

@@ -161,3 +161,29 @@ async def test_stop_is_idempotent_and_send_after_stop_is_refused(tansu_broker, t
     await p.stop()
     with pytest.raises(PodwatchError, match="not running"):
         await p.send(reading("pdu-01", 2))
+
+
+async def test_concurrent_sends_of_one_device_keep_their_order(tansu_broker, topics, tmp_path):
+    """Many concurrent send()/send_many() calls for the same devices while batches fill up
+    (small max_batch_size makes aiokafka wait for drains mid-group): order per device holds."""
+    devices = ["pdu-01", "pdu-02"]
+    seq = 0
+
+    async def sender(p: TelemetryProducer, turns: int) -> int:
+        nonlocal seq
+        for _ in range(turns):  # start in a later event-loop turn: a separate group in flight
+            await asyncio.sleep(0)
+        group = [reading(d, seq + i) for i in range(5) for d in devices]
+        seq += 5  # seqs are assigned in submission order
+        return await p.send_many(group)
+
+    async with producer(tansu_broker, tmp_path, topics, "concurrent", max_batch_size=2048, linger_ms=0) as p:
+        for _ in range(5):
+            results = await asyncio.gather(*(sender(p, turns) for turns in range(40)))
+            assert sum(results) == 40 * 5 * len(devices)
+    records = await read_all(tansu_broker, topics["telemetry"], seq * len(devices))
+    got: dict[str, list[int]] = {d: [] for d in devices}
+    for record in records:
+        env = decode_envelope(record.value)
+        got[env["device"]].append(env["seq"])
+    assert got == {d: list(range(seq)) for d in devices}
