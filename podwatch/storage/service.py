@@ -70,6 +70,7 @@ class Service:
         self._stopped = asyncio.Event()
         self._started = False
         self._stopping = False
+        self._stop_done = asyncio.Event()
         self.port: int | None = None
 
     # ------------------------------------------------------------------ extension points
@@ -156,18 +157,22 @@ class Service:
 
     async def stop(self) -> None:
         """Stop the API, the sink and periodic tasks; close the file (idempotent)."""
-        if self._stopping:
+        if self._stopping:  # a second caller waits for the first to finish
+            await self._stop_done.wait()
             return
         self._stopping = True
         self._stopped.set()
-        if self._server is not None:
-            self._server.should_exit = True
-        if self.sink is not None:
-            await self.sink.stop()
-        for task in self._tasks:
-            with contextlib.suppress(asyncio.TimeoutError, asyncio.CancelledError, Exception):
-                await asyncio.wait_for(task, 10)
-        if self.db is not None:
-            remove_owner(self.settings.db)
-            self.db.close()
+        try:
+            if self._server is not None:
+                self._server.should_exit = True
+            if self.sink is not None:
+                await self.sink.stop()
+            for task in self._tasks:
+                with contextlib.suppress(asyncio.TimeoutError, asyncio.CancelledError, Exception):
+                    await asyncio.wait_for(task, 10)
+            if self.db is not None:
+                remove_owner(self.settings.db)
+                self.db.close()
+        finally:
+            self._stop_done.set()
         log.info("podwatch service stopped")

@@ -182,6 +182,7 @@ class DuckDBSink:
         self._pending_write: asyncio.Task | None = None
         self._stop = asyncio.Event()
         self._run_finished = asyncio.Event()
+        self._stop_done = asyncio.Event()
         self._stopped = False
         self._running = False
         self._rollup_marks: dict[str, datetime | None] = {}
@@ -255,7 +256,8 @@ class DuckDBSink:
 
     async def stop(self) -> None:
         """Finish the batch being written, then close Kafka clients (idempotent)."""
-        if self._stopped:
+        if self._stopped:  # a second caller waits for the first to finish
+            await self._stop_done.wait()
             return
         self._stopped = True
         self._stop.set()
@@ -274,6 +276,7 @@ class DuckDBSink:
         if self._write_cursor is not None:
             with contextlib.suppress(Exception):
                 self._write_cursor.close()
+        self._stop_done.set()
         log.info("DuckDB sink stopped", extra=fields(points=self.stats.points, dead_letters=self.stats.dead_letters))
 
     @property

@@ -216,3 +216,14 @@ async def test_podwatch_sql_goes_through_the_api_when_the_service_owns_the_file(
     assert json.loads(out)[0] == {"device": "cdu-m1", "n": 1440}
     rc, out, err = await podwatch_sql("DELETE FROM samples")
     assert rc != 0 and "403" in err and "Traceback" not in err
+
+
+@pytest.mark.timeout(30)
+async def test_wide_views_through_sql(api):
+    auth = {"Authorization": f"Bearer {TOKEN}"}
+    rack = (await api.post("/api/sql", headers=auth, json={
+        "sql": "SELECT rack, avg(feed_a_kw) AS a, avg(feed_b_kw) AS b, avg(total_kw) AS total FROM rack_power GROUP BY rack"})).json()
+    assert rack == [{"rack": "m1-r01", "a": pytest.approx(62.5), "b": pytest.approx(57.5), "total": pytest.approx(120.0)}]
+    loops = (await api.post("/api/sql", headers=auth, json={
+        "sql": "SELECT cdu, count(*) AS n, avg(supply_temp_c) AS supply, avg(flow_lpm) AS flow FROM cdu_loops GROUP BY cdu"})).json()
+    assert loops == [{"cdu": "cdu-m1", "n": 720, "supply": pytest.approx(32.5), "flow": pytest.approx(902.5)}]

@@ -1,0 +1,51 @@
+"""`podwatch serve` as a process: starts, owns the file, answers, stops cleanly on SIGTERM."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import sys
+from pathlib import Path
+
+import httpx
+import pytest
+
+from tests.conftest import wait_until
+
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
+PODWATCH = str(Path(sys.executable).parent / "podwatch")
+REPO = Path(__file__).parents[3]
+
+
+@pytest.mark.timeout(60)
+async def test_serve_process_ingests_answers_and_stops(tansu_broker, tmp_path, free_port):
+    db = tmp_path / "serve.duckdb"
+    proc = await asyncio.create_subprocess_exec(
+        PODWATCH, "serve", "--db", str(db), "--kafka", tansu_broker, "--site", str(REPO / "examples/sites/demo.yaml"),
+        "--port", str(free_port), "--token", "tok", stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.PIPE,
+        env={**os.environ})
+    base = f"http://127.0.0.1:{free_port}"
+    try:
+        async with httpx.AsyncClient(base_url=base, timeout=5) as client:
+            async def healthy():
+                if proc.returncode is not None:
+                    raise AssertionError((await proc.stderr.read()).decode()[-2000:])
+                try:
+                    return (await client.get("/healthz")).status_code == 200
+                except httpx.TransportError:
+                    return False
+
+            await wait_until(healthy, timeout=40, what="podwatch serve healthy")
+            owner = json.loads(Path(f"{db}.serve.json").read_text())
+            assert owner["api_url"] == base and owner["token"] == "tok" and owner["pid"] == proc.pid
+            racks = (await client.get("/api/topology/racks")).json()
+            assert len(racks) == 16
+            assert (await client.get("/api/pipeline")).json()[0]["running"] is True
+    finally:
+        if proc.returncode is None:
+            proc.send_signal(signal.SIGTERM)
+        rc = await asyncio.wait_for(proc.wait(), 30)
+    assert rc == 0
+    assert not Path(f"{db}.serve.json").exists()
