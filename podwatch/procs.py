@@ -78,9 +78,9 @@ class ManagedProcess:
             self.stop()
             raise
         if self.proc.poll() is not None:
-            tail = self.log_tail()
+            tail, rc = self.log_tail(), self.proc.returncode
             self.stop()
-            raise PodwatchError(f"{self.name} exited at start (rc={self.proc.returncode}): {tail}")
+            raise PodwatchError(f"{self.name} exited at start (rc={rc}): {tail}")
         return self
 
     @property

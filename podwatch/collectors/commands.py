@@ -48,7 +48,7 @@ async def _ensure_topics(kafka: str) -> None:
 
 
 async def _run_collect(site, sink, modbus_settings, mqtt_settings, enable_mqtt: bool, health_interval_s: float,
-                       producer=None) -> None:
+                       producer=None, clock=None) -> None:
     from podwatch.collectors.runner import CollectorRunner
 
     if producer is not None:
@@ -60,7 +60,7 @@ async def _run_collect(site, sink, modbus_settings, mqtt_settings, enable_mqtt: 
         loop.add_signal_handler(sig, stop.set)
     try:
         runner = CollectorRunner(site, sink, modbus=modbus_settings, mqtt_settings=mqtt_settings,
-                                 health_log_interval_s=health_interval_s, enable_mqtt=enable_mqtt)
+                                 health_log_interval_s=health_interval_s, enable_mqtt=enable_mqtt, clock=clock)
         await runner.run(stop)
     finally:
         for sig in (signal.SIGINT, signal.SIGTERM):
@@ -86,12 +86,22 @@ def register(app: typer.Typer) -> None:
                                                  help="Maximum registers per read for every device."),
         max_gap: int | None = typer.Option(None, "--max-gap", min=0, help="Maximum unused registers read through."),
         health_interval_s: float = typer.Option(30.0, "--health-interval", help="Seconds between health log lines."),
+        speed: float = typer.Option(1.0, "--speed", min=0.001,
+                                    help="Simulated seconds per wall second (accelerated runs against `podwatch simulate`)."),
+        clock_origin: str | None = typer.Option(None, "--clock-origin",
+                                                help="Share the simulator's clock: WALL_MS:SIM_MS (as given to `simulate`)."),
     ) -> None:
         """Poll a site's Modbus devices and subscribe to its MQTT devices, into Kafka."""
         from podwatch.collectors.modbus import ModbusSettings, format_plan
         from podwatch.site import load_site
 
+        from podwatch.clock import ScaledClock
+
         site = load_site(site_file, port_offset=port_offset)
+        try:
+            clock = ScaledClock.from_spec(speed, clock_origin)
+        except ValueError:
+            raise ConfigError("--clock-origin", [f"{clock_origin!r}: expected WALL_MS:SIM_MS"]) from None
         try:
             modbus_settings = ModbusSettings(max_registers_per_read=max_registers, max_gap=max_gap)
         except ValueError as exc:
@@ -112,9 +122,11 @@ def register(app: typer.Typer) -> None:
         if print_readings:
             from podwatch.collectors.runner import StdoutSink
 
-            asyncio.run(_run_collect(site, StdoutSink(), modbus_settings, mqtt_settings, not no_mqtt, health_interval_s))
+            asyncio.run(_run_collect(site, StdoutSink(), modbus_settings, mqtt_settings, not no_mqtt, health_interval_s,
+                                     clock=clock))
             return
         if not kafka:
             raise ConfigError("options", ["--kafka HOST:PORT is required (or --print, or --plan)"])
         producer = _make_producer(kafka, site.id, spool_dir)
-        asyncio.run(_run_collect(site, producer, modbus_settings, mqtt_settings, not no_mqtt, health_interval_s, producer))
+        asyncio.run(_run_collect(site, producer, modbus_settings, mqtt_settings, not no_mqtt, health_interval_s, producer,
+                                 clock=clock))

@@ -45,6 +45,7 @@ from pymodbus.exceptions import ConnectionException, ModbusIOException
 from podwatch.collectors.planner import ReadPlan, ReadRequest, decode_request, plan_reads
 from podwatch.collectors.profiles import ModbusProfile, available_profiles
 from podwatch.errors import ConfigError
+from podwatch.clock import Clock, WallClock
 from podwatch.health import REGISTRY, ComponentHealth
 from podwatch.logs import fields
 from podwatch.samples import Quality, Reading
@@ -288,10 +289,14 @@ class ModbusCollector:
     component = "modbus_collector"
 
     def __init__(self, site: Site, sink: ReadingSink, settings: ModbusSettings | None = None,
-                 devices: Iterable[Device] | None = None, sequences: SequenceSource | None = None):
+                 devices: Iterable[Device] | None = None, sequences: SequenceSource | None = None,
+                 clock: Clock | None = None):
         self.site = site
         self.sink = sink
         self.settings = settings or ModbusSettings()
+        # Timestamps and intervals come from the clock: wall time in production, the simulator's
+        # scaled time in accelerated runs (a 1 s interval at speed 10 is 0.1 s of wall time).
+        self.clock = clock or WallClock()
         self.sequences = sequences or SequenceSource()
         self.health = REGISTRY.component(self.component, site.id)
         self._closed = False
@@ -337,7 +342,7 @@ class ModbusCollector:
         loop = asyncio.get_running_loop()
         st.poll_starts.append(loop.time())
         st.polls += 1
-        ts_ms = time.time_ns() // 1_000_000
+        ts_ms = self.clock.now_ms()
         dev = st.device
         values: dict[str, float | None] = {}
         point_quality: dict[str, Quality] = {}
@@ -419,7 +424,8 @@ class ModbusCollector:
             self.health.inc("errors")
         dev = st.device
         if exc.kind != "connection":  # the endpoint backs off connects itself
-            delay = min(dev.poll_interval_s * 2 ** (st.failures - 1), max(self.settings.backoff_max_s, dev.poll_interval_s))
+            interval = self.clock.to_wall_seconds(dev.poll_interval_s)
+            delay = min(interval * 2 ** (st.failures - 1), max(self.settings.backoff_max_s, interval))
             st.next_attempt_at = asyncio.get_running_loop().time() + _jitter(delay) if st.failures > 1 else 0.0
         if st.failures == 1 and exc.kind != "connection":  # a lost connection is logged once by its endpoint
             log.warning("Modbus poll failed; repeats are logged at debug level until the device recovers",
@@ -450,7 +456,7 @@ class ModbusCollector:
 
     async def _device_loop(self, st: DeviceState, first_at: float, stop: asyncio.Event) -> None:
         loop = asyncio.get_running_loop()
-        interval = st.device.poll_interval_s
+        interval = self.clock.to_wall_seconds(st.device.poll_interval_s)
         next_at = first_at
         while not stop.is_set():
             delay = next_at - loop.time()
@@ -466,13 +472,13 @@ class ModbusCollector:
             tick = next_at
             try:
                 if st.next_attempt_at and loop.time() < st.next_attempt_at:
-                    reading = self._bad_reading(st, time.time_ns() // 1_000_000)  # backing off: no request
+                    reading = self._bad_reading(st, self.clock.now_ms())  # backing off: no request
                 else:
                     reading = await self.poll_once(st.device.id)
             except Exception as exc:  # a bug must not silently end this device's polling
                 self.health.inc("errors")
                 log.exception("Unexpected error polling a Modbus device", extra=fields(device=st.device.id))
-                reading = self._failed(st, ModbusReadError("device_failure", repr(exc)), time.time_ns() // 1_000_000)
+                reading = self._failed(st, ModbusReadError("device_failure", repr(exc)), self.clock.now_ms())
             await self._emit(reading)
             next_at = tick + interval
             now = loop.time()
@@ -501,7 +507,7 @@ class ModbusCollector:
         n = max(1, len(states))
         tasks = []
         for i, st in enumerate(states):
-            offset = st.device.poll_interval_s * (i / n) if self.settings.stagger else 0.0
+            offset = self.clock.to_wall_seconds(st.device.poll_interval_s) * (i / n) if self.settings.stagger else 0.0
             tasks.append(asyncio.create_task(self._device_loop(st, t0 + offset, stop), name=f"poll {st.device.id}"))
         log.info("Modbus collector started", extra=fields(site=self.site.id, devices=len(states),
                                                           endpoints=len(self.endpoints)))

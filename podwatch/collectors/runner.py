@@ -28,14 +28,14 @@ class CollectorRunner:
     def __init__(self, site: Site, sink: ReadingSink, modbus: ModbusSettings | None = None,
                  mqtt: MqttCollectorSettings | None = None, mqtt_settings: MqttSettings | None = None,
                  health_log_interval_s: float = 30.0, sequences: SequenceSource | None = None,
-                 enable_mqtt: bool = True):
+                 enable_mqtt: bool = True, clock=None):
         self.site = site
         self.sink = sink
         self.sequences = sequences or SequenceSource()
         self.health_log_interval_s = health_log_interval_s
         has_modbus = any(d.protocol != "mqtt" and d.enabled for d in site.devices)
         has_mqtt = any(d.protocol == "mqtt" and d.enabled for d in site.devices)
-        self.modbus = ModbusCollector(site, sink, modbus, sequences=self.sequences) if has_modbus else None
+        self.modbus = ModbusCollector(site, sink, modbus, sequences=self.sequences, clock=clock) if has_modbus else None
         self.mqtt = (MqttCollector(site, sink, mqtt, mqtt_settings, sequences=self.sequences)
                      if has_mqtt and enable_mqtt else None)
 
