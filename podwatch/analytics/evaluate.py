@@ -3,7 +3,8 @@
 Per scored run (`EvalRun`: feature rows, ground-truth breaches with their fault kind and onset):
 
 - **Alarm**: the risk at or above the flag level (probability >= `flag_probability`, default
-  0.5 = "warning") for `confirm_s` (default 10 s: one 10 s score; raise it to trade lead for quiet). Gaps up to
+  0.5 = "warning") for `confirm_s` (default 10 s: one 10 s score), held until it falls below
+  `clear_probability` (0.3) — the hysteresis of the shipped `thermal_risk` alert rule. Gaps up to
   `merge_gap_s` do not end an alarm episode.
 - **Lead** of a breach: breach time minus the start of the alarm episode still running just
   before the breach; never counted from before the fault's onset (an alarm that started earlier
@@ -142,12 +143,24 @@ class EvalReport:
         return lines
 
 
-def alarm_flags(scores: pl.DataFrame, *, flag_probability: float, confirm_s: float, step_s: float) -> pl.DataFrame:
-    """Per (rack, ts): `alarm` = probability >= flag level held for `confirm_s`."""
+def alarm_flags(scores: pl.DataFrame, *, flag_probability: float, confirm_s: float, step_s: float,
+                clear_probability: float | None = None) -> pl.DataFrame:
+    """Per (rack, ts): `alarm` raised when the probability has been >= the flag level for
+    `confirm_s`, and held until it falls below `clear_probability` (hysteresis, as the default
+    alert rule: fire at 0.5, clear below 0.3)."""
     confirm_steps = max(1, int(round(confirm_s / step_s)))
+    clear = flag_probability if clear_probability is None else clear_probability
     s = scores.sort("rack", "ts").with_columns((pl.col("probability") >= flag_probability).alias("flag"))
     held = pl.col("flag").cast(pl.Int32).rolling_sum(confirm_steps, min_samples=confirm_steps).over("rack") >= confirm_steps
-    return s.with_columns(held.fill_null(False).alias("alarm"))
+    s = s.with_columns(held.fill_null(False).alias("raise"))
+    alarm = []
+    for raise_list, prob_list in s.group_by("rack", maintain_order=True).agg("raise", "probability").select(
+            "raise", "probability").iter_rows():
+        on = False
+        for r, p in zip(raise_list, prob_list):
+            on = (on and p >= clear) or r
+            alarm.append(on)
+    return s.with_columns(pl.Series("alarm", alarm, dtype=pl.Boolean))
 
 
 def _episodes(ts: list[datetime], alarm: list[bool], merge_gap_s: float) -> list[tuple[datetime, datetime]]:
@@ -163,6 +176,7 @@ def _episodes(ts: list[datetime], alarm: list[bool], merge_gap_s: float) -> list
 
 
 def evaluate_runs(model: ThermalModel, runs: list[EvalRun], *, flag_probability: float = FLAG_LEVEL_PROBABILITY,
+                  clear_probability: float = 0.3,
                   confirm_s: float = 10.0, merge_gap_s: float = 30.0, fa_merge_s: float = 600.0,
                   min_lead_s: float = 120.0, step_s: float = 10.0) -> EvalReport:
     results: list[BreachResult] = []
@@ -171,7 +185,8 @@ def evaluate_runs(model: ThermalModel, runs: list[EvalRun], *, flag_probability:
         if run.features.is_empty():
             continue
         scores = model.score(run.features, with_reasons=False)
-        flags = alarm_flags(scores, flag_probability=flag_probability, confirm_s=confirm_s, step_s=step_s)
+        flags = alarm_flags(scores, flag_probability=flag_probability, confirm_s=confirm_s, step_s=step_s,
+                            clear_probability=clear_probability)
         per_rack = {rack: (g["ts"].to_list(), g["alarm"].to_list())
                     for (rack,), g in flags.group_by("rack")}
         breaches = run.breaches if run.breaches is not None else pl.DataFrame(schema={"rack": pl.String,
@@ -217,6 +232,6 @@ def evaluate_runs(model: ThermalModel, runs: list[EvalRun], *, flag_probability:
         slow_fault_median_lead_s=statistics.median(slow) if slow else None,
         false_alarms=false_alarms, rack_days=rack_days,
         false_alarms_per_rack_day=(false_alarms / rack_days) if rack_days > 0 else None,
-        settings={"flag_probability": flag_probability, "confirm_s": confirm_s, "merge_gap_s": merge_gap_s,
+        settings={"flag_probability": flag_probability, "clear_probability": clear_probability, "confirm_s": confirm_s, "merge_gap_s": merge_gap_s,
                   "fa_merge_s": fa_merge_s, "min_lead_s": min_lead_s},
     )

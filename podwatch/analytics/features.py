@@ -13,8 +13,8 @@ end, so a row at ts uses samples up to ts only) with:
 - slopes (K/min, per minute) over 30 s, 2 min and 5 min of the return temperature, and over
   2 and 5 min of supply, steady-state margin, flow per kW, approach, facility water, reservoir;
 - projections to the risk horizon: the return margin extrapolated linearly and the
-  steady-state margin moved by the supply trend, the worst-case margin (supply trend plus the
-  load's 5-minute peak at the present flow), the time to the limit at the present rate, and the
+  steady-state margin moved by the supply trend, the worst-case margin (the higher of the
+  supply's 10-minute peak and its trend, plus the load's 10-minute peak at the present flow), the time to the limit at the present rate, and the
   time until a falling reservoir reaches the level where the pumps draw air.
 
 Model inputs are the relative columns in `MODEL_FEATURES` (margins, ratios, slopes), not
@@ -34,6 +34,7 @@ from podwatch.site import Site
 
 DEFAULT_STEP_S = 10
 SLOPE_WINDOWS_S = {"30s": 30, "2m": 120, "5m": 300}
+PEAK_WINDOW_S = 600  # recent peaks of load and supply that the worst case assumes can recur
 RESERVOIR_LOW_PCT = 20.0  # below this CDU pumps start drawing air (flow falls)
 
 _RACK_METRICS = {"rack.liquid_supply_temp_c": "supply_c", "rack.liquid_return_temp_c": "return_c",
@@ -176,11 +177,13 @@ def build_features(rows: pl.DataFrame, site: Site, *, step_s: int = DEFAULT_STEP
     ]
     f = f.with_columns(slopes)
     horizon_min = horizon_s / 60.0
-    # the highest load of the last 5 minutes: a rack that just peaked can peak again within the horizon
-    peak_steps = max(1, round(300 / step_s))
-    f = f.with_columns(pl.col("power_kw").rolling_max(peak_steps, min_samples=1).over("rack").alias("power_peak_5m_kw"))
+    # the highest load and supply of the last 10 minutes: what happened lately can happen again
+    # within the horizon (workload peaks, CDU supply control swings)
+    peak_steps = max(1, round(PEAK_WINDOW_S / step_s))
+    f = f.with_columns(pl.col("power_kw").rolling_max(peak_steps, min_samples=1).over("rack").alias("power_peak_kw"),
+                       pl.col("supply_c").rolling_max(peak_steps, min_samples=1).over("rack").alias("supply_peak_c"))
     f = f.with_columns(
-        (pl.col("power_peak_5m_kw") * pl.col("heat_to_liquid")
+        (pl.col("power_peak_kw") * pl.col("heat_to_liquid")
          / (pl.col("flow_lpm").clip(lower_bound=1.0) * cp_per_lpm)).clip(upper_bound=200.0).alias("dt_ss_peak_c"))
     f = f.with_columns(
         # linear extrapolation of the return to the horizon (2-min trend, rises only)
@@ -194,7 +197,9 @@ def build_features(rows: pl.DataFrame, site: Site, *, step_s: int = DEFAULT_STEP
         .otherwise(3600.0).alias("reservoir_time_to_low_s"),
         # worst case within the horizon: supply keeps its trend, the load returns to its recent
         # peak at the present flow — where the return would settle, against the limit
-        (pl.col("limit_c") - pl.col("supply_c") - pl.col("supply_slope_5m").clip(lower_bound=0.0).fill_null(0.0) * horizon_min
+        (pl.col("limit_c")
+         - pl.max_horizontal(pl.col("supply_peak_c"),
+                             pl.col("supply_c") + pl.col("supply_slope_5m").clip(lower_bound=0.0).fill_null(0.0) * horizon_min)
          - pl.col("dt_ss_peak_c")).alias("worst_margin_c"),
         pl.when(pl.col("return_slope_2m") > 0.01)
         .then((pl.col("margin_c").clip(lower_bound=0.0) / pl.col("return_slope_2m") * 60.0).clip(upper_bound=3600.0))

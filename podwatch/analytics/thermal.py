@@ -186,6 +186,8 @@ def explain(row: dict[str, Any], max_reasons: int = 3) -> list[str]:
 # --------------------------------------------------------------------------- physics floor
 
 PHYSICS_SCALE_K = 0.5
+MODEL_GATE_MARGIN_K = 6.0  # model risk above "watch" needs a worst-case or projected margin below this
+MODEL_GATE_CAP = 0.19
 
 
 def physics_risk(features: pl.DataFrame, horizon_s: int) -> np.ndarray:
@@ -228,7 +230,15 @@ class ThermalModel:
         if features.is_empty():
             return np.zeros(0)
         x = features.select([pl.col(c).cast(pl.Float64) for c in self.features]).to_numpy()
-        p = np.maximum(self.classifier.predict_proba(x)[:, 1], physics_risk(features, self.horizon_s))
+        p_model = self.classifier.predict_proba(x)[:, 1]
+        # A rack whose worst-case and extrapolated margins are both wide cannot reach its limit
+        # within the horizon without a new fault, which no model sees coming: cap the model there.
+        if "worst_margin_c" in features.columns and "proj_margin_c" in features.columns:
+            closest = np.fmin(features["worst_margin_c"].cast(pl.Float64).fill_null(np.nan).to_numpy(),
+                              features["proj_margin_c"].cast(pl.Float64).fill_null(np.nan).to_numpy())
+            p_model = np.where(np.nan_to_num(closest, nan=0.0) > MODEL_GATE_MARGIN_K,
+                               np.minimum(p_model, MODEL_GATE_CAP), p_model)
+        p = np.maximum(p_model, physics_risk(features, self.horizon_s))
         # a rack already at or over its limit is in breach: the risk is certain
         margin = features["margin_c"].to_numpy() if "margin_c" in features.columns else None
         if margin is not None:
