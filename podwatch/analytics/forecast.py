@@ -397,4 +397,20 @@ def forecast_peaks(hourly_peaks: pl.DataFrame, timezone: str = "UTC", config: Fo
             origin = rows["ts"][i] + __import__("datetime").timedelta(hours=1)
             out.append(PeakForecast(node=node, horizon=horizon, origin=origin, p50_kw=float(q[i, 0]),
                                     p95_kw=float(q[i, 1]), p99_kw=float(q[i, 2]), method=forecaster.version))
-    return out, notes
+    return _nested_windows(out), notes
+
+
+def _nested_windows(forecasts: list[PeakForecast]) -> list[PeakForecast]:
+    """The next 7 days contain the next 24 h, so the 7-day peak quantiles can be no lower than the
+    24-hour ones; lift them where the two models disagree (they are fitted separately)."""
+    import dataclasses
+
+    day = {f.node: f for f in forecasts if f.horizon == "24h"}
+    out = []
+    for f in forecasts:
+        d = day.get(f.node)
+        if f.horizon == "7d" and d is not None and f.origin == d.origin:
+            f = dataclasses.replace(f, p50_kw=max(f.p50_kw, d.p50_kw), p95_kw=max(f.p95_kw, d.p95_kw),
+                                    p99_kw=max(f.p99_kw, d.p99_kw))
+        out.append(f)
+    return out

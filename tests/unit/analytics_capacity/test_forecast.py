@@ -92,3 +92,11 @@ def test_short_history_falls_back_and_says_why():
 def test_too_short_history_skips_horizon():
     forecasts, notes = forecast_peaks(synthetic_hourly(days=5, nodes=1), horizons=("24h",))
     assert forecasts == [] and "7 days" in notes["24h"]
+
+
+def test_seven_day_peak_is_never_below_the_24_hour_peak():
+    forecasts, _ = forecast_peaks(synthetic_hourly(days=20, nodes=3), config=ForecastConfig(max_iter=20))
+    by = {(f.node, f.horizon): f for f in forecasts}
+    for node in ("node0", "node1", "node2"):
+        day, week = by[(node, "24h")], by[(node, "7d")]
+        assert week.p50_kw >= day.p50_kw and week.p95_kw >= day.p95_kw and week.p99_kw >= day.p99_kw
