@@ -25,6 +25,8 @@ def register(app: typer.Typer) -> None:
         from podwatch import procs
         from podwatch.stream.topics import ensure_topics
 
+        if port is not None and procs.port_open(host, port):
+            raise PodwatchError(f"{host}:{port} is already in use; choose another --port or leave it out for a free one")
         process = procs.tansu(port=port, host=host)
         stop = threading.Event()
         previous = {sig: signal.signal(sig, lambda *_: stop.set()) for sig in (signal.SIGINT, signal.SIGTERM)}

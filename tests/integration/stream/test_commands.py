@@ -102,3 +102,15 @@ def test_tail_prints_envelopes_and_marks_invalid_ones(tansu_broker, tmp_path):
     assert [line["value"].get("seq") for line in lines[:3]] == [0, 1, 2]
     assert lines[0]["key"] == "pdu-01" and lines[0]["partition"] == 0
     assert "schema version 2 is newer" in lines[3]["value"]["invalid"]
+
+
+def test_broker_refuses_a_busy_port():
+    import socket
+
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        result = CliRunner().invoke(app, ["broker", "--port", str(port)])
+    assert result.exit_code != 0
+    assert "already in use" in str(result.exception)
