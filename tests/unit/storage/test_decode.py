@@ -92,3 +92,21 @@ def test_metric_name_cache_is_bounded_between_batches(monkeypatch):
         batch = decode_messages([env(points={f"m{i}_{k}_kw": float(k) for k in range(4)}), env(seq=2)])
         metrics = batch.rows["metric"].cast(str).to_list()
         assert set(metrics) == {f"m{i}_{k}_kw" for k in range(4)} | {"pdu.power_kw", "pdu.l1.voltage_v"}
+
+
+def test_float32_values_are_stored_as_their_shortest_decimal_without_loss():
+    import numpy as np
+
+    from podwatch.storage.decode import shortest_float32_decimals
+
+    rng = np.random.default_rng(3)
+    f32 = (rng.random(10_000) * 1e4 - 5e3).astype(np.float32)
+    doubles = f32.astype(np.float64)                       # what a float32 register decodes to
+    short = shortest_float32_decimals(doubles)
+    assert (short.astype(np.float32) == f32).all()           # the device's value is unchanged
+    assert np.mean([len(repr(v)) for v in short]) < np.mean([len(repr(v)) for v in doubles]) - 4
+    genuine = np.array([230.1, 0.1 + 0.2, 1234567.891, 0.0, np.nan])
+    kept = shortest_float32_decimals(genuine)
+    assert kept[:4].tolist() == genuine[:4].tolist() and np.isnan(kept[4])  # float64 values left alone
+    batch = decode_messages([env(points={"a_kw": float(np.float32(19.87181)), "b_kw": None, "c_kw": 2})])
+    assert batch.rows["value"].to_list() == [19.87181, None, 2.0]
