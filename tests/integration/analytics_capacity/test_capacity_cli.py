@@ -158,3 +158,28 @@ def test_eval_forecast_on_synthetic_days(tmp_path):
     scores = json.loads((tmp_path / "scores.json").read_text())
     assert "24h" in scores and 0 <= scores["24h"]["coverage_model"]["0.95"] <= 1
     assert (tmp_path / "backtest_scores.png").exists()
+
+
+def test_forecast_prints_quantiles_and_exports_rows(history, tmp_path):
+    import polars as pl
+
+    out_file = tmp_path / "rows.parquet"
+    code, out = run("forecast", "--site", DEMO, "--history", str(history), *BUCKET, "--out", str(out_file))
+    assert code == 0, out
+    assert "bus-m1-a" in out and "m1-r01/a" not in out  # rack feeds only with --rack-feeds
+    rows = pl.read_parquet(out_file)
+    assert rows.columns == ["generated_at", "node", "node_kind", "horizon", "usable_kw", "provisioned_kw",
+                            "measured_peak_kw", "p50_kw", "p95_kw", "p99_kw", "headroom_kw", "stranded_kw",
+                            "model_version"]
+    assert rows.height == 82 and rows["p99_kw"].null_count() == 0
+
+
+def test_database_without_samples_is_a_clear_error(tmp_path):
+    from podwatch.storage.schema import ensure_schema
+
+    path = tmp_path / "empty.duckdb"
+    con = duckdb.connect(str(path))
+    ensure_schema(con)
+    con.close()
+    code, out = run("headroom", "--site", DEMO, "--db", str(path))
+    assert code == 1 and "no pdu.power_kw" in out
