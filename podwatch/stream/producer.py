@@ -18,6 +18,9 @@ Contract
   sends the oldest spooled records in batches and deletes them only after Kafka acked all of
   them; once the spool is empty after a successful drain, the producer goes back to DIRECT.
   So per-device order holds: a device's newer readings never overtake its spooled ones.
+  Concurrent sends of one event-loop turn are coalesced into one group (one task, one timeout);
+  groups reach aiokafka one at a time in submission order, so concurrent callers sending for
+  the same device keep their order too.
 - Delivery is at-least-once: a record whose ack was lost (or that aiokafka delivered after we
   gave up on it) may arrive twice; the sink drops duplicates by (device, seq). Before resending
   spooled records the drainer waits (bounded) for aiokafka to settle the records it abandoned,
