@@ -144,11 +144,15 @@ def read_samples_duckdb(path: str | Path, bucket_s: int, start: datetime | None 
 
 def read_samples_parquet(folder: str | Path, bucket_s: int, start: datetime | None = None,
                          end: datetime | None = None, metrics: tuple[str, ...] = LOAD_METRICS) -> tuple[pl.DataFrame, int, int]:
-    """Bucket means per (device, metric) from Parquet files in the long format under `folder`."""
+    """Bucket means per (device, metric) from Parquet files in the long format under `folder`:
+    a simulator history folder (`samples.parquet`), a `podwatch export` folder
+    (`samples/site=*/date=*/*.parquet`), or any folder of long-format files."""
     folder = Path(folder)
     files = sorted(folder.rglob("*.parquet")) if folder.is_dir() else ([folder] if folder.suffix == ".parquet" else [])
-    # a simulator/export folder also holds truth_*.parquet, risk_scores*.parquet, ...: samples only
-    named = [f for f in files if f.name.startswith("samples")]
+    # a simulator folder also holds truth_*.parquet, a `podwatch export` folder rollups, topology,
+    # alerts, ...: read only samples (simulator: samples.parquet; export: samples/site=/date=/*.parquet)
+    named = [f for f in files if f.name.startswith("samples") or "samples" in f.relative_to(folder).parts[:-1]] \
+        if folder.is_dir() else files
     files = named or files
     if not files:
         raise DataSourceError(f"--history {folder}: no .parquet files found")

@@ -183,3 +183,19 @@ def test_database_without_samples_is_a_clear_error(tmp_path):
     con.close()
     code, out = run("headroom", "--site", DEMO, "--db", str(path))
     assert code == 1 and "no pdu.power_kw" in out
+
+
+def test_headroom_reads_a_podwatch_export(db, tmp_path):
+    from podwatch.storage.export import export_parquet
+
+    con = duckdb.connect(str(db), read_only=True)
+    try:
+        export_parquet(con, tmp_path / "export", site="demo")
+    finally:
+        con.close()
+    # other tables are there too (topology, forecasts, ...) and must be ignored
+    assert (tmp_path / "export" / "topology" / "topo_racks.parquet").exists()
+    assert (tmp_path / "export" / "forecasts.parquet").exists()
+    code, out = run("headroom", "--site", DEMO, "--history", str(tmp_path / "export"), *BUCKET)
+    assert code == 0, out
+    assert "bus-m1-a" in out
