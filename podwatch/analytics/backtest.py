@@ -37,8 +37,6 @@ def synthetic_history(site: Site, days: float, resolution_s: int = 300, seed: in
     weekends, slow growth, a shared day-to-day demand level, AR(1) noise and short bursts; A/B PDUs
     share each rack's power about evenly; the substation meter adds cooling/auxiliary load; CDUs
     report heat removed. Used by tests and when no simulator history is available."""
-    from zoneinfo import ZoneInfo
-
     rng = np.random.default_rng(seed)
     start = start or datetime(2026, 1, 5, tzinfo=timezone.utc)  # a Monday
     n = int(days * 86400 // resolution_s)

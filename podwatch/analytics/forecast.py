@@ -26,11 +26,11 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from datetime import timedelta
+from typing import Literal
 
 import numpy as np
 import polars as pl
-from typing import Literal
-
 from pydantic import BaseModel, ConfigDict, Field
 
 HORIZON_HOURS = {"24h": 24, "7d": 168}
@@ -394,7 +394,7 @@ def forecast_peaks(hourly_peaks: pl.DataFrame, timezone: str = "UTC", config: Fo
         rows = table.frame.join(last, on=["node", "ts"], how="inner").sort("node")
         q = forecaster.predict(table, rows)
         for i, node in enumerate(rows["node"].to_list()):
-            origin = rows["ts"][i] + __import__("datetime").timedelta(hours=1)
+            origin = rows["ts"][i] + timedelta(hours=1)  # the window starts after the origin hour
             out.append(PeakForecast(node=node, horizon=horizon, origin=origin, p50_kw=float(q[i, 0]),
                                     p95_kw=float(q[i, 1]), p99_kw=float(q[i, 2]), method=forecaster.version))
     return _nested_windows(out), notes
