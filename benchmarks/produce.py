@@ -23,12 +23,17 @@ import logging
 
 from aiokafka import AIOKafkaProducer
 
+import sys
+
 from podwatch import procs
 from podwatch.samples import Reading
 from podwatch.stream.config import KafkaSettings
 from podwatch.stream.envelope import encode_reading
 from podwatch.stream.producer import TelemetryProducer
 from podwatch.stream.topics import ensure_topics
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _report import record  # noqa: E402
 
 
 def make_readings(n: int, points: int, devices: int = 500) -> list[Reading]:
@@ -111,6 +116,12 @@ async def main() -> None:
         spool_rate, drain_rate = await spool_then_drain(settings, Path(tmp) / "c", "bench.spooled", readings)
         print(f"  spool: send() while Kafka is down (fsync) {spool_rate:9,.0f} readings/s")
         print(f"  spool: drain of that backlog              {drain_rate:9,.0f} readings/s")
+        record("producer send_many: readings to Kafka (acks=all, zstd)", bulk, "readings/s", reference=raw,
+               reference_label="raw aiokafka send()+gather, same messages")
+        record("producer send() from 500 concurrent callers", conc, "readings/s", reference=raw,
+               reference_label="raw aiokafka send()+gather")
+        record("spool while Kafka is down (fsync before ack)", spool_rate, "readings/s")
+        record("spool drain after the outage", drain_rate, "readings/s", reference=raw, reference_label="raw aiokafka")
 
 
 if __name__ == "__main__":

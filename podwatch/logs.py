@@ -21,8 +21,11 @@ def configure_logging(level: int = logging.INFO) -> None:
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level)
-    for noisy in ("aiokafka", "pymodbus", "amqtt", "transitions", "uvicorn.access", "httpx", "asyncio"):
+    for noisy in ("pymodbus", "amqtt", "transitions", "uvicorn.access", "httpx", "asyncio"):
         logging.getLogger(noisy).setLevel(max(level, logging.WARNING))
+    # aiokafka logs every failed reconnect at ERROR during an outage; podwatch's producer and sink log
+    # the outage once, with what they do about it (spool, retry), so its own lines are kept for -v.
+    logging.getLogger("aiokafka").setLevel(logging.DEBUG if level <= logging.DEBUG else logging.CRITICAL)
 
 
 def fields(**kw) -> dict:
