@@ -235,3 +235,20 @@ def evaluate_runs(model: ThermalModel, runs: list[EvalRun], *, flag_probability:
         settings={"flag_probability": flag_probability, "clear_probability": clear_probability, "confirm_s": confirm_s, "merge_gap_s": merge_gap_s,
                   "fa_merge_s": fa_merge_s, "min_lead_s": min_lead_s},
     )
+
+
+class ReturnThresholdBaseline:
+    """The reference detector: the plain return-temperature alarm (fires `margin_k` below the
+    limit, like the shipped `rack_return_temp_high` rule at 50 °C for a 55 °C limit). Scored by
+    the same `evaluate_runs`, so the model's figures are read against it."""
+
+    version = "baseline-return-threshold"
+
+    def __init__(self, margin_k: float = 5.0, horizon_s: int = 300):
+        self.margin_k = margin_k
+        self.horizon_s = horizon_s
+
+    def score(self, features: pl.DataFrame, *, with_reasons: bool = False) -> pl.DataFrame:
+        f = features.filter(pl.col("return_c").is_not_null())
+        return f.select("rack", "ts", pl.lit(self.horizon_s).alias("horizon_s"),
+                        (pl.col("margin_c") <= self.margin_k).cast(pl.Float64).alias("probability"))
