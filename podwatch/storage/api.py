@@ -320,6 +320,8 @@ def create_app(service, extra_routes: list[Route] | None = None) -> Starlette:
           503: {description: '{"ok": false, "problems": [...]}'}
         """
         problems = service.sink.health_problems() if service.sink is not None else []
+        if not service.started:
+            problems.insert(0, "service is starting")
         return JSONResponse({"ok": not problems, "problems": problems}, status_code=503 if problems else 200)
 
     async def openapi(request: Request) -> Response:

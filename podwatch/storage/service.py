@@ -91,6 +91,11 @@ class Service:
         self._extra_routes.append(Route(path, endpoint, methods=methods or ["GET"], name=name))
 
     @property
+    def started(self) -> bool:
+        """True once start() finished (API up, owner file written, periodic tasks running)."""
+        return self._started and not self._stopping
+
+    @property
     def url(self) -> str:
         return f"http://{self.settings.host}:{self.port}"
 
