@@ -94,15 +94,43 @@ def compute_headroom(site: Site, load: LoadData, config: ForecastConfig | None =
             p99 = fc.p99_kw if fc else (0.0 if not cap.racks else None)
             it_fc = by_key.get((node_id + IT_SUFFIX, horizon))  # metered node: stranded vs IT draw only
             it_p99 = it_fc.p99_kw if it_fc else p99
+            version = fc.method if fc else ("no load behind this node" if not cap.racks else None)
+            if p99 is None and measured is not None:
+                # too little history to forecast (a new site, a short demo): say what we can, labelled
+                p99 = it_p99 = None
+                version = f"no forecast (history < 7 days); headroom from the measured {horizon} peak"
             rows.append(ForecastRow(
                 generated_at=generated_at, node=node_id, node_kind=cap.kind, horizon=horizon,
                 usable_kw=cap.usable_kw, provisioned_kw=cap.provisioned_kw,
                 measured_peak_kw=float(measured) if measured is not None else None,
                 p50_kw=fc.p50_kw if fc else None, p95_kw=fc.p95_kw if fc else None, p99_kw=fc.p99_kw if fc else None,
-                headroom_kw=cap.usable_kw - p99 if p99 is not None else None,
+                headroom_kw=(cap.usable_kw - p99 if p99 is not None
+                             else cap.usable_kw - float(measured) if measured is not None else None),
                 stranded_kw=cap.provisioned_kw - it_p99 if it_p99 is not None else None,
-                model_version=fc.method if fc else ("no load behind this node" if not cap.racks else None)))
+                model_version=version))
     return HeadroomReport(rows=rows, notes=notes, data_until=last_ts)
+
+
+def refresh_forecasts(con, site: Site, bucket_s: int = 60, history_days: float = 42.0,
+                      config: ForecastConfig | None = None, now: datetime | None = None) -> HeadroomReport:
+    """For the process that owns the DuckDB file (serve/demo): read the last `history_days` of
+    samples over `con`, compute headroom for every node and CDU, and store the rows in `forecasts`
+    (one transaction). Call it every few hours; a run takes seconds."""
+    from podwatch.analytics.load import node_loads, read_samples_connection
+
+    now = now or datetime.now(timezone.utc)
+    frame, rows_read, not_good = read_samples_connection(con, bucket_s, start=now - timedelta(days=history_days))
+    load = node_loads(site, frame, bucket_s)
+    load.rows_read, load.rows_not_good = rows_read, not_good
+    report = compute_headroom(site, load, config, generated_at=now)
+    con.execute("BEGIN TRANSACTION")
+    try:
+        write_forecasts(con, report.rows)
+        con.execute("COMMIT")
+    except Exception:
+        con.execute("ROLLBACK")
+        raise
+    return report
 
 
 def write_forecasts(con, rows: list[ForecastRow]) -> int:

@@ -118,27 +118,40 @@ def read_samples_duckdb(path: str | Path, bucket_s: int, start: datetime | None 
                 "(`podwatch export`) and pass --history DIR.") from None
         raise DataSourceError(f"--db {path}: {exc}") from None
     try:
-        con.execute("SET TimeZone = 'UTC'")
-        tables = {r[0] for r in con.execute("SELECT table_name FROM information_schema.tables").fetchall()}
-        if "samples" not in tables:
-            raise DataSourceError(f"--db {path}: no 'samples' table (is this a podwatch database?)")
-        where = ["metric IN (" + ",".join("?" for _ in metrics) + ")"]
-        params: list = list(metrics)
-        if start is not None:
-            where.append("ts >= ?")
-            params.append(start.replace(tzinfo=None) if start.tzinfo is None else start)
-        if end is not None:
-            where.append("ts < ?")
-            params.append(end.replace(tzinfo=None) if end.tzinfo is None else end)
-        cond = " AND ".join(where)
-        counts = con.execute(f"SELECT count(*), count(*) FILTER (WHERE quality <> {GOOD_QUALITY} OR value IS NULL) "
-                             f"FROM samples WHERE {cond}", params).fetchall()[0]
-        frame = duckdb_frame(
-            con, f"SELECT time_bucket(INTERVAL '{int(bucket_s)} seconds', ts) AS ts, device, metric, avg(value) AS value "
-                 f"FROM samples WHERE {cond} AND quality = {GOOD_QUALITY} AND value IS NOT NULL GROUP BY ALL ORDER BY ts",
-            params)
+        return read_samples_connection(con, bucket_s, start, end, metrics, what=f"--db {path}")
     finally:
         con.close()
+
+
+def _naive_utc(moment: datetime) -> datetime:
+    """`samples.ts` is TIMESTAMP holding UTC: compare with naive UTC datetimes."""
+    from datetime import timezone
+
+    return moment.astimezone(timezone.utc).replace(tzinfo=None) if moment.tzinfo is not None else moment
+
+
+def read_samples_connection(con, bucket_s: int, start: datetime | None = None, end: datetime | None = None,
+                            metrics: tuple[str, ...] = LOAD_METRICS, what: str = "database") -> tuple[pl.DataFrame, int, int]:
+    """Like `read_samples_duckdb`, over an open connection — for the process that owns the file."""
+    con.execute("SET TimeZone = 'UTC'")
+    tables = {r[0] for r in con.execute("SELECT table_name FROM information_schema.tables").fetchall()}
+    if "samples" not in tables:
+        raise DataSourceError(f"{what}: no 'samples' table (is this a podwatch database?)")
+    where = ["metric IN (" + ",".join("?" for _ in metrics) + ")"]
+    params: list = list(metrics)
+    if start is not None:
+        where.append("ts >= ?")
+        params.append(_naive_utc(start))
+    if end is not None:
+        where.append("ts < ?")
+        params.append(_naive_utc(end))
+    cond = " AND ".join(where)
+    counts = con.execute(f"SELECT count(*), count(*) FILTER (WHERE quality <> {GOOD_QUALITY} OR value IS NULL) "
+                         f"FROM samples WHERE {cond}", params).fetchall()[0]
+    frame = duckdb_frame(
+        con, f"SELECT time_bucket(INTERVAL '{int(bucket_s)} seconds', ts) AS ts, device, metric, avg(value) AS value "
+             f"FROM samples WHERE {cond} AND quality = {GOOD_QUALITY} AND value IS NOT NULL GROUP BY ALL ORDER BY ts",
+        params)
     return _utc(frame), int(counts[0]), int(counts[1])
 
 

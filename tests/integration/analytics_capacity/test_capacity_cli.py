@@ -199,3 +199,30 @@ def test_headroom_reads_a_podwatch_export(db, tmp_path):
     code, out = run("headroom", "--site", DEMO, "--history", str(tmp_path / "export"), *BUCKET)
     assert code == 0, out
     assert "bus-m1-a" in out
+
+
+def test_refresh_forecasts_in_the_owning_process(db, tmp_path):
+    """What serve/demo call with their own connection: read, forecast, store in one go."""
+    from podwatch.analytics.headroom import refresh_forecasts
+
+    path = tmp_path / "owned.duckdb"
+    path.write_bytes(db.read_bytes())
+    site = load_site(DEMO)
+    con = duckdb.connect(str(path))
+    try:
+        last = con.execute("SELECT max(ts) FROM samples").fetchall()[0][0]
+        from datetime import timedelta, timezone
+
+        now = last.replace(tzinfo=timezone.utc) + timedelta(minutes=10)
+        report = refresh_forecasts(con, site, bucket_s=600, now=now)
+        stored = con.execute("SELECT count(*), count(p99_kw) FROM forecasts "
+                             "WHERE generated_at = ?", [now]).fetchall()[0]
+        short = refresh_forecasts(con, site, bucket_s=600, history_days=3, now=now + timedelta(hours=1))
+    finally:
+        con.close()
+    assert stored[0] == len(report.rows) == 82 and stored[1] == 82
+    # three days are too few to forecast: headroom falls back to the measured peak, labelled
+    bus = next(r for r in short.rows if r.node == "bus-m1-a" and r.horizon == "24h")
+    assert bus.p99_kw is None and bus.measured_peak_kw is not None
+    assert bus.headroom_kw == pytest.approx(bus.usable_kw - bus.measured_peak_kw)
+    assert "no forecast" in bus.model_version
