@@ -170,7 +170,8 @@ def scenario_specs(sites: list[str], per_kind: int, hours: float, seed: int, *, 
             for i in range(per_kind):
                 cdu = cdus[int(rng.integers(len(cdus)))]
                 rack = racks[int(rng.integers(len(racks)))]
-                onset = float(rng.uniform(900, 0.3 * run_s))
+                earliest = min(900.0, 0.1 * run_s)
+                onset = float(rng.uniform(earliest, max(earliest + 1.0, 0.3 * run_s)))
                 base = {"kind": kind, "onset_s": round(onset, 1)}
                 lo, hi = ranges.get(kind, (0.0, 0.0))
                 magnitude = round(float(rng.uniform(lo, hi)), 3)
@@ -301,6 +302,8 @@ def register(app: typer.Typer) -> None:
         seed: int = typer.Option(1, "--seed"),
         horizon_s: int = typer.Option(0, "--horizon-s", min=0, help="Risk horizon (0: the site's thermal.risk_horizon_s)"),
         work_dir: Path = typer.Option(Path("build/thermal-train"), "--work-dir", help="Simulated histories go here"),
+        per_kind: int = typer.Option(3, "--per-kind", min=0, help="Targeted single-fault runs per fault kind and site"),
+        max_iter: int = typer.Option(200, "--max-iter", min=10, help="Boosting iterations"),
     ) -> None:
         """Train the thermal-risk model and save it with its metadata."""
         from podwatch.site import load_site
@@ -311,8 +314,9 @@ def register(app: typer.Typer) -> None:
             runs = [read_history_run(h, site[0]) for h in history]
         else:
             typer.echo(f"simulating {runs_per_site} x {hours:g} h per site on {', '.join(site)}")
-            runs = simulate_all(training_specs(site, runs_per_site, hours, seed, episodes_per_day), work_dir, typer.echo)
-        model = train_from_runs(runs, horizon)
+            runs = simulate_all(training_specs(site, runs_per_site, hours, seed, episodes_per_day, per_kind=per_kind),
+                                work_dir, typer.echo)
+        model = train_from_runs(runs, horizon, max_iter=max_iter)
         model.save(model_dir)
         m = model.metadata
         typer.echo(f"model {model.version}: {m['rows']} rows ({m['positives']} pre-breach) from {len(runs)} runs, "

@@ -1,0 +1,92 @@
+"""`podwatch train thermal`, `podwatch analyze`, `podwatch eval thermal` end to end on small
+simulated histories and a real DuckDB file."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import duckdb
+import pytest
+from typer.testing import CliRunner
+
+from podwatch.cli import app
+from podwatch.simulators.history import generate_history
+from podwatch.simulators.scenario import Scenario
+from podwatch.site import load_site
+
+SITE = str(Path(__file__).parents[3] / "examples/sites/demo.yaml")
+
+pytestmark = pytest.mark.slow
+
+
+def invoke(*args):
+    result = CliRunner().invoke(app, list(args))
+    return result.exit_code, result.output
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    """Trained from two recorded histories (`--history`): a pump trip and a leak."""
+    work = tmp_path_factory.mktemp("cli")
+    site = load_site(SITE)
+    faults = {"trip": {"kind": "pump_failure", "target": "cdu-m1", "onset_s": 900, "pumps": [1, 2],
+                       "standby_takeover": False},
+              "leak": {"kind": "leak", "target": "cdu-m2", "onset_s": 600, "magnitude": 9.0}}
+    histories = []
+    for i, (name, fault) in enumerate(faults.items()):
+        scenario = Scenario.parse({"name": name, "faults": [fault]}, name, site)
+        histories += ["--history", str(generate_history(site, days=1 / 24, resolution_s=10, scenarios=[scenario],
+                                                        seed=40 + i, out_dir=work / name).out_dir)]
+    code, out = invoke("train", "thermal", "--site", SITE, *histories, "--max-iter", "30",
+                       "--model-dir", str(work / "model"))
+    assert code == 0, out
+    assert "saved to" in out
+    return work / "model"
+
+
+def test_train_writes_model_and_metadata(model_dir):
+    meta = json.loads((model_dir / "thermal.json").read_text())
+    assert meta["kind"] == "thermal-hgb" and meta["horizon_s"] == 300
+    assert meta["sites"] == [SITE] and meta["positives"] > 0 and meta["runs"] == ["trip", "leak"]
+    assert (model_dir / "thermal.joblib").stat().st_size > 1000
+
+
+def test_analyze_history_writes_risk_scores(model_dir, tmp_path):
+    site = load_site(SITE)
+    scenario = Scenario.parse({"name": "trip", "faults": [{"kind": "pump_failure", "target": "cdu-m2", "onset_s": 500,
+                                                           "pumps": [1, 2], "standby_takeover": False}]}, "t", site)
+    hist = generate_history(site, days=560 / 86400, resolution_s=5, scenarios=[scenario], seed=8,
+                            out_dir=tmp_path / "hist")
+    db = tmp_path / "risk.duckdb"
+    code, out = invoke("analyze", "--site", SITE, "--history", str(hist.samples_path), "--write-db", str(db),
+                       "--model-dir", str(model_dir))
+    assert code == 0, out
+    assert "wrote 16 risk score(s)" in out
+    con = duckdb.connect(str(db), read_only=True)
+    rows = con.execute("SELECT rack, probability, level, reasons FROM risk_scores ORDER BY rack").fetchall()
+    con.close()
+    levels = {rack: (p, level, json.loads(reasons)) for rack, p, level, reasons in rows}
+    assert all(levels[f"m2-r0{i}"][0] >= 0.5 for i in range(1, 9))
+    assert all(levels[f"m1-r0{i}"][1] == "ok" for i in range(1, 9))
+    assert levels["m2-r01"][2] and levels["m2-r01"][2][0] != "all signals within healthy ranges"
+
+
+def test_user_errors_are_one_line(tmp_path):
+    code, out = invoke("analyze", "--site", SITE, "--history", str(tmp_path), "--model-dir", str(tmp_path))
+    assert code != 0 and "no thermal model" in out and "Traceback" not in out
+    code, out = invoke("eval", "thermal", "--site", SITE, "--model-dir", str(tmp_path / "none"))
+    assert code != 0 and "podwatch train thermal" in out
+
+
+def test_eval_prints_figures_and_goals(model_dir, tmp_path):
+    code, out = invoke("eval", "thermal", "--site", SITE, "--model-dir", str(model_dir), "--per-kind", "1",
+                       "--hours", "0.5", "--fault-free-hours", "0.5", "--work-dir", str(tmp_path / "ev"),
+                       "--json", str(tmp_path / "report.json"))
+    assert code == 0, out
+    for text in ("recall at >= 2 min lead", "median lead", "false alarms on fault-free runs", "goals:",
+                 "per rack-day"):
+        assert text in out
+    meta = json.loads((model_dir / "thermal.json").read_text())
+    assert "false_alarms_per_rack_day" in meta["scores"]
+    assert json.loads((tmp_path / "report.json").read_text())["goals"]
