@@ -122,7 +122,12 @@ class Service:
                                                         dead_letter_topic=s.dead_letter_topic, storage=s.storage))
             for fn in self._listeners:
                 self.sink.add_batch_listener(fn)
-            await self.sink.start()
+            try:
+                await self.sink.start()
+            except BaseException:
+                await self.sink.stop()
+                self.db.close()
+                raise
             self._tasks.append(asyncio.create_task(self._run_sink()))
         self.port = s.port or free_port(s.host)
         app = create_app(self, self._extra_routes)

@@ -28,6 +28,7 @@ import asyncio
 import contextlib
 import inspect
 import logging
+import random
 import threading
 import time
 from collections import deque
@@ -40,9 +41,10 @@ import polars as pl
 import pyarrow as pa
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from aiokafka.abc import ConsumerRebalanceListener
-from aiokafka.errors import KafkaError, OffsetOutOfRangeError
+from aiokafka.errors import KafkaConnectionError, KafkaError, OffsetOutOfRangeError
 from pydantic import BaseModel, ConfigDict, Field
 
+from podwatch.errors import PodwatchError
 from podwatch.health import REGISTRY, ComponentHealth
 from podwatch.logs import fields
 from podwatch.storage.db import Database
@@ -90,6 +92,7 @@ class SinkSettings(BaseModel):
     max_batch_messages: int = Field(20_000, gt=0, description="Messages per DuckDB transaction at most")
     fetch_timeout_ms: int = Field(200, gt=0)
     session_timeout_ms: int = Field(10_000, gt=0)
+    connect_timeout_s: float = Field(30.0, gt=0, description="Keep retrying an unreachable broker at start this long")
     dedup_window: int = Field(DEFAULT_WINDOW, gt=0, description="Readings per device remembered for dedup")
     stuck_after_s: float = Field(30.0, gt=0, description="/healthz fails when lag > 0 and nothing committed this long")
     lag_limit_messages: int = Field(1_000_000, gt=0, description="/healthz fails when lag exceeds this and keeps growing")
@@ -215,9 +218,23 @@ class DuckDBSink:
         site = self._write_cursor.execute("SELECT value FROM podwatch_meta WHERE key = 'site'").fetchone()
         if site:
             self._known_sites.add(site[0])
-        self._producer = AIOKafkaProducer(bootstrap_servers=s.kafka, acks="all", enable_idempotence=False,
-                                          linger_ms=5, request_timeout_ms=10_000)
-        self._consumer = AIOKafkaConsumer(
+        self._producer, self._consumer = self._make_clients()
+        await self._start_kafka_clients()
+        if s.group_id is not None:
+            self._consumer.subscribe([s.topic], listener=_SeekToStoredOffsets(self))
+        else:
+            partitions = await self._wait_for_partitions()
+            tps = [TopicPartition(s.topic, p) for p in sorted(partitions)]
+            self._consumer.assign(tps)
+            await self._seek_assigned(tps)
+        log.info("DuckDB sink started", extra=fields(db=self.db.path, kafka=s.kafka, topic=s.topic, group=s.group_id))
+
+    def _make_clients(self) -> tuple[AIOKafkaProducer, AIOKafkaConsumer]:
+        s = self.settings
+        # acks=all without idempotence (Tansu cannot do it); dedup by (device, seq) covers retries
+        producer = AIOKafkaProducer(bootstrap_servers=s.kafka, acks="all", enable_idempotence=False,
+                                    linger_ms=5, request_timeout_ms=10_000)
+        consumer = AIOKafkaConsumer(
             bootstrap_servers=s.kafka,
             group_id=s.group_id,
             enable_auto_commit=False,
@@ -232,16 +249,29 @@ class DuckDBSink:
             max_partition_fetch_bytes=16 * 1024 * 1024,
             metadata_max_age_ms=30_000,
         )
-        await self._producer.start()
-        await self._consumer.start()
-        if s.group_id is not None:
-            self._consumer.subscribe([s.topic], listener=_SeekToStoredOffsets(self))
-        else:
-            partitions = await self._wait_for_partitions()
-            tps = [TopicPartition(s.topic, p) for p in sorted(partitions)]
-            self._consumer.assign(tps)
-            await self._seek_assigned(tps)
-        log.info("DuckDB sink started", extra=fields(db=self.db.path, kafka=s.kafka, topic=s.topic, group=s.group_id))
+        return producer, consumer
+
+    async def _start_kafka_clients(self) -> None:
+        """Start producer and consumer; retry the retriable (broker not up yet) with jittered
+        backoff for `connect_timeout_s`, then fail with a message naming the broker."""
+        deadline = time.monotonic() + self.settings.connect_timeout_s
+        delay_s = 0.2
+        while True:
+            try:
+                await self._producer.start()
+                await self._consumer.start()
+                return
+            except KafkaError as exc:
+                for client in (self._consumer, self._producer):
+                    with contextlib.suppress(Exception):
+                        await client.stop()
+                retriable = getattr(exc, "retriable", False) or isinstance(exc, KafkaConnectionError)
+                if not retriable or time.monotonic() + delay_s > deadline:
+                    raise PodwatchError(f"cannot reach Kafka at {self.settings.kafka}: {exc}") from None
+                log.warning("Kafka not reachable yet; retrying", extra=fields(kafka=self.settings.kafka, error=str(exc)))
+                await asyncio.sleep(delay_s * random.uniform(0.5, 1.5))
+                delay_s = min(delay_s * 2, 5.0)
+                self._producer, self._consumer = self._make_clients()
 
     async def _wait_for_partitions(self) -> set[int]:
         deadline = time.monotonic() + 30
@@ -583,7 +613,11 @@ async def run_ingest(db_path: str, settings: SinkSettings, site_path: str | None
             load_topology_file(db.connection, site_path)
         sink = DuckDBSink(db, settings)
         loop = asyncio.get_running_loop()
-        await sink.start()
+        try:
+            await sink.start()
+        except BaseException:
+            await sink.stop()
+            raise
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, lambda: asyncio.ensure_future(sink.stop()))
         try:

@@ -37,3 +37,18 @@ def test_rates_and_latency_histogram():
     stats.points, stats.messages = 2000, 100
     points_s, messages_s = stats.rates()
     assert 900 < points_s < 1100 and 45 < messages_s < 55
+
+
+async def test_unreachable_broker_is_a_clear_error_after_retries(tmp_path, free_port):
+    import pytest
+
+    from podwatch.errors import PodwatchError
+
+    db = Database(tmp_path / "k.duckdb")
+    sink = DuckDBSink(db, SinkSettings(kafka=f"127.0.0.1:{free_port}", connect_timeout_s=1.0))
+    try:
+        with pytest.raises(PodwatchError, match=f"cannot reach Kafka at 127.0.0.1:{free_port}"):
+            await sink.start()
+    finally:
+        await sink.stop()
+        db.close()
