@@ -106,6 +106,10 @@ class SeqDeduper:
             outcome.changed_devices.add(device)
         return outcome
 
+    def newest_ts_ms(self) -> int | None:
+        """Newest reading time over all devices (epoch ms), or None when empty."""
+        return max((d.max_ts_ms for d in self._devices.values()), default=None)
+
     def state_rows(self, devices: set[str]) -> list[tuple[str, int, int]]:
         """(device, max_seq, max_ts_ms) for the `dedup_state` table."""
         return [(d, self._devices[d].max_seq, self._devices[d].max_ts_ms) for d in devices]

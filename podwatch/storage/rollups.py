@@ -129,9 +129,19 @@ def advance_rollups(con: duckdb.DuckDBPyConnection, lateness_s: float = 120.0) -
 
 
 def recompute_buckets(con: duckdb.DuckDBPyConnection, late_ts_min: datetime, late_ts_max: datetime,
-                      marks: dict[str, datetime | None]) -> int:
+                      marks: dict[str, datetime | None], raw_kept_since: datetime | None = None) -> int:
     """Recompute the closed buckets touched by late samples in [late_ts_min, late_ts_max].
-    Runs inside the caller's transaction (the sink's write). Returns buckets recomputed."""
+    Runs inside the caller's transaction (the sink's write). Returns buckets recomputed.
+    Buckets whose raw samples are (partly) past retention are left alone: recomputing them
+    from what is left would lose the rollup of the deleted samples."""
+    if raw_kept_since is not None:
+        safe_from = _floor(raw_kept_since, max(ROLLUP_SECONDS.values())) + timedelta(seconds=max(ROLLUP_SECONDS.values()))
+        if late_ts_min < safe_from:
+            log.warning("late samples older than the raw retention: stored, rollups not recomputed",
+                        extra=fields(oldest=late_ts_min, raw_kept_since=raw_kept_since))
+            late_ts_min = safe_from
+            if late_ts_min > late_ts_max:
+                return 0
     recomputed = 0
     for rollup, seconds in ROLLUP_SECONDS.items():
         mark = marks.get(rollup)

@@ -33,7 +33,7 @@ import threading
 import time
 from collections import deque
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
+from datetime import datetime, timedelta, timezone
 from typing import Any, Awaitable, Callable
 
 import numpy as np
@@ -504,7 +504,8 @@ class DuckDBSink:
                 ts_min = rows["ts"].min()
                 if ts_min < mark_1m:
                     late = rows.filter(pl.col("ts") < mark_1m)["ts"]
-                    recompute_buckets(cur, late.min(), late.max(), self._rollup_marks)
+                    recompute_buckets(cur, late.min(), late.max(), self._rollup_marks,
+                                      raw_kept_since=self._raw_kept_since(mark_1m))
             cur.execute("COMMIT")
         except BaseException:
             with contextlib.suppress(Exception):
@@ -512,6 +513,14 @@ class DuckDBSink:
             raise
         if rows.height:
             self._remember_latest(rows)
+
+    def _raw_kept_since(self, newest_hint: datetime) -> datetime | None:
+        days = self.settings.storage.raw_retention_days
+        if days is None:
+            return None
+        newest = max(newest_hint, datetime.fromtimestamp(self._dedup.newest_ts_ms() / 1000, timezone.utc).replace(tzinfo=None)
+                     if self._dedup.newest_ts_ms() else newest_hint)
+        return newest - timedelta(days=days)
 
     def _remember_latest(self, rows: pl.DataFrame) -> None:
         # rows are ordered by (device, ts): the last row of each series is its newest
