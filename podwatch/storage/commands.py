@@ -62,7 +62,6 @@ def _export(
     site: Optional[str] = typer.Option(None, "--site-id", help="Site id of the partitions (default: from the file)"),
 ) -> None:
     """Write hive-partitioned Parquet (site=/date=) readable by DuckDB, polars and pandas."""
-    from podwatch.storage.db import Database
     from podwatch.storage.export import export_parquet
 
     database = _open_read_only(db)

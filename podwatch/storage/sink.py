@@ -36,7 +36,6 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone
 from typing import Any, Awaitable, Callable
 
-import numpy as np
 import polars as pl
 import pyarrow as pa
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
@@ -191,7 +190,6 @@ class DuckDBSink:
         self._rollup_marks: dict[str, datetime | None] = {}
         self._last_retention = 0.0
         self._last_maintain = 0.0
-        self._tps: list[TopicPartition] = []
         self._known_sites: set[str] = set()
         self._latest_pending: pl.DataFrame | None = None
         self._latest_lock = threading.Lock()
@@ -330,7 +328,6 @@ class DuckDBSink:
     async def _seek_assigned(self, tps: list[TopicPartition]) -> None:
         await self._drain_write()
         stored = self._stored_offsets()
-        self._tps = sorted(set(self._tps) | set(tps), key=lambda tp: tp.partition)
         for tp in tps:
             if tp.partition in stored:
                 self._consumer.seek(tp, stored[tp.partition])
