@@ -19,7 +19,8 @@ on any resource it touches (ties: the second smallest, and so on — "leximin", 
 away from the tightest resources); it fits when that smallest margin is >= 0. The limiting resource is the one
 holding that smallest margin (when it does not fit, the one with the largest shortfall in the
 least-bad allocation). Small problems are solved exactly (branch and bound over allocations);
-large ones greedily, one rack at a time (the result says which). When the answer is no, the
+large ones greedily, one rack at a time (the result says which), with a pruned feasibility search
+to confirm a "no". When the answer is no, the
 alternatives say how many racks do fit, the largest rack power at which N fit, other modules
 that could take them, and how much the limiting resource would have to grow.
 """
@@ -33,7 +34,7 @@ from podwatch.analytics.capacity import cdu_capacity
 from podwatch.site import CONTINUOUS_LOAD_FACTOR, RackWhips, Site
 
 PREFERRED_HORIZONS = ("7d", "24h")
-EXACT_BUDGET = 200_000  # allocations explored before falling back to greedy
+EXACT_BUDGET = 50_000  # search nodes explored before falling back to greedy
 EPS = 1e-9
 
 
@@ -264,6 +265,12 @@ def _solve(site, p99, rack_kw, count, module, flow_lpm_per_kw, whips, notes):
     pos_list = positions(site, module)
     alloc, exact = _best_allocation(pos_list, by_position, resources, rack_kw, count)
     value, worst, after = evaluate(alloc, pos_list, by_position, resources, rack_kw)
+    if not exact and value < -EPS:
+        # greedy said no: make sure with the (pruned, exhaustive) feasibility search
+        found = _feasible(pos_list, by_position, resources, rack_kw, count)
+        if found is not None:
+            alloc = found
+            value, worst, after = evaluate(alloc, pos_list, by_position, resources, rack_kw)
     return resources, pos_list, alloc, exact, value, worst, after
 
 
@@ -309,22 +316,82 @@ def plan(site: Site, forecasts: Iterable | Mapping[str, float] | None, rack_kw: 
     return result
 
 
+def _feasible(pos_list, by_position, resources, rack_kw, count) -> tuple[int, ...] | None:
+    """An allocation that leaves every touched margin >= 0, or None. Depth-first with pruning: margins only
+    shrink as racks are added, so a prefix with a negative margin is abandoned at once. Much
+    cheaper than the leximin search; used for the alternatives."""
+    g = len(pos_list)
+    budget = [EXACT_BUDGET]
+
+    def margins_after(prefix: tuple[int, ...]) -> dict[str, float]:
+        """Margin of every resource after the prefix (untouched ones at their starting margin)."""
+        used: dict[str, int] = {}
+        for n, pos in zip(prefix, pos_list):
+            for rid in by_position[pos]:
+                used[rid] = used.get(rid, 0) + n
+        return {rid: res.margin_kw - rack_kw * used.get(rid, 0) for rid, res in resources.items()
+                if not res.per_rack_only}
+
+    def room(prefix: tuple[int, ...], left: int) -> bool:
+        """Necessary condition: the prefix is within every margin, and the remaining groups can
+        still hold `left` racks (each alone, and through every resource they all share)."""
+        margins = margins_after(prefix)
+        if any(margins[rid] < -EPS for n, pos in zip(prefix, pos_list) if n for rid in by_position[pos]):
+            return False
+        rest = pos_list[len(prefix):]
+        if not rest:
+            return left == 0
+        alone = [min(int(max(margins[r], 0.0) // rack_kw + EPS) for r in by_position[p]) for p in rest]
+        if sum(alone) < left:
+            return False
+        shared = set.intersection(*(set(by_position[p]) for p in rest))
+        return all(max(margins[r], 0.0) // rack_kw + EPS >= left for r in shared)
+
+    def dfs(prefix: tuple[int, ...], left: int) -> tuple[int, ...] | None:
+        budget[0] -= 1
+        if budget[0] <= 0:
+            return None
+        if len(prefix) == g - 1:
+            return prefix + (left,) if room(prefix + (left,), 0) else None
+        for n in range(left, -1, -1):
+            nxt = prefix + (n,)
+            if room(nxt, left - n):
+                found = dfs(nxt, left - n)
+                if found is not None:
+                    return found
+        return None
+
+    def ok(prefix: tuple[int, ...]) -> bool:
+        return evaluate(prefix + (0,) * (g - len(prefix)), pos_list, by_position, resources, rack_kw)[0] >= -EPS
+
+    if g == 1:
+        return (count,) if ok((count,)) else None
+    return dfs((), count) if room((), count) else None
+
+
 def _fits(site, p99, rack_kw, count, module, flow_lpm_per_kw, whips) -> bool:
     whip_usable = whips.side_kva() * site.spec.defaults.power_factor * CONTINUOUS_LOAD_FACTOR
-    return rack_kw <= whip_usable + EPS and _solve(site, p99, rack_kw, count, module, flow_lpm_per_kw, whips, [])[4] >= -EPS
+    if rack_kw > whip_usable + EPS:
+        return False
+    resources, by_position = build_resources(site, p99, rack_kw, flow_lpm_per_kw, whips, [])
+    pos_list = positions(site, module)
+    return bool(pos_list) and _feasible(pos_list, by_position, resources, rack_kw, count) is not None
 
 
 def _alternatives(site, p99, rack_kw, count, module, flow_lpm_per_kw, whips, worst, value) -> list[str]:
     out = []
-    fewer = 0
-    for n in range(count - 1, 0, -1):
-        if _fits(site, p99, rack_kw, n, module, flow_lpm_per_kw, whips):
-            fewer = n
-            break
+    lo_n, hi_n = 0, count  # largest n < count that fits: binary search (fewer racks always fit if more do)
+    while hi_n - lo_n > 1:
+        mid_n = (lo_n + hi_n) // 2
+        if _fits(site, p99, rack_kw, mid_n, module, flow_lpm_per_kw, whips):
+            lo_n = mid_n
+        else:
+            hi_n = mid_n
+    fewer = lo_n
     where = f" in module {module}" if module else ""
     out.append(f"{fewer} rack(s) of {rack_kw:g} kW fit{where}" if fewer else f"no rack of {rack_kw:g} kW fits{where}")
     lo, hi = 0.0, rack_kw
-    for _ in range(30):  # bisection on rack power to 1e-9 of the range
+    for _ in range(24):  # bisection on rack power, to ~1e-7 of the asked power
         mid = (lo + hi) / 2
         if _fits(site, p99, mid, count, module, flow_lpm_per_kw, whips):
             lo = mid

@@ -9,7 +9,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from podwatch.analytics.capacity import site_capacities
-from podwatch.analytics.planner import plan, positions
+from podwatch.analytics.planner import _fits, plan, positions
 from podwatch.site import CONTINUOUS_LOAD_FACTOR, RackWhips
 from tests.unit.analytics_capacity.sites import small_site
 
@@ -142,7 +142,7 @@ def planning_problem(draw):
     return site, p99, rack_kw, count, module
 
 
-@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=80, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(planning_problem())
 def test_planner_matches_brute_force(problem):
     site, p99, rack_kw, count, module = problem
@@ -152,6 +152,8 @@ def test_planner_matches_brute_force(problem):
     assert result.fits == fits
     assert result.limiting_margin_kw == pytest.approx(best, abs=1e-6)
     assert result.limiting_resource in limiting
+    # the cheaper feasibility search used for the alternatives agrees too
+    assert _fits(site, p99, rack_kw, count, module, FLOW_PER_KW, RackWhips()) == fits
     if fits:
         assert sum(result.placements.values()) == count
         assert all(c.margin_after_kw >= -1e-9 for c in result.checks)
