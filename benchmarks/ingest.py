@@ -39,6 +39,7 @@ from podwatch import procs  # noqa: E402
 from podwatch.samples import Reading  # noqa: E402
 from podwatch.storage import queries  # noqa: E402
 from podwatch.storage.db import Database  # noqa: E402
+from podwatch.storage.ids import insert_named_samples  # noqa: E402
 from podwatch.storage.rollups import advance_rollups  # noqa: E402
 from podwatch.storage.sink import DuckDBSink, SinkSettings  # noqa: E402
 
@@ -127,13 +128,11 @@ def big_table(path: Path, samples: int) -> None:
     step = 600  # seconds of data per INSERT, in time order like the sink (sorted by device, ts inside a batch)
     t = time.perf_counter()
     for lo in range(0, seconds, step):
-        con.execute(f"""
-            INSERT INTO samples
-            SELECT ?::TIMESTAMP + to_seconds(s), 'dev-' || lpad(d::VARCHAR, 4, '0'),
-                   CASE WHEN d < 500 THEN 'pdu.' ELSE 'cdu.' END || 'metric_' || m || '_kw',
-                   round(40 + d % 50 + m + 3 * sin(s / 600.0 + d), 2), 0, s
-            FROM range({lo}, {min(lo + step, seconds)}) a(s), range({devices}) b(d), range({metrics}) c(m)
-            ORDER BY d, s, m""", [start])
+        insert_named_samples(con, f"""
+            SELECT ?::TIMESTAMP + to_seconds(s) AS ts, 'dev-' || lpad(d::VARCHAR, 4, '0') AS device,
+                   CASE WHEN d < 500 THEN 'pdu.' ELSE 'cdu.' END || 'metric_' || m || '_kw' AS metric,
+                   round(40 + d % 50 + m + 3 * sin(s / 600.0 + d), 2) AS value, 0 AS quality, s AS seq
+            FROM range({lo}, {min(lo + step, seconds)}) a(s), range({devices}) b(d), range({metrics}) c(m)""", [start])
     con.execute("INSERT INTO dedup_state SELECT device, max(seq), max(ts) FROM samples GROUP BY device")
     con.execute("INSERT INTO latest_values SELECT device, metric, max(ts), arg_max(value, ts), 0 FROM samples GROUP BY ALL")
     con.execute("INSERT INTO topo_devices (device, kind, rack) SELECT 'dev-' || lpad(d::VARCHAR, 4, '0'), "
@@ -235,7 +234,7 @@ async def ingest_figures(args) -> None:
         check.close()
         print(f"bytes per stored point: {size / points:.2f} ({size / 1e6:.1f} MB file / {points:,} points; goal <= 3); "
               f"{used / points:.2f} counting used blocks only (free blocks left by incremental checkpoints excluded)")
-        print(f"  samples table alone (copied in stored order to a fresh file): {samples_only_bytes(work / 'ingest.duckdb') / points:.2f} B/point")
+        print(f"  sample_rows table alone (copied in stored order to a fresh file): {samples_only_bytes(work / 'ingest.duckdb') / points:.2f} B/point")
 
 
 def samples_only_bytes(path: Path) -> int:
@@ -244,7 +243,7 @@ def samples_only_bytes(path: Path) -> int:
     copy = path.with_name("samples-only.duckdb")
     con = duckdb.connect(str(copy))
     con.execute(f"ATTACH '{path}' AS src (READ_ONLY)")
-    con.execute("CREATE TABLE samples AS SELECT * FROM src.samples")
+    con.execute("CREATE TABLE samples AS SELECT * FROM src.sample_rows")
     con.execute("DETACH src")
     con.execute("CHECKPOINT")
     used = con.execute("SELECT used_blocks * block_size FROM pragma_database_size()").fetchone()[0]

@@ -172,7 +172,8 @@ def apply_retention(con: duckdb.DuckDBPyConnection, settings: StorageSettings) -
         if days is None:
             continue
         cutoff = newest - timedelta(days=days)
-        n = con.execute(f"DELETE FROM {relation} WHERE ts < ?", [cutoff]).fetchone()[0]
+        table = "sample_rows" if relation == "samples" else relation  # samples is a view over sample_rows
+        n = con.execute(f"DELETE FROM {table} WHERE ts < ?", [cutoff]).fetchone()[0]
         if n:
             deleted[relation] = n
     if deleted:

@@ -73,18 +73,40 @@ def ensure_shared_tables(con: duckdb.DuckDBPyConnection) -> None:
 # path; every connection also runs with TimeZone=UTC so TIMESTAMPTZ columns print as UTC).
 
 SAMPLES_DDL = """
-CREATE TABLE IF NOT EXISTS samples (
-    ts      TIMESTAMP NOT NULL,   -- UTC time the device was read (ms precision)
-    device  VARCHAR   NOT NULL,   -- device id from the site file (dictionary-compressed by DuckDB)
-    metric  VARCHAR   NOT NULL,   -- canonical metric name with unit suffix, podwatch/metrics.py
-    value   DOUBLE,               -- NULL when quality is bad
-    quality UTINYINT  NOT NULL,   -- 0 good, 1 stale, 2 bad
-    seq     UBIGINT   NOT NULL    -- the reading's per-device sequence number (dedup key with device)
+CREATE TABLE IF NOT EXISTS sample_rows (
+    ts        TIMESTAMP NOT NULL,   -- UTC time the device was read (ms precision)
+    device_id UINTEGER  NOT NULL,   -- device_ids.device_id
+    metric_id UINTEGER  NOT NULL,   -- metric_ids.metric_id
+    value     DOUBLE,               -- NULL when quality is bad
+    quality   UTINYINT  NOT NULL,   -- 0 good, 1 stale, 2 bad
+    seq       UBIGINT   NOT NULL    -- the reading's per-device sequence number (dedup key with device)
 )
+"""
+
+# `samples` is what everyone reads: one row per reading of one metric, with names.
+SAMPLES_VIEW_DDL = """
+CREATE OR REPLACE VIEW samples AS
+SELECT r.ts, d.device, m.metric, r.value, r.quality, r.seq
+FROM sample_rows r
+JOIN device_ids d ON d.device_id = r.device_id
+JOIN metric_ids m ON m.metric_id = r.metric_id
 """
 
 STORAGE_TABLES_DDL = [
     SAMPLES_DDL,
+    # Integer ids of names (storage/ids.py): ids compress to almost nothing, strings do not.
+    """
+    CREATE TABLE IF NOT EXISTS device_ids (
+        device_id UINTEGER PRIMARY KEY,
+        device    VARCHAR NOT NULL UNIQUE
+    )
+    """,
+    """
+    CREATE TABLE IF NOT EXISTS metric_ids (
+        metric_id UINTEGER PRIMARY KEY,
+        metric    VARCHAR NOT NULL UNIQUE
+    )
+    """,
     # Per-device dedup state: the highest sequence number stored and its time; the recent
     # window of sequence numbers is rebuilt from `samples` on start (see dedup.py).
     """
@@ -294,5 +316,6 @@ def ensure_schema(con: duckdb.DuckDBPyConnection) -> None:
     for name in ROLLUPS:
         con.execute(_rollup_ddl(name))
     ensure_shared_tables(con)
+    con.execute(SAMPLES_VIEW_DDL)
     for ddl in VIEWS_DDL:
         con.execute(ddl)

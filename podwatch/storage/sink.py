@@ -49,6 +49,7 @@ from podwatch.logs import fields
 from podwatch.storage.db import Database
 from podwatch.storage.decode import DecodedBatch, decode_messages, select_readings
 from podwatch.storage.dedup import DEFAULT_WINDOW, SeqDeduper
+from podwatch.storage.ids import IdMap
 from podwatch.storage.rollups import (
     StorageSettings,
     advance_rollups,
@@ -192,6 +193,8 @@ class DuckDBSink:
         self._last_maintain = 0.0
         self._known_sites: set[str] = set()
         self._latest_pending: pl.DataFrame | None = None
+        self._device_ids = IdMap("device")
+        self._metric_ids = IdMap("metric")
         self._latest_lock = threading.Lock()
 
     # ------------------------------------------------------------------ lifecycle
@@ -212,6 +215,8 @@ class DuckDBSink:
         write_retention_settings(self._write_cursor, s.storage)
         await asyncio.to_thread(self._dedup.load, self._write_cursor)
         self._rollup_marks = done_until(self._write_cursor)
+        self._device_ids.load(self._write_cursor)
+        self._metric_ids.load(self._write_cursor)
         await asyncio.to_thread(self._refresh_latest_from_samples, self._write_cursor)
         site = self._write_cursor.execute("SELECT value FROM podwatch_meta WHERE key = 'site'").fetchone()
         if site:
@@ -479,9 +484,21 @@ class DuckDBSink:
         cur.execute("BEGIN TRANSACTION")
         try:
             if rows.height:
-                cur.register("_batch_rows", rows.to_arrow())
-                cur.execute("INSERT INTO samples SELECT ts, device, metric, value, quality, seq FROM _batch_rows")
-                cur.unregister("_batch_rows")
+                device_ids, new_devices = self._device_ids.map_categorical(rows["device"])
+                metric_ids, new_metrics = self._metric_ids.map_categorical(rows["metric"])
+                try:
+                    self._device_ids.insert_new(cur, new_devices)
+                    self._metric_ids.insert_new(cur, new_metrics)
+                    cur.register("_batch_rows", pa.table({
+                        "ts": rows["ts"].to_arrow(), "device_id": pa.array(device_ids, pa.uint32()),
+                        "metric_id": pa.array(metric_ids, pa.uint32()), "value": rows["value"].to_arrow(),
+                        "quality": rows["quality"].to_arrow(), "seq": rows["seq"].to_arrow()}))
+                    cur.execute("INSERT INTO sample_rows SELECT * FROM _batch_rows")
+                    cur.unregister("_batch_rows")
+                except BaseException:
+                    self._device_ids.forget(new_devices)
+                    self._metric_ids.forget(new_metrics)
+                    raise
             if dedup_rows:
                 state = pa.table({
                     "device": [r[0] for r in dedup_rows],

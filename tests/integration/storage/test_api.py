@@ -13,6 +13,7 @@ import httpx
 import pytest
 
 from podwatch.storage.db import Database
+from podwatch.storage.ids import insert_named_samples
 from podwatch.storage.rollups import advance_rollups
 from podwatch.storage.service import Service, ServiceSettings
 from podwatch.storage.topology import load_topology_file
@@ -31,13 +32,12 @@ def fill(db_path: Path) -> None:
     db = Database(db_path)
     con = db.connection
     load_topology_file(con, str(REPO / "examples/sites/demo.yaml"))
-    con.execute("""
-        INSERT INTO samples
+    insert_named_samples(con, """
         SELECT ?::TIMESTAMP + to_seconds(i * 10) AS ts, d.device, d.metric,
                d.base + (i % 6) AS value, 0 AS quality, i AS seq
         FROM range(720) r(i), (VALUES ('pdu-m1-r01-a', 'pdu.power_kw', 60.0), ('pdu-m1-r01-b', 'pdu.power_kw', 55.0),
                                       ('cdu-m1', 'cdu.supply_temp_c', 30.0), ('cdu-m1', 'cdu.flow_lpm', 900.0)) d(device, metric, base)
-        ORDER BY d.device, ts""", [START])
+        """, [START])
     con.execute("INSERT INTO dedup_state SELECT device, max(seq), max(ts) FROM samples GROUP BY device")
     con.execute("INSERT INTO latest_values SELECT device, metric, max(ts), arg_max(value, ts), 0 FROM samples GROUP BY ALL")
     while advance_rollups(con, 120):

@@ -13,6 +13,7 @@ import polars as pl
 import pytest
 
 from podwatch.storage.db import Database
+from podwatch.storage.ids import insert_named_samples
 from podwatch.storage.rollups import advance_rollups
 
 pytestmark = pytest.mark.integration
@@ -23,9 +24,9 @@ def _fill(path: Path) -> None:
     db = Database(path)
     con = db.connection
     # 3 days x 2 devices x 2 metrics, every 5 minutes, crossing two midnights
-    con.execute("""
-        INSERT INTO samples
-        SELECT TIMESTAMP '2026-03-01 12:00:00' + to_minutes(i * 5), 'pdu-' || d, m, i * 0.5 + d, (i % 3)::UTINYINT, i
+    insert_named_samples(con, """
+        SELECT TIMESTAMP '2026-03-01 12:00:00' + to_minutes(i * 5) AS ts, 'pdu-' || d AS device, m AS metric,
+               i * 0.5 + d AS value, (i % 3)::UTINYINT AS quality, i AS seq
         FROM range(864) r(i), range(2) s(d), (VALUES ('pdu.power_kw'), ('pdu.l1.current_a')) t(m)""")
     con.execute("INSERT INTO dedup_state SELECT device, max(seq), max(ts) FROM samples GROUP BY device")
     con.execute("INSERT INTO podwatch_meta VALUES ('site', 'dc1')")

@@ -5,6 +5,7 @@ from __future__ import annotations
 import duckdb
 
 from podwatch.storage.rollups import StorageSettings, advance_rollups, apply_retention
+from podwatch.storage.ids import insert_named_samples
 from podwatch.storage.schema import ensure_schema
 
 
@@ -12,7 +13,8 @@ def test_retention_per_relation(tmp_path):
     con = duckdb.connect(str(tmp_path / "r.duckdb"))
     ensure_schema(con)
     # 10 days of hourly samples for one series
-    con.execute("""INSERT INTO samples SELECT TIMESTAMP '2026-01-01' + to_hours(h), 'd', 'm_kw', h, 0, h FROM range(240) r(h)""")
+    insert_named_samples(con, "SELECT TIMESTAMP '2026-01-01' + to_hours(h) AS ts, 'd' AS device, 'm_kw' AS metric, "
+                              "h::DOUBLE AS value, 0 AS quality, h AS seq FROM range(240) r(h)")
     con.execute("INSERT INTO dedup_state SELECT device, max(seq), max(ts) FROM samples GROUP BY device")
     while advance_rollups(con, 0):
         pass
@@ -33,19 +35,22 @@ def test_late_samples_past_raw_retention_do_not_wipe_rollups(tmp_path):
 
     con = duckdb.connect(str(tmp_path / "late.duckdb"))
     ensure_schema(con)
-    con.execute("""INSERT INTO samples SELECT TIMESTAMP '2026-01-01' + to_minutes(m), 'd', 'm_kw', m, 0, m FROM range(600) r(m)""")
+    insert_named_samples(con, "SELECT TIMESTAMP '2026-01-01' + to_minutes(m) AS ts, 'd' AS device, 'm_kw' AS metric, "
+                              "m::DOUBLE AS value, 0 AS quality, m AS seq FROM range(600) r(m)")
     con.execute("INSERT INTO dedup_state SELECT device, max(seq), max(ts) FROM samples GROUP BY device")
     while advance_rollups(con, 0):
         pass
     before = con.execute("SELECT count(*), sum(n) FROM rollup_1h").fetchall()
-    con.execute("DELETE FROM samples WHERE ts < TIMESTAMP '2026-01-01 05:00:00'")  # raw retention ran
-    con.execute("INSERT INTO samples VALUES (TIMESTAMP '2026-01-01 00:30:30', 'd', 'm_kw', 1, 0, 9999)")  # very late
+    con.execute("DELETE FROM sample_rows WHERE ts < TIMESTAMP '2026-01-01 05:00:00'")  # raw retention ran
+    insert_named_samples(con, "SELECT TIMESTAMP '2026-01-01 00:30:30' AS ts, 'd' AS device, 'm_kw' AS metric, "
+                              "1.0 AS value, 0 AS quality, 9999 AS seq")  # very late
     n = recompute_buckets(con, datetime(2026, 1, 1, 0, 30, 30), datetime(2026, 1, 1, 0, 30, 30), done_until(con),
                           raw_kept_since=datetime(2026, 1, 1, 5))
     assert n == 0
     assert con.execute("SELECT count(*), sum(n) FROM rollup_1h").fetchall() == before
     # a late sample inside the kept raw range is merged into its buckets
-    con.execute("INSERT INTO samples VALUES (TIMESTAMP '2026-01-01 07:30:30', 'd', 'm_kw', 1, 0, 9998)")
+    insert_named_samples(con, "SELECT TIMESTAMP '2026-01-01 07:30:30' AS ts, 'd' AS device, 'm_kw' AS metric, "
+                              "1.0 AS value, 0 AS quality, 9998 AS seq")
     assert recompute_buckets(con, datetime(2026, 1, 1, 7, 30, 30), datetime(2026, 1, 1, 7, 30, 30), done_until(con),
                              raw_kept_since=datetime(2026, 1, 1, 5)) == 3
     assert con.execute("SELECT n FROM rollup_1m WHERE ts = TIMESTAMP '2026-01-01 07:30:00'").fetchone()[0] == 2

@@ -1,0 +1,77 @@
+"""Integer ids for device and metric names in `sample_rows`.
+
+`samples` (what everyone queries) is a view joining `sample_rows(ts, device_id, metric_id,
+value, quality, seq)` with `device_ids` and `metric_ids`. Integer ids compress to almost
+nothing (run-length / bit-packing: -1.3 B per point against string dictionaries) and insert
+~1.6x faster. `IdMap` is the sink's in-memory copy of one dictionary; `insert_named_samples`
+is for code that has named rows (tests, benchmarks, imports).
+"""
+
+from __future__ import annotations
+
+import duckdb
+import numpy as np
+import polars as pl
+
+KINDS = {"device": ("device_ids", "device_id"), "metric": ("metric_ids", "metric_id")}
+
+
+class IdMap:
+    """name -> id of one dictionary table, loaded from and extended in the database."""
+
+    def __init__(self, kind: str) -> None:
+        self.kind = kind
+        self.table, self.id_column = KINDS[kind]
+        self.ids: dict[str, int] = {}
+
+    def load(self, con: duckdb.DuckDBPyConnection) -> None:
+        self.ids = dict(con.execute(f"SELECT {self.kind}, {self.id_column} FROM {self.table}").fetchall())
+
+    def map_categorical(self, column: pl.Series) -> tuple[np.ndarray, list[tuple[int, str]]]:
+        """Ids for a Categorical column (vectorised through its physical codes), plus the
+        (id, name) pairs that are new and must be inserted in the same transaction."""
+        if column.len() == 0:
+            return np.empty(0, dtype=np.uint32), []
+        present = column.unique()
+        codes = present.to_physical().to_numpy()
+        names = present.cast(pl.String).to_list()
+        new: list[tuple[int, str]] = []
+        next_id = len(self.ids)
+        lookup = np.zeros(int(codes.max()) + 1, dtype=np.uint32)
+        for code, name in zip(codes.tolist(), names):
+            known = self.ids.get(name)
+            if known is None:
+                known = self.ids[name] = next_id
+                new.append((next_id, name))
+                next_id += 1
+            lookup[code] = known
+        return lookup[column.to_physical().to_numpy()], new
+
+    def insert_new(self, con: duckdb.DuckDBPyConnection, new: list[tuple[int, str]]) -> None:
+        if new:
+            con.executemany(f"INSERT INTO {self.table} VALUES (?, ?)", new)
+
+    def forget(self, new: list[tuple[int, str]]) -> None:
+        """Undo `map_categorical`'s additions after a failed transaction."""
+        for _, name in new:
+            self.ids.pop(name, None)
+
+
+def insert_named_samples(con: duckdb.DuckDBPyConnection, select_sql: str, params: list | None = None,
+                         order_by: str = "device_id, ts, metric_id") -> int:
+    """INSERT rows given as `SELECT ts, device, metric, value, quality, seq ...` (names), adding
+    missing names to the dictionaries; rows are stored in `order_by` order. Returns rows."""
+    con.execute(f"CREATE OR REPLACE TEMP TABLE _named_samples AS {select_sql}", params or [])
+    for kind, (table, id_column) in KINDS.items():
+        con.execute(f"""
+            INSERT INTO {table}
+            SELECT (SELECT coalesce(max({id_column}) + 1, 0) FROM {table}) + row_number() OVER (ORDER BY name) - 1, name
+            FROM (SELECT DISTINCT {kind} AS name FROM _named_samples
+                  WHERE {kind} NOT IN (SELECT {kind} FROM {table}))""")
+    n = con.execute(f"""
+        INSERT INTO sample_rows
+        SELECT n.ts, d.device_id, m.metric_id, n.value, n.quality, n.seq
+        FROM _named_samples n JOIN device_ids d ON d.device = n.device JOIN metric_ids m ON m.metric = n.metric
+        ORDER BY {order_by}""").fetchone()[0]
+    con.execute("DROP TABLE _named_samples")
+    return n
