@@ -34,14 +34,15 @@ def history(tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def db(history, tmp_path_factory) -> Path:
     """A podwatch DuckDB file (storage schema) holding the same samples."""
+    from podwatch.storage.ids import insert_named_samples
     from podwatch.storage.schema import ensure_schema
 
     path = tmp_path_factory.mktemp("db") / "podwatch.duckdb"
     con = duckdb.connect(str(path))
     ensure_schema(con)
-    con.execute(f"INSERT INTO samples SELECT ts::TIMESTAMP, device, metric, value, quality, 0 "
-                f"FROM read_parquet('{history / 'samples.parquet'}') "
-                f"WHERE metric IN ('pdu.power_kw', 'meter.power_kw', 'cdu.heat_removed_kw')")
+    insert_named_samples(con, f"SELECT ts::TIMESTAMP AS ts, device, metric, value, quality, 0::UBIGINT AS seq "
+                              f"FROM read_parquet('{history / 'samples.parquet'}') "
+                              f"WHERE metric IN ('pdu.power_kw', 'meter.power_kw', 'cdu.heat_removed_kw')")
     con.close()
     return path
 
