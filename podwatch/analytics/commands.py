@@ -197,6 +197,37 @@ def scenario_specs(sites: list[str], per_kind: int, hours: float, seed: int, *, 
     return specs
 
 
+SENSOR_FAULT_POINTS = (("rack", "rack.liquid_return_temp_c"), ("rack", "rack.liquid_supply_temp_c"),
+                       ("rack", "rack.liquid_flow_lpm"), ("pdu", "pdu.power_kw"), ("cdu", "cdu.supply_temp_c"),
+                       ("cdu", "cdu.facility_supply_temp_c"), ("cdu", "cdu.reservoir_level_pct"))
+
+
+def sensor_fault_specs(sites: list[str], per_site: int, hours: float, seed: int) -> list[RunSpec]:
+    """Runs with only sensor faults (stuck, drift, dropout, spike on the signals the risk reads)
+    and no physical fault: every alarm there is a false alarm caused by a lying sensor."""
+    import numpy as np
+
+    from podwatch.site import load_site
+
+    rng = np.random.default_rng(seed + 31_337)
+    specs = []
+    for site_path in sites:
+        site = load_site(site_path)
+        for i in range(per_site):
+            faults = []
+            for j, (kind, metric) in enumerate(SENSOR_FAULT_POINTS):
+                devices = [d for d in site.devices if d.kind == kind]
+                dev = devices[int(rng.integers(len(devices)))]
+                mode = ("stuck", "drift", "dropout", "spike")[(i + j) % 4]
+                magnitude = float(rng.uniform(2, 8)) * (1 if rng.random() < 0.5 else -1)
+                faults.append({"kind": "sensor_fault", "target": dev.id, "metric": metric, "mode": mode,
+                               "magnitude": round(magnitude, 2),
+                               "onset_s": round(float(rng.uniform(600, 0.5 * hours * 3600)), 1)})
+            specs.append(RunSpec(f"sensorfaults-{Path(site_path).stem}-{i}", site_path, hours,
+                                 seed + 70_000 + len(specs), faults=faults, fault_free=True))
+    return specs
+
+
 def heldout_specs(sites: list[str], per_kind: int, hours: float, seed: int, fault_free_hours: float) -> list[RunSpec]:
     """Held-out scenarios (their own seed and magnitude ranges) plus fault-free runs."""
     return scenario_specs(sites, per_kind, hours, seed, ranges=HELDOUT_RANGES, prefix="heldout",

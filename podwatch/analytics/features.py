@@ -14,7 +14,8 @@ end, so a row at ts uses samples up to ts only) with:
   2 and 5 min of supply, steady-state margin, flow per kW, approach, facility water, reservoir;
 - projections to the risk horizon: the return margin extrapolated linearly and the
   steady-state margin moved by the supply trend, the worst-case margin (the higher of the
-  supply's 10-minute peak and its trend, plus the load's 10-minute peak at the present flow), the time to the limit at the present rate, and the
+  supply's 10-minute peak and its trend, plus the load's 10-minute peak at the present flow), the
+  settled margin carried along its 5-minute trend, the time to the limit at the present rate, and the
   time until a falling reservoir reaches the level where the pumps draw air.
 
 Model inputs are the relative columns in `MODEL_FEATURES` (margins, ratios, slopes), not
@@ -51,7 +52,7 @@ MODEL_FEATURES = [
     "flow_ratio_slope_2m", "power_frac_slope_2m",
     "supply_over_setpoint_c", "approach_excess_c", "approach_slope_5m", "facility_slope_5m",
     "pump_deficit", "cdu_flow_ratio", "reservoir_pct", "reservoir_slope_5m", "reservoir_time_to_low_s",
-    "proj_margin_c", "proj_margin_ss_c", "worst_margin_c", "time_to_limit_s",
+    "proj_margin_c", "proj_margin_ss_c", "worst_margin_c", "trend_margin_c", "time_to_limit_s",
 ]
 
 
@@ -201,6 +202,10 @@ def build_features(rows: pl.DataFrame, site: Site, *, step_s: int = DEFAULT_STEP
          - pl.max_horizontal(pl.col("supply_peak_c"),
                              pl.col("supply_c") + pl.col("supply_slope_5m").clip(lower_bound=0.0).fill_null(0.0) * horizon_min)
          - pl.col("dt_ss_peak_c")).alias("worst_margin_c"),
+        # the settled margin carried along its 5-minute trend to the horizon (flow slowly choking,
+        # load creeping up): shrinking margins only
+        (pl.col("margin_ss_c") + pl.col("margin_ss_slope_5m").clip(upper_bound=0.0).fill_null(0.0) * horizon_min)
+        .alias("trend_margin_c"),
         pl.when(pl.col("return_slope_2m") > 0.01)
         .then((pl.col("margin_c").clip(lower_bound=0.0) / pl.col("return_slope_2m") * 60.0).clip(upper_bound=3600.0))
         .otherwise(3600.0).alias("time_to_limit_s"),

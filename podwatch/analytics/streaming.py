@@ -11,8 +11,8 @@ registers two things on the storage `Service`:
 - a periodic task (every `score_every_s`): features over the recent window, the risk model per
   rack, one `risk_scores` row per rack (the newest feature row) and a `thermal_risk` observation.
 
-Without a trained model (no `model_dir`, or no model in it) the checks still run and scoring
-is off (logged once). Counters: health component `analytics`/`thermal` (received rows, sent
+Without a trained model (no `model_dir`, or no model in it) the risk is the physics floor alone
+(`thermal.PhysicsRiskModel`: worst-case settled margin, draining reservoir), logged once. Counters: health component `analytics`/`thermal` (received rows, sent
 observations, errors, dropped buffer rows, scores).
 """
 
@@ -32,7 +32,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from podwatch.analytics.alerting.model import Observation
 from podwatch.analytics.checks import CheckSettings, StreamingChecks, normalise_rows
 from podwatch.analytics.features import latest_features
-from podwatch.analytics.thermal import ModelError, ThermalModel, risk_rows_for_db
+from podwatch.analytics.thermal import ModelError, PhysicsRiskModel, ThermalModel, risk_rows_for_db
 from podwatch.health import REGISTRY
 from podwatch.site import Site
 
@@ -56,7 +56,8 @@ class StreamingSettings(BaseModel):
 class ThermalAnalytics:
     """Streaming checks and periodic risk scoring for one site (see the module docstring)."""
 
-    def __init__(self, site: Site, model: ThermalModel | None = None, *, observe: Observe | None = None,
+    def __init__(self, site: Site, model: ThermalModel | PhysicsRiskModel | None = None, *,
+                 observe: Observe | None = None,
                  settings: StreamingSettings | None = None) -> None:
         self.site = site
         self.model = model
@@ -174,26 +175,26 @@ def write_risk_scores(con, scores: pl.DataFrame) -> int:
     return db_rows.height
 
 
-def load_model_or_none(model_dir: str | Path | None) -> ThermalModel | None:
-    if model_dir is None:
-        return None
-    try:
-        return ThermalModel.load(model_dir)
-    except ModelError as exc:
-        log.warning("thermal risk scoring is off: %s", exc)
-        return None
+def load_model_or_physics(model_dir: str | Path | None, horizon_s: int) -> ThermalModel | PhysicsRiskModel:
+    """The trained model in `model_dir`, else the physics-only risk (logged once)."""
+    if model_dir is not None:
+        try:
+            return ThermalModel.load(model_dir)
+        except ModelError as exc:
+            log.warning("thermal risk falls back to physics only: %s", exc)
+    else:
+        log.info("thermal risk: no model dir given, physics-only risk (train one with `podwatch train thermal`)")
+    return PhysicsRiskModel(horizon_s)
 
 
 def attach_analytics(service: Any, site: Site, model_dir: str | Path | None = None, *,
                      observe: Observe | None = None, settings: StreamingSettings | None = None,
                      model: ThermalModel | None = None) -> ThermalAnalytics:
     """Register the checks (batch listener) and periodic risk scoring on the storage service."""
-    analytics = ThermalAnalytics(site, model or load_model_or_none(model_dir), observe=observe, settings=settings)
+    model = model or load_model_or_physics(model_dir, site.spec.thermal.risk_horizon_s)
+    analytics = ThermalAnalytics(site, model, observe=observe, settings=settings)
     service.add_batch_listener(analytics.on_batch)
-    if analytics.model is not None:
-        service.add_periodic(analytics.score_once, analytics.settings.score_every_s)
-    else:
-        log.info("thermal analytics attached: streaming checks only (no risk model)")
+    service.add_periodic(analytics.score_once, analytics.settings.score_every_s)
     return analytics
 
 

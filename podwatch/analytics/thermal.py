@@ -193,9 +193,10 @@ MODEL_GATE_CAP = 0.19
 def physics_risk(features: pl.DataFrame, horizon_s: int) -> np.ndarray:
     """A risk floor from first principles, independent of what the training set held.
 
-    - the worst-case margin (`worst_margin_c`: supply on its trend, load at its recent peak, at
-      the present flow, settled through ΔT = P·f/(ṁ·c_p)) through a logistic of scale 0.5 K:
-      0.5 at 0 K, 0.88 at −1 K, 0.12 at +1 K;
+    - the worst-case margin (`worst_margin_c`: supply at its recent peak or on its trend, load at
+      its recent peak, at the present flow, settled through ΔT = P·f/(ṁ·c_p)), or the settled
+      margin carried along its trend (`trend_margin_c`) if smaller, through a logistic of scale
+      0.5 K: 0.5 at 0 K, 0.88 at −1 K, 0.12 at +1 K;
     - a falling reservoir that reaches the pumps' air-drawing level within the horizon: 0.9.
     The probability is the larger of this and the model's, so a fault the model never saw still
     raises the risk when the physics says the loop cannot hold the limit."""
@@ -205,6 +206,8 @@ def physics_risk(features: pl.DataFrame, horizon_s: int) -> np.ndarray:
     p = np.zeros(n)
     if "worst_margin_c" in features.columns:
         worst = features["worst_margin_c"].cast(pl.Float64).fill_null(np.inf).to_numpy()
+        if "trend_margin_c" in features.columns:
+            worst = np.fmin(worst, features["trend_margin_c"].cast(pl.Float64).fill_null(np.inf).to_numpy())
         with np.errstate(over="ignore"):
             p = np.maximum(p, 1.0 / (1.0 + np.exp(np.clip(worst / PHYSICS_SCALE_K, -50, 50))))
     if "reservoir_time_to_low_s" in features.columns:
@@ -289,6 +292,28 @@ class ThermalModel:
             raise ModelError(f"cannot read thermal model {path}: {exc}") from exc
         return cls(classifier=blob["classifier"], features=list(blob["features"]), horizon_s=int(blob["horizon_s"]),
                    version=str(blob["version"]), metadata=meta)
+
+
+class PhysicsRiskModel:
+    """The risk without a trained model: the physics floor alone (`physics_risk`), with the same
+    `score` output and reasons. Used by the serve process until `podwatch train thermal` has
+    written a model, so risk scores and their reasons flow from the first minutes."""
+
+    version = "thermal-physics-only"
+
+    def __init__(self, horizon_s: int = 300):
+        self.horizon_s = horizon_s
+        self.features = list(MODEL_FEATURES)
+        self.metadata: dict[str, Any] = {"kind": "physics-only"}
+
+    def predict_proba(self, features: pl.DataFrame) -> np.ndarray:
+        p = physics_risk(features, self.horizon_s)
+        if "margin_c" in features.columns:
+            p = np.where(np.nan_to_num(features["margin_c"].cast(pl.Float64).fill_null(np.nan).to_numpy(), nan=1.0) <= 0,
+                         1.0, p)
+        return p
+
+    score = ThermalModel.score
 
 
 @dataclass

@@ -121,3 +121,17 @@ def test_training_needs_both_classes():
     healthy = build_features(healthy_rows(SITE, 0, 120), SITE)
     with pytest.raises(ModelError, match="both"):
         train_thermal([TrainingRun("h", healthy, None)])
+
+
+def test_physics_only_risk_rises_before_the_breach_without_training():
+    from podwatch.analytics.thermal import PhysicsRiskModel
+
+    feats = build_features(restriction_rows(200, 1200, 0.0015), SITE)
+    breach = breaches_from_features(feats)["breach_ts"][0]
+    scores = PhysicsRiskModel(300).score(feats).filter(pl.col("rack") == RACK).sort("ts")
+    assert scores["model_version"][0] == "thermal-physics-only"
+    early = scores.filter(pl.col("ts") < T0 + timedelta(seconds=200))
+    late = scores.filter((pl.col("ts") < breach) & (pl.col("ts") >= breach - timedelta(seconds=60)))
+    assert early["probability"].max() < 0.2
+    assert late["probability"].min() >= 0.5
+    assert scores.filter(pl.col("ts") >= breach)["probability"].max() == 1.0
