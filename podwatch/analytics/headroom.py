@@ -133,6 +133,57 @@ def refresh_forecasts(con, site: Site, bucket_s: int = 60, history_days: float =
     return report
 
 
+class HeadroomRefresher:
+    """The periodic headroom job for the process that owns the DuckDB file (`podwatch serve`/demo):
+
+        service.add_periodic(HeadroomRefresher(site).run_once, every_s=3600)
+
+    Each run reads the last `history_days` of samples through `service.db.run` (a cursor in a
+    worker thread), fits and forecasts in another thread without holding the database, then
+    stores the rows in `forecasts` in one transaction. A run with no samples yet does nothing."""
+
+    def __init__(self, site: Site, bucket_s: int = 60, history_days: float = 42.0,
+                 config: ForecastConfig | None = None):
+        self.site, self.bucket_s, self.history_days, self.config = site, bucket_s, history_days, config
+        self.runs = 0
+        self.last: HeadroomReport | None = None
+
+    async def run_once(self, service) -> HeadroomReport | None:
+        import asyncio
+        import logging
+
+        from podwatch.analytics.load import node_loads, read_samples_connection
+
+        now = datetime.now(timezone.utc)
+        frame, rows_read, not_good = await service.db.run(
+            lambda cur: read_samples_connection(cur, self.bucket_s, start=now - timedelta(days=self.history_days)))
+        if frame.is_empty():
+            logging.getLogger(__name__).info("headroom: no load samples yet; nothing to forecast")
+            return None
+
+        def compute() -> HeadroomReport:
+            load = node_loads(self.site, frame, self.bucket_s)
+            load.rows_read, load.rows_not_good = rows_read, not_good
+            return compute_headroom(self.site, load, self.config, generated_at=now)
+
+        report = await asyncio.to_thread(compute)
+
+        def store(cur) -> int:
+            cur.execute("BEGIN TRANSACTION")
+            try:
+                n = write_forecasts(cur, report.rows)
+                cur.execute("COMMIT")
+                return n
+            except Exception:
+                cur.execute("ROLLBACK")
+                raise
+
+        await service.db.run(store)
+        self.runs += 1
+        self.last = report
+        return report
+
+
 def write_forecasts(con, rows: list[ForecastRow]) -> int:
     """Insert (or replace, by primary key) rows into `forecasts` on an open DuckDB connection."""
     from podwatch.storage.schema import ensure_shared_tables

@@ -227,3 +227,25 @@ def test_refresh_forecasts_in_the_owning_process(db, tmp_path):
     assert bus.p99_kw is None and bus.measured_peak_kw is not None
     assert bus.headroom_kw == pytest.approx(bus.usable_kw - bus.measured_peak_kw)
     assert "no forecast" in bus.model_version
+
+
+@pytest.mark.timeout(60)
+async def test_headroom_refresher_runs_through_the_storage_database(db, tmp_path):
+    """The periodic job `podwatch serve` can add, on storage's real Database (cursor per call)."""
+    from types import SimpleNamespace
+
+    from podwatch.analytics.headroom import HeadroomRefresher
+    from podwatch.storage.db import Database
+
+    path = tmp_path / "served.duckdb"
+    path.write_bytes(db.read_bytes())
+    database = Database(path)
+    try:
+        refresher = HeadroomRefresher(load_site(DEMO), bucket_s=600, history_days=10_000)
+        report = await refresher.run_once(SimpleNamespace(db=database))
+        count = await database.run(lambda cur: cur.execute("SELECT count(*), count(DISTINCT node) FROM forecasts")
+                                   .fetchall()[0])
+    finally:
+        database.close()
+    assert report is not None and refresher.runs == 1
+    assert count == (82, 41)
