@@ -32,28 +32,26 @@ def _ingest(
 def _serve(
     db: str = typer.Option(..., "--db", help="DuckDB file (created if missing)"),
     kafka: Optional[str] = typer.Option(None, "--kafka", help="Kafka bootstrap servers; without it: API only"),
-    site: Optional[str] = typer.Option(None, "--site", help="Site file: loads the topology tables"),
+    site: Optional[str] = typer.Option(None, "--site", help="Site file: topology tables, streaming checks, risk, headroom"),
     host: str = typer.Option("127.0.0.1", "--host"),
     port: int = typer.Option(8080, "--port", help="0 picks a free port"),
     token: Optional[str] = typer.Option(None, "--token", envvar="PODWATCH_API_TOKEN",
                                         help="Bearer token of /api/sql (default: random, in <db>.serve.json)"),
+    model_dir: Optional[str] = typer.Option(None, "--model-dir",
+                                            help="Thermal-risk model (from `podwatch train thermal`); default: physics-only risk"),
+    alertmanager: Optional[str] = typer.Option(None, "--alertmanager", help="Alertmanager URL (API v2) to send alerts to"),
+    alert_rules: Optional[str] = typer.Option(None, "--alert-rules", help="Site alert rules (override the defaults by id)"),
+    alerting_config: Optional[str] = typer.Option(None, "--alerting-config",
+                                                  help="Alerting settings file (receivers: webhook, e-mail, Alertmanager)"),
+    headroom_every_s: float = typer.Option(600.0, "--headroom-every", help="Seconds between headroom forecast refreshes"),
 ) -> None:
-    """Ingest + HTTP API in the one process that owns the DuckDB file."""
-    from podwatch.storage.service import Service, ServiceSettings
+    """Ingest + analytics + alerts + HTTP API in the one process that owns the DuckDB file."""
+    from podwatch.serve import ServeOptions, run_serve
 
-    async def main() -> None:
-        service = Service(ServiceSettings(db=db, kafka=kafka, site=site, host=host, port=port, token=token))
-        await service.start()
-        loop = asyncio.get_running_loop()
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            loop.add_signal_handler(sig, lambda: asyncio.ensure_future(service.stop()))
-        typer.echo(f"podwatch API on {service.url} (OpenAPI: {service.url}/openapi.json)", err=True)
-        try:
-            await service.wait()
-        finally:
-            await service.stop()
-
-    asyncio.run(main())
+    opts = ServeOptions(db=db, kafka=kafka, site=site, host=host, port=port, token=token, model_dir=model_dir,
+                        alertmanager=alertmanager, alert_rules=alert_rules, alerting_config=alerting_config,
+                        headroom_every_s=headroom_every_s)
+    asyncio.run(run_serve(opts, announce=lambda msg: typer.echo(msg, err=True)))
 
 
 def _export(
