@@ -243,8 +243,9 @@ async def test_headroom_refresher_runs_through_the_storage_database(db, tmp_path
     try:
         refresher = HeadroomRefresher(load_site(DEMO), bucket_s=600, history_days=10_000)
         report = await refresher.run_once(SimpleNamespace(db=database))
-        count = await database.run(lambda cur: cur.execute("SELECT count(*), count(DISTINCT node) FROM forecasts")
-                                   .fetchall()[0])
+        count = await database.run(lambda cur: cur.execute(
+            "SELECT count(*), count(DISTINCT node) FROM forecasts "
+            "WHERE generated_at = (SELECT max(generated_at) FROM forecasts)").fetchall()[0])
     finally:
         database.close()
     assert report is not None and refresher.runs == 1
