@@ -36,7 +36,7 @@ class IdMap:
         codes = present.to_physical().to_numpy()
         names = present.cast(pl.String).to_list()
         new: list[tuple[int, str]] = []
-        next_id = len(self.ids)
+        next_id = max(self.ids.values(), default=-1) + 1  # ids need not be dense (other writers)
         lookup = np.zeros(int(codes.max()) + 1, dtype=np.uint32)
         for code, name in zip(codes.tolist(), names):
             known = self.ids.get(name)

@@ -55,3 +55,24 @@ def test_late_samples_past_raw_retention_do_not_wipe_rollups(tmp_path):
                              raw_kept_since=datetime(2026, 1, 1, 5)) == 3
     assert con.execute("SELECT n FROM rollup_1m WHERE ts = TIMESTAMP '2026-01-01 07:30:00'").fetchone()[0] == 2
     assert con.execute("SELECT n FROM rollup_1h WHERE ts = TIMESTAMP '2026-01-01 07:00:00'").fetchone()[0] == 61
+
+
+def test_id_map_assigns_new_ids_and_survives_a_reload(tmp_path):
+    import polars as pl
+
+    from podwatch.storage.ids import IdMap
+
+    con = duckdb.connect(str(tmp_path / "ids.duckdb"))
+    ensure_schema(con)
+    insert_named_samples(con, "SELECT TIMESTAMP '2026-01-01' AS ts, 'dev-a' AS device, 'm_kw' AS metric, 1.0 AS value, "
+                              "0 AS quality, 1 AS seq")
+    ids = IdMap("device")
+    ids.load(con)
+    column = pl.Series(["dev-b", "dev-a", "dev-b", "dev-c"], dtype=pl.Categorical)
+    mapped, new = ids.map_categorical(column)
+    assert [name for _, name in new] == sorted({"dev-b", "dev-c"}) or {n for _, n in new} == {"dev-b", "dev-c"}
+    assert mapped[0] == mapped[2] != mapped[1] and mapped[1] == ids.ids["dev-a"] == 0
+    ids.insert_new(con, new)
+    again = IdMap("device")
+    again.load(con)
+    assert again.ids == ids.ids
