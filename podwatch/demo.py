@@ -45,8 +45,8 @@ class DemoOptions:
     api_port: int = 8080
     seed: int = 7
     ui: bool = True
-    train_hours: float = 3.0
-    train_runs: int = 2
+    train_hours: float = 1.0
+    train_runs: int = 1
 
 
 @dataclass
@@ -125,7 +125,9 @@ class Demo:
     # ------------------------------------------------------------------ steps
     def ensure_model(self) -> None:
         """Train the thermal model once and cache it under the data directory."""
-        if (self.model_dir / "metadata.json").exists():
+        from podwatch.analytics.thermal import META_FILE
+
+        if (self.model_dir / META_FILE).exists():
             self.say(f"thermal model cached at {self.model_dir}")
             return
         self.say("first run: generating simulator histories and training the thermal-risk model")
@@ -370,8 +372,8 @@ def register(app: typer.Typer) -> None:
         api_port: int = typer.Option(8080, help="HTTP API port (0: a free port)"),
         seed: int = typer.Option(7, help="Simulator seed"),
         no_ui: bool = typer.Option(False, "--no-ui", help="Plain log lines instead of the live view"),
-        train_hours: float = typer.Option(3.0, help="Simulated hours per training history (first run)"),
-        train_runs: int = typer.Option(2, help="Training histories (first run)"),
+        train_hours: float = typer.Option(1.0, help="Simulated hours per training history (first run)"),
+        train_runs: int = typer.Option(1, help="Training histories per site and scenario (first run)"),
     ) -> None:
         """The whole pipeline on embedded defaults with a live view: simulator, brokers, collectors, serve."""
         opts = DemoOptions(site=site, scenario=scenario, speed=speed, duration_s=duration, kafka=kafka, mqtt=mqtt,
