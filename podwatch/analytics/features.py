@@ -35,6 +35,7 @@ from podwatch.site import Site
 
 DEFAULT_STEP_S = 10
 SLOPE_WINDOWS_S = {"30s": 30, "2m": 120, "5m": 300}
+SUPPLY_PIPE_TOLERANCE_K = 1.0
 PEAK_WINDOW_S = 600  # recent peaks of load and supply that the worst case assumes can recur
 RESERVOIR_LOW_PCT = 20.0  # below this CDU pumps start drawing air (flow falls)
 
@@ -138,8 +139,12 @@ def build_features(rows: pl.DataFrame, site: Site, *, step_s: int = DEFAULT_STEP
     cp_per_lpm = DENSITY_KG_PER_L * CP_WATER_KJ_PER_KG_K / 60.0  # kW per (L/min · K)
     f = f.with_columns(
         pl.when(pl.col("pdu_n") >= 2).then(pl.col("pdu_power_kw")).otherwise(pl.col("bms_power_kw")).alias("power_kw"),
-        # the CDU supply stands in when the rack manifold supply sensor is missing
-        pl.coalesce("supply_c", "cdu_supply_c").alias("supply_c"),
+        # The CDU supply stands in when the rack manifold supply sensor is missing, and caps it:
+        # the manifold sits a fraction of a kelvin above the CDU, so a manifold reading far above
+        # the CDU's is a drifting sensor, not a hotter loop (a warmer loop shows at both).
+        pl.when(pl.col("supply_c").is_not_null() & pl.col("cdu_supply_c").is_not_null())
+        .then(pl.min_horizontal("supply_c", pl.col("cdu_supply_c") + SUPPLY_PIPE_TOLERANCE_K))
+        .otherwise(pl.coalesce("supply_c", "cdu_supply_c")).alias("supply_c"),
     ).with_columns(
         (pl.col("power_kw") / pl.col("rated_kw")).alias("power_frac"),
         (pl.col("limit_c") - pl.col("return_c")).alias("margin_c"),
@@ -155,6 +160,9 @@ def build_features(rows: pl.DataFrame, site: Site, *, step_s: int = DEFAULT_STEP
         (pl.col("delta_t_c") / pl.col("dt_design_c").clip(lower_bound=0.5)).alias("dt_ratio"),
         (pl.col("dt_ss_c") / pl.col("dt_design_c").clip(lower_bound=0.5)).alias("dt_ss_ratio"),
         (pl.col("limit_c") - pl.col("supply_c") - pl.col("dt_ss_c")).alias("margin_ss_c"),
+        # measured return minus where the heat balance puts it: large and lasting = a lying sensor
+        # (the return lags the balance by its ~30 s time constant after a flow change)
+        (pl.col("return_c") - pl.col("supply_c") - pl.col("dt_ss_c")).alias("balance_error_c"),
         (pl.col("cdu_supply_c") - pl.col("setpoint_c")).alias("supply_over_setpoint_c"),
         (pl.col("cdu_supply_c") - pl.col("facility_c")).alias("approach_c"),
         (pl.col("working_pumps") - pl.col("pumps_running")).alias("pump_deficit"),
@@ -211,6 +219,7 @@ def build_features(rows: pl.DataFrame, site: Site, *, step_s: int = DEFAULT_STEP
         .otherwise(3600.0).alias("time_to_limit_s"),
     )
     keep = ["rack", "ts", "cdu", "power_kw", "supply_c", "return_c", "flow_lpm", "limit_c", "delta_t_c",
+            "balance_error_c",
             "flow_per_kw", "design_flow_per_kw", "dt_design_c", "dt_ss_c", "cdu_supply_c", "facility_c",
             "setpoint_c", "approach_c", "design_approach_c", "pumps_running", "working_pumps", "reservoir_pct",
             *MODEL_FEATURES]

@@ -176,6 +176,9 @@ def explain(row: dict[str, Any], max_reasons: int = 3) -> list[str]:
     pf, power = g("power_frac"), g("power_kw")
     if pf is not None and power is not None and pf > 1.0:
         cands.append(((pf - 1.0) / 0.05, f"load {power:.0f} kW, {pf:.0%} of rated"))
+    err = g("balance_error_c")
+    if err is not None and abs(err) > 6.0 and ret is not None:
+        cands.append((6.0, f"return sensor reads {ret:.1f} °C, {err:+.0f} K off the heat balance (sensor fault?)"))
     res = g("reservoir_slope_5m")
     if res is not None and res < -0.5:
         cands.append((-res / 0.5, f"coolant reservoir falling {-res:.1f} %/min (leak?)"))
@@ -188,6 +191,7 @@ def explain(row: dict[str, Any], max_reasons: int = 3) -> list[str]:
 PHYSICS_SCALE_K = 0.5
 MODEL_GATE_MARGIN_K = 6.0  # model risk above "watch" needs a worst-case or projected margin below this
 MODEL_GATE_CAP = 0.19
+SENSOR_SUSPECT_K = 6.0  # return this far from the heat balance = the sensor, not the loop
 
 
 def physics_risk(features: pl.DataFrame, horizon_s: int) -> np.ndarray:
@@ -216,6 +220,23 @@ def physics_risk(features: pl.DataFrame, horizon_s: int) -> np.ndarray:
     return p
 
 
+def sensor_suspect(features: pl.DataFrame) -> np.ndarray:
+    """Rows whose measured return is more than `SENSOR_SUSPECT_K` away from where the heat
+    balance puts it (supply + P·f/(ṁ·c_p)): a drifting, stuck or spiking sensor."""
+    if "balance_error_c" not in features.columns:
+        return np.zeros(features.height, dtype=bool)
+    err = features["balance_error_c"].cast(pl.Float64).fill_null(0.0).to_numpy()
+    return np.abs(np.nan_to_num(err)) > SENSOR_SUSPECT_K
+
+
+def in_breach_certain(features: pl.DataFrame, p: np.ndarray, suspect: np.ndarray) -> np.ndarray:
+    """A rack at or over its limit is in breach (risk 1) — unless its return sensor is suspect."""
+    if "margin_c" not in features.columns:
+        return p
+    margin = np.nan_to_num(features["margin_c"].cast(pl.Float64).fill_null(np.nan).to_numpy(), nan=1.0)
+    return np.where((margin <= 0) & ~suspect, 1.0, p)
+
+
 # --------------------------------------------------------------------------- the model
 
 @dataclass
@@ -241,12 +262,11 @@ class ThermalModel:
                               features["proj_margin_c"].cast(pl.Float64).fill_null(np.nan).to_numpy())
             p_model = np.where(np.nan_to_num(closest, nan=0.0) > MODEL_GATE_MARGIN_K,
                                np.minimum(p_model, MODEL_GATE_CAP), p_model)
+        suspect = sensor_suspect(features)
+        # a return sensor that disagrees with the heat balance does not drive the model past "watch"
+        p_model = np.where(suspect, np.minimum(p_model, MODEL_GATE_CAP), p_model)
         p = np.maximum(p_model, physics_risk(features, self.horizon_s))
-        # a rack already at or over its limit is in breach: the risk is certain
-        margin = features["margin_c"].to_numpy() if "margin_c" in features.columns else None
-        if margin is not None:
-            p = np.where(np.nan_to_num(margin, nan=1.0) <= 0, 1.0, p)
-        return p
+        return in_breach_certain(features, p, suspect)
 
     def score(self, features: pl.DataFrame, *, with_reasons: bool = True) -> pl.DataFrame:
         """(rack, ts, horizon_s, probability, level, reasons (list), model_version) per feature row
@@ -307,11 +327,7 @@ class PhysicsRiskModel:
         self.metadata: dict[str, Any] = {"kind": "physics-only"}
 
     def predict_proba(self, features: pl.DataFrame) -> np.ndarray:
-        p = physics_risk(features, self.horizon_s)
-        if "margin_c" in features.columns:
-            p = np.where(np.nan_to_num(features["margin_c"].cast(pl.Float64).fill_null(np.nan).to_numpy(), nan=1.0) <= 0,
-                         1.0, p)
-        return p
+        return in_breach_certain(features, physics_risk(features, self.horizon_s), sensor_suspect(features))
 
     score = ThermalModel.score
 
