@@ -78,6 +78,7 @@ def test_levels():
         ["ok", "watch", "warning", "warning", "critical", "critical"]
 
 
+@pytest.mark.slow
 def test_train_score_save_load_round_trip(runs, tmp_path):
     model = train_thermal(runs, horizon_s=300, max_iter=60)
     feats = runs[0].features
