@@ -44,13 +44,15 @@ def _serve(
     alerting_config: Optional[str] = typer.Option(None, "--alerting-config",
                                                   help="Alerting settings file (receivers: webhook, e-mail, Alertmanager)"),
     headroom_every_s: float = typer.Option(600.0, "--headroom-every", help="Seconds between headroom forecast refreshes"),
+    speed: float = typer.Option(1.0, "--speed", min=0.001,
+                                help="Accelerated runs against `podwatch simulate --speed`: periodic analytics run this much more often"),
 ) -> None:
     """Ingest + analytics + alerts + HTTP API in the one process that owns the DuckDB file."""
     from podwatch.serve import ServeOptions, run_serve
 
     opts = ServeOptions(db=db, kafka=kafka, site=site, host=host, port=port, token=token, model_dir=model_dir,
                         alertmanager=alertmanager, alert_rules=alert_rules, alerting_config=alerting_config,
-                        headroom_every_s=headroom_every_s)
+                        headroom_every_s=headroom_every_s, speed=speed)
     asyncio.run(run_serve(opts, announce=lambda msg: typer.echo(msg, err=True)))
 
 

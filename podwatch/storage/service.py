@@ -7,6 +7,7 @@ extension point of the later stages:
     service.add_batch_listener(checks.on_batch)         # fn(rows: pl.DataFrame), sync or async
     service.add_periodic(forecaster.run_once, every_s=300)   # coro_fn(service)
     service.add_route("/api/capacity", capacity_endpoint)    # Starlette endpoint(request)
+    service.add_on_stop(outbox.flush)                        # coro_fn(service), before the file closes
     async with service:            # start(): open file, sink, API; stop(): idempotent
         await service.wait()       # until stop() or a signal
     # DuckDB: `await service.db.run(lambda cur: cur.execute(...).fetchall())` (a cursor per call,
@@ -64,6 +65,7 @@ class Service:
         self.sink: DuckDBSink | None = None
         self._listeners: list[BatchListener] = []
         self._periodic: list[tuple[PeriodicFn, float]] = []
+        self._on_stop: list[PeriodicFn] = []
         self._extra_routes: list[Route] = []
         self._tasks: list[asyncio.Task] = []
         self._server: uvicorn.Server | None = None
@@ -85,6 +87,11 @@ class Service:
         self._periodic.append((coro_fn, every_s))
         if self._started:
             self._tasks.append(asyncio.create_task(self._every(coro_fn, every_s)))
+
+    def add_on_stop(self, coro_fn: PeriodicFn) -> None:
+        """`await coro_fn(service)` during stop(), after the API, the sink and the periodic tasks
+        stopped and before the DuckDB file is closed (last writes, outbox flushes)."""
+        self._on_stop.append(coro_fn)
 
     def add_route(self, path: str, endpoint: Callable, methods: list[str] | None = None, name: str | None = None) -> None:
         """A Starlette route on the API (before `start()`)."""
@@ -180,6 +187,11 @@ class Service:
             for task in self._tasks:
                 with contextlib.suppress(asyncio.TimeoutError, asyncio.CancelledError, Exception):
                     await asyncio.wait_for(task, 10)
+            for coro_fn in self._on_stop:
+                try:
+                    await coro_fn(self)
+                except Exception:
+                    log.exception("stop hook failed", extra=fields(hook=getattr(coro_fn, "__name__", repr(coro_fn))))
             if self.db is not None:
                 remove_owner(self.settings.db)
                 self.db.close()

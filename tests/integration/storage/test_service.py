@@ -38,6 +38,12 @@ async def test_service_ingests_serves_and_runs_extensions(tansu_broker, tmp_path
     service.add_batch_listener(on_batch)
     service.add_periodic(count_samples, every_s=0.2)
     service.add_route("/api/extra", capacity)
+    stop_hook_saw: list[int] = []
+
+    async def last_write(svc: Service) -> None:  # runs after the sink stopped, before the file closes
+        stop_hook_saw.append(await svc.db.run(lambda cur: cur.execute("SELECT count(*) FROM samples").fetchone()[0]))
+
+    service.add_on_stop(last_write)
     await service.start()
     try:
         messages = [(f"pdu-{d:03d}".encode(), envelope_bytes(reading(d, seq))) for seq in range(50) for d in range(4)]
@@ -68,3 +74,4 @@ async def test_service_ingests_serves_and_runs_extensions(tansu_broker, tmp_path
         await service.stop()
         await service.stop()  # idempotent
     assert service.sink.running is False
+    assert stop_hook_saw == [1000]
