@@ -286,7 +286,7 @@ def _read_samples(db: Path | None, history: Path | None, since_h: float | None) 
         try:
             where = f"WHERE ts >= (SELECT max(ts) FROM samples) - INTERVAL '{float(since_h) * 3600:.0f} seconds'" \
                 if since_h else ""
-            rows = con.execute(f"SELECT ts, device, metric, value, quality FROM samples {where}").pl()
+            rows = con.sql(f"SELECT ts, device, metric, value, quality FROM samples {where}").pl()
         finally:
             con.close()
     if since_h and history is not None and not rows.is_empty():

@@ -218,7 +218,8 @@ def build_features(rows: pl.DataFrame, site: Site, *, step_s: int = DEFAULT_STEP
         .then((pl.col("margin_c").clip(lower_bound=0.0) / pl.col("return_slope_2m") * 60.0).clip(upper_bound=3600.0))
         .otherwise(3600.0).alias("time_to_limit_s"),
     )
-    keep = ["rack", "ts", "cdu", "power_kw", "supply_c", "return_c", "flow_lpm", "limit_c", "delta_t_c",
+    keep = ["rack", "ts", "cdu", "power_kw", "supply_c", "return_c", "flow_lpm", "design_flow_lpm", "limit_c",
+            "delta_t_c",
             "balance_error_c",
             "flow_per_kw", "design_flow_per_kw", "dt_design_c", "dt_ss_c", "cdu_supply_c", "facility_c",
             "setpoint_c", "approach_c", "design_approach_c", "pumps_running", "working_pumps", "reservoir_pct",

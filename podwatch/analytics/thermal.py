@@ -153,7 +153,8 @@ def explain(row: dict[str, Any], max_reasons: int = 3) -> list[str]:
         cands.append(((0.9 - ratio) / 0.1 + 0.5, f"flow {fpk:.2f} L/min/kW (design {design:.2f}){falling}"))
     dtr, dt, dtd = g("dt_ratio"), g("delta_t_c"), g("dt_design_c")
     if dtr is not None and dt is not None and dtd is not None and dtr > 1.1:
-        cands.append(((dtr - 1.1) / 0.1 + 0.5, f"ΔT {dt:.0f} K (design {dtd:.0f} K){rising}"))
+        at_load = f" at {g('power_kw'):.0f} kW" if g("power_kw") is not None else ""
+        cands.append(((dtr - 1.1) / 0.1 + 0.5, f"ΔT {dt:.0f} K (design {dtd:.0f} K{at_load}){rising}"))
     mss = g("margin_ss_c")
     if mss is not None and limit is not None and mss < 2.0:
         cands.append(((2.0 - mss) / 2.0 + 1.0,
@@ -192,6 +193,7 @@ PHYSICS_SCALE_K = 0.5
 MODEL_GATE_MARGIN_K = 6.0  # model risk above "watch" needs a worst-case or projected margin below this
 MODEL_GATE_CAP = 0.19
 SENSOR_SUSPECT_K = 6.0  # return this far from the heat balance = the sensor, not the loop
+SENSOR_JUDGE_MIN_FLOW_SHARE = 0.7  # ... judged only while flow >= 70 % of the rack's design flow
 
 
 def physics_risk(features: pl.DataFrame, horizon_s: int) -> np.ndarray:
@@ -226,7 +228,14 @@ def sensor_suspect(features: pl.DataFrame) -> np.ndarray:
     if "balance_error_c" not in features.columns:
         return np.zeros(features.height, dtype=bool)
     err = features["balance_error_c"].cast(pl.Float64).fill_null(0.0).to_numpy()
-    return np.abs(np.nan_to_num(err)) > SENSOR_SUSPECT_K
+    suspect = np.abs(np.nan_to_num(err)) > SENSOR_SUSPECT_K
+    # At low flow the loop's time constant C/(ṁ·c_p) grows to minutes and a throttled rack's
+    # return legitimately lags the balance: only judge the sensor while the flow is healthy.
+    if "flow_lpm" in features.columns and "design_flow_lpm" in features.columns:
+        flow = np.nan_to_num(features["flow_lpm"].cast(pl.Float64).fill_null(0.0).to_numpy())
+        design = np.nan_to_num(features["design_flow_lpm"].cast(pl.Float64).fill_null(0.0).to_numpy())
+        suspect &= flow >= SENSOR_JUDGE_MIN_FLOW_SHARE * design
+    return suspect
 
 
 def in_breach_certain(features: pl.DataFrame, p: np.ndarray, suspect: np.ndarray) -> np.ndarray:

@@ -22,6 +22,8 @@ pytestmark = pytest.mark.slow
 
 def invoke(*args):
     result = CliRunner().invoke(app, list(args))
+    if result.exception is not None and not isinstance(result.exception, SystemExit):
+        raise result.exception
     return result.exit_code, result.output
 
 
@@ -90,3 +92,27 @@ def test_eval_prints_figures_and_goals(model_dir, tmp_path):
     meta = json.loads((model_dir / "thermal.json").read_text())
     assert "false_alarms_per_rack_day" in meta["scores"]
     assert json.loads((tmp_path / "report.json").read_text())["goals"]
+
+
+def test_analyze_reads_and_writes_a_podwatch_duckdb_file(model_dir, tmp_path):
+    from podwatch.storage.ids import insert_named_samples
+    from podwatch.storage.schema import ensure_schema
+
+    site = load_site(SITE)
+    scenario = Scenario.parse({"name": "restrict", "faults": [{"kind": "flow_restriction", "target": "m1-r05",
+                                                               "onset_s": 400, "magnitude": 0.8}]}, "t", site)
+    hist = generate_history(site, days=600 / 86400, resolution_s=5, scenarios=[scenario], seed=9,
+                            out_dir=tmp_path / "hist")
+    db = tmp_path / "site.duckdb"
+    con = duckdb.connect(str(db))
+    ensure_schema(con)
+    insert_named_samples(con, f"SELECT ts::TIMESTAMP AS ts, device::VARCHAR AS device, metric::VARCHAR AS metric, "
+                              f"value, quality, row_number() OVER () AS seq FROM read_parquet('{hist.samples_path}')")
+    con.close()
+    code, out = invoke("analyze", "--site", SITE, "--db", str(db), "--model-dir", str(model_dir), "--last-hours", "1")
+    assert code == 0, out
+    assert out.splitlines()[2].startswith("m1-r05"), out  # highest risk first, after the header
+    con = duckdb.connect(str(db), read_only=True)
+    (n, top), = con.execute("SELECT count(*), arg_max(rack, probability) FROM risk_scores").fetchall()
+    con.close()
+    assert n == 16 and top == "m1-r05"
