@@ -190,7 +190,7 @@ class Demo:
         self.state.clock_origin_ms = wall
         self.state.started_wall = time.monotonic()
         serve = ["serve", "--db", str(self.db_path), "--kafka", kafka, "--site", str(self.opts.site),
-                 "--port", str(self.opts.api_port), "--model-dir", str(self.model_dir)]
+                 "--port", str(self.opts.api_port), "--model-dir", str(self.model_dir), "--speed", speed]
         if self.opts.alertmanager:
             serve += ["--alertmanager", self.opts.alertmanager]
         self.start_child("serve", _podwatch(*serve), self.opts.api_port, timeout=90)

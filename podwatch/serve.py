@@ -37,6 +37,7 @@ class ServeOptions:
     alerting_config: str | None = None
     headroom_every_s: float = 600.0
     analytics: bool = True
+    speed: float = 1.0  # accelerated runs: periodic analytics keep pace with simulated time
 
 
 class ServeProcess:
@@ -71,13 +72,25 @@ class ServeProcess:
                                 config_file=self.opts.alerting_config,
                                 generator_url=f"http://{self.opts.host}:{self.opts.port}/api/alerts")
         self.alerting = attach_alerting(self.service, settings, publish, site=self.site)
+        # after the sink and the API stop, before the DuckDB file closes: the outbox flushes its last tick
+        self.service.add_on_stop(self._close_alerting)
         if self.site is not None and self.opts.analytics:
             from podwatch.analytics.headroom import HeadroomRefresher
             from podwatch.analytics.streaming import attach_analytics
 
-            self.analytics = attach_analytics(self.service, self.site, self.opts.model_dir, observe=self.alerting.observe)
+            from podwatch.analytics.streaming import StreamingSettings
+
+            defaults = StreamingSettings()
+            # a breach can follow a pump trip by under a minute: score at least every 5 s of simulated time
+            settings = defaults.model_copy(update={"score_every_s": min(defaults.score_every_s, 5.0) / self.opts.speed})
+            self.analytics = attach_analytics(self.service, self.site, self.opts.model_dir, observe=self.alerting.observe,
+                                              settings=settings)
             self.headroom = HeadroomRefresher(self.site)
-            self.service.add_periodic(self._headroom_once, self.opts.headroom_every_s)
+            self.service.add_periodic(self._headroom_once, self.opts.headroom_every_s / self.opts.speed)
+
+    async def _close_alerting(self, _service) -> None:
+        if self.alerting is not None:
+            await self.alerting.aclose()
 
     async def _headroom_once(self, service) -> None:
         report = await self.headroom.run_once(service)
@@ -95,9 +108,7 @@ class ServeProcess:
         await self.service.start()
 
     async def stop(self) -> None:
-        await self.service.stop()
-        if self.alerting is not None:
-            await self.alerting.aclose()
+        await self.service.stop()  # runs _close_alerting before closing the file
         if self.producer is not None:
             await self.producer.stop()
 
