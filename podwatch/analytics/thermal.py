@@ -178,7 +178,7 @@ def explain(row: dict[str, Any], max_reasons: int = 3) -> list[str]:
     if pf is not None and power is not None and pf > 1.0:
         cands.append(((pf - 1.0) / 0.05, f"load {power:.0f} kW, {pf:.0%} of rated"))
     err = g("balance_error_c")
-    if err is not None and abs(err) > 6.0 and ret is not None:
+    if err is not None and err > 6.0 and ret is not None:
         cands.append((6.0, f"return sensor reads {ret:.1f} °C, {err:+.0f} K off the heat balance (sensor fault?)"))
     res = g("reservoir_slope_5m")
     if res is not None and res < -0.5:
@@ -223,12 +223,15 @@ def physics_risk(features: pl.DataFrame, horizon_s: int) -> np.ndarray:
 
 
 def sensor_suspect(features: pl.DataFrame) -> np.ndarray:
-    """Rows whose measured return is more than `SENSOR_SUSPECT_K` away from where the heat
-    balance puts it (supply + P·f/(ṁ·c_p)): a drifting, stuck or spiking sensor."""
+    """Rows whose measured return reads more than `SENSOR_SUSPECT_K` above where the heat balance
+    puts it (supply + P·f/(ṁ·c_p)) while the flow is healthy: a drifting, stuck or spiking sensor."""
     if "balance_error_c" not in features.columns:
         return np.zeros(features.height, dtype=bool)
     err = features["balance_error_c"].cast(pl.Float64).fill_null(0.0).to_numpy()
-    suspect = np.abs(np.nan_to_num(err)) > SENSOR_SUSPECT_K
+    # One-sided: a return reading *below* the balance is the normal lag after a flow drop (and a
+    # sensor stuck low cannot raise a false alarm anyway); one reading far above it at healthy
+    # flow is a sensor fault.
+    suspect = np.nan_to_num(err) > SENSOR_SUSPECT_K
     # At low flow the loop's time constant C/(ṁ·c_p) grows to minutes and a throttled rack's
     # return legitimately lags the balance: only judge the sensor while the flow is healthy.
     if "flow_lpm" in features.columns and "design_flow_lpm" in features.columns:
