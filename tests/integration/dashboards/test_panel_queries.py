@@ -67,15 +67,15 @@ def fill_demo_site(db_path: Path, now: datetime, minutes: int = 60, step_s: int 
                         [(m.kind, m.name, *_base_value(m.name)) for m in CATALOG.values()])
         start = now - timedelta(minutes=minutes)
         ticks = minutes * 60 // step_s
-        con.execute(f"""
-            INSERT INTO samples
+        from podwatch.storage.ids import insert_named_samples
+
+        insert_named_samples(con, f"""
             SELECT ?::TIMESTAMP + to_seconds(i * {step_s}) AS ts, d.device, m.metric,
                    m.level + m.swing * sin(i / 30.0 + (hash(d.device) % 100) / 10.0) AS value,
                    0 AS quality, i AS seq
             FROM range({ticks}) r(i)
             JOIN topo_devices d ON TRUE
-            JOIN metric_levels m ON m.kind = d.kind
-            ORDER BY d.device, ts""", [start])
+            JOIN metric_levels m ON m.kind = d.kind""", [start])
         con.execute("INSERT INTO dedup_state SELECT device, max(seq), max(ts) FROM samples GROUP BY device")
         con.execute("INSERT INTO latest_values SELECT device, metric, max(ts), arg_max(value, ts), 0 "
                     "FROM samples GROUP BY ALL")
