@@ -366,11 +366,16 @@ def register(app: typer.Typer) -> None:
     ) -> None:
         """Score racks' thermal risk from stored samples and write risk_scores."""
         from podwatch.analytics.features import build_features
-        from podwatch.analytics.thermal import ThermalModel
+        from podwatch.analytics.thermal import ModelError, PhysicsRiskModel, ThermalModel
         from podwatch.site import load_site
 
         site_model = load_site(site)
-        model = ThermalModel.load(model_dir)
+        try:
+            model = ThermalModel.load(model_dir)
+        except ModelError as exc:
+            # the same fallback as the serve process: the physics floor alone, said out loud
+            typer.echo(f"note: {exc}; scoring with the physics-only risk", err=True)
+            model = PhysicsRiskModel(site_model.spec.thermal.risk_horizon_s)
         rows = _read_samples(db, history, last_hours)
         feats = build_features(rows, site_model, step_s=FEATURE_STEP_S, horizon_s=model.horizon_s)
         feats = feats.filter(pl.col("return_c").is_not_null())

@@ -76,9 +76,23 @@ def test_analyze_history_writes_risk_scores(model_dir, tmp_path):
 
 def test_user_errors_are_one_line(tmp_path):
     code, out = invoke("analyze", "--site", SITE, "--history", str(tmp_path), "--model-dir", str(tmp_path))
-    assert code != 0 and "no thermal model" in out and "Traceback" not in out
+    assert code != 0 and "no Parquet sample files" in out and "Traceback" not in out
+    code, out = invoke("analyze", "--site", SITE, "--model-dir", str(tmp_path))
+    assert code != 0 and "exactly one of --db FILE or --history" in out
     code, out = invoke("eval", "thermal", "--site", SITE, "--model-dir", str(tmp_path / "none"))
     assert code != 0 and "podwatch train thermal" in out
+
+
+def test_analyze_without_a_model_uses_the_physics_risk(tmp_path):
+    site = load_site(SITE)
+    scenario = Scenario.parse({"name": "trip", "faults": [{"kind": "pump_failure", "target": "cdu-m1", "onset_s": 500,
+                                                           "pumps": [1, 2], "standby_takeover": False}]}, "t", site)
+    hist = generate_history(site, days=540 / 86400, resolution_s=5, scenarios=[scenario], seed=12,
+                            out_dir=tmp_path / "hist")
+    code, out = invoke("analyze", "--site", SITE, "--history", str(hist.out_dir), "--model-dir", str(tmp_path / "none"))
+    assert code == 0, out
+    assert "physics-only risk" in out
+    assert out.splitlines()[2].startswith("m1-"), out
 
 
 def test_eval_prints_figures_and_goals(model_dir, tmp_path):
