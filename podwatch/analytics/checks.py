@@ -12,10 +12,10 @@ Checks (names are the `rule` of the observations and the `check:<name>` sources 
 | --- | --- | --- |
 | cdu_supply_temp_high | CDU | supply > setpoint + `supply_over_setpoint_c` |
 | rack_return_temp_high | rack | return >= limit − `return_warn_margin_c` |
-| return_temp_rising | rack | return rises faster than `return_rate_k_per_min` (over `rate_window_s`) |
+| return_temp_rising | rack | return rises faster than `return_rate_k_per_min` (6 K/min over 60 s) |
 | flow_per_kw_low | rack | flow / power < `flow_per_kw_min_ratio` × design L/min/kW (loaded racks) |
-| heat_balance_mismatch | rack, CDU | coolant heat ṁ·c_p·ΔT differs from power × heat-to-liquid by > tolerance |
-| delta_t_high | rack | ΔT > `delta_t_max_ratio` × design ΔT at the present load (and > 2 K above it) |
+| heat_balance_mismatch | rack, CDU | coolant heat ṁ·c_p·ΔT differs from power × heat-to-liquid by > tolerance (2-min means) |
+| delta_t_high | rack | ΔT > `delta_t_max_ratio` × design ΔT at the load (and > 2 K above it; 2-min means) |
 | approach_rising | CDU | approach (supply − facility water) > design + margin with supply above setpoint, or rising > K/h |
 | dew_point_margin_low | CDU | supply − dew point < site `thermal.dew_point_margin_c` |
 | pump_redundancy_lost | CDU | fewer pumps running than full flow needs, or a pump down and no standby left |
@@ -25,7 +25,8 @@ Checks (names are the `rule` of the observations and the `check:<name>` sources 
 
 State kept between batches is small: the newest good value of each (device, metric) with the
 time it last changed, the newest sample time per device, and a short history (`history_s`) of
-a few derived series (rack return temperature, CDU approach) for rates and trends.
+a few derived series (rack return, power, ΔT, coolant heat; CDU approach, loop heat) for rates,
+trends and means.
 """
 
 from __future__ import annotations
@@ -69,8 +70,11 @@ class CheckSettings(BaseModel):
 
     supply_over_setpoint_c: float = Field(2.0, gt=0, description="CDU supply this far above setpoint is high (CDU manual: ±2 °C)")
     return_warn_margin_c: float = Field(3.0, ge=0, description="rack_return_temp_high is active this close to the rack's return limit")
-    return_rate_k_per_min: float = Field(2.0, gt=0, description="Return temperature rise that counts as fast")
-    rate_window_s: float = Field(30.0, gt=0, description="Window of the return-temperature rate")
+    return_rate_k_per_min: float = Field(6.0, gt=0, description="Return temperature rise that counts as fast "
+                                         "(workload swings reach ~5 K/min; a lost pump ~30 K/min)")
+    rate_window_s: float = Field(60.0, gt=0, description="Window of the return-temperature rate")
+    balance_window_s: float = Field(120.0, gt=0, description="Heat balance and ΔT compare means over this window "
+                                    "(the return lags load steps by ~25 s)")
     flow_per_kw_min_ratio: float = Field(0.8, gt=0, le=1, description="Share of the design L/min per kW below which flow is low")
     min_load_fraction: float = Field(0.2, ge=0, le=1, description="Physics checks per rack only above this share of rated power")
     heat_balance_tolerance: float = Field(0.25, gt=0, description="Relative mismatch of coolant heat vs electrical heat")
@@ -219,6 +223,12 @@ class StreamingChecks:
         self._history = pl.concat([self._history, new]).unique(["series", "target", "ts"], keep="last") \
             .filter(pl.col("ts") >= cutoff)
 
+    def _means(self, series: str, window_s: float, now: datetime) -> dict[str, float]:
+        """Mean of a derived series over the last window, per target."""
+        cutoff = now.replace(tzinfo=None) - _seconds(window_s)
+        part = self._history.filter((pl.col("series") == series) & (pl.col("ts") >= cutoff))
+        return dict(part.group_by("target").agg(pl.col("value").mean()).iter_rows())
+
     def _slopes_per_min(self, series: str, window_s: float, now: datetime) -> dict[str, float]:
         """Least-squares slope (per minute) of a derived series over the last window, per target."""
         cutoff = now.replace(tzinfo=None) - _seconds(window_s)
@@ -253,9 +263,21 @@ class StreamingChecks:
         touched_entities = {self.devices[d].entity for d in touched_devices if d in self.devices}
         obs: list[Observation] = []
         racks, cdus = self._entity_values()
+        # both PDUs reporting: A + B is the rack power; otherwise the BMS figure
+        racks = racks.with_columns(
+            pl.when(pl.col("pdu_count") >= 2).then(pl.col("pdu_power_kw")).otherwise(pl.col("bms_power_kw"))
+            .alias("power_kw"),
+            (pl.col("return_c") - pl.col("supply_c")).alias("delta_t_c"),
+        ).with_columns((pl.col("flow_lpm") / 60.0 * DENSITY_KG_PER_L * CP_WATER_KJ_PER_KG_K * pl.col("delta_t_c"))
+                       .alias("coolant_kw"))
         self._record_history("rack_return_c", racks, "rack", "return_c", now)
+        for col in ("power_kw", "delta_t_c", "coolant_kw"):
+            self._record_history(f"rack_{col}", racks, "rack", col, now)
         cdus = cdus.with_columns((pl.col("supply_c") - pl.col("facility_c")).alias("approach_c"))
         self._record_history("cdu_approach_c", cdus, "cdu", "approach_c", now)
+        cdus = cdus.with_columns((pl.col("flow_lpm") / 60.0 * DENSITY_KG_PER_L * CP_WATER_KJ_PER_KG_K
+                                  * (pl.col("return_c") - pl.col("supply_c"))).alias("coolant_kw"))
+        self._record_history("cdu_coolant_kw", cdus, "cdu", "coolant_kw", now)
         obs += self._rack_checks(racks.filter(pl.col("rack").is_in(list(touched_entities))), now)
         obs += self._cdu_checks(cdus.filter(pl.col("cdu").is_in(list(touched_entities))), racks, now)
         obs += self._sensor_checks(now, touched_devices)
@@ -269,6 +291,12 @@ class StreamingChecks:
         s = self.settings
         out: list[Observation] = []
         rates = self._slopes_per_min("rack_return_c", s.rate_window_s, now)
+        # The return lags a load step by the loop's time constant (~25 s at design flow): the
+        # balance and ΔT checks compare means over `balance_window_s`, so workload swings do not
+        # read as a loop fault while a lasting one still shows within the window.
+        mean_power = self._means("rack_power_kw", s.balance_window_s, now)
+        mean_dt = self._means("rack_delta_t_c", s.balance_window_s, now)
+        mean_coolant = self._means("rack_coolant_kw", s.balance_window_s, now)
         for row in racks.iter_rows(named=True):
             rack = self._racks.get(row["rack"])
             if rack is None:
@@ -276,8 +304,7 @@ class StreamingChecks:
             ts, labels = _to_dt(row["ts"]), self._rack_labels(rack.id)
             cdu = self._cdus.get(rack.cdu)
             heat_to_liquid = cdu.heat_to_liquid if cdu else 0.88
-            # both PDUs reporting: A + B is the rack power; otherwise the BMS figure
-            power_kw = row["pdu_power_kw"] if row["pdu_count"] and row["pdu_count"] >= 2 else row["bms_power_kw"]
+            power_kw = row["power_kw"]
             supply_c, return_c, flow_lpm = row["supply_c"], row["return_c"], row["flow_lpm"]
             limit_c = rack.return_limit_c
 
@@ -305,27 +332,29 @@ class StreamingChecks:
                 lpm_per_kw = flow_lpm / power_kw
                 emit("flow_per_kw_low", lpm_per_kw < s.flow_per_kw_min_ratio * design_lpm_per_kw, lpm_per_kw,
                      [f"flow {lpm_per_kw:.2f} L/min/kW (design {design_lpm_per_kw:.2f}) at {power_kw:.0f} kW"])
-            if supply_c is not None and return_c is not None:
-                delta_t = return_c - supply_c
-                design_dt = power_kw * heat_to_liquid / (rack.design_flow_lpm / 60.0 * CP_WATER_KJ_PER_KG_K)
+            avg_power_kw = mean_power.get(rack.id, power_kw)
+            if supply_c is not None and return_c is not None and avg_power_kw:
+                delta_t = mean_dt.get(rack.id, return_c - supply_c)
+                design_dt = avg_power_kw * heat_to_liquid / (rack.design_flow_lpm / 60.0 * CP_WATER_KJ_PER_KG_K)
                 rising = f" and rising {rate:+.1f} K/min" if rate is not None and rate > 0.2 else ""
                 emit("delta_t_high", delta_t > s.delta_t_max_ratio * design_dt and delta_t > design_dt + 2.0, delta_t,
-                     [f"ΔT {delta_t:.1f} K{rising} (design {design_dt:.1f} K at {power_kw:.0f} kW)"])
+                     [f"ΔT {delta_t:.1f} K{rising} (design {design_dt:.1f} K at {avg_power_kw:.0f} kW)"])
                 if flow_lpm is not None:
-                    coolant_kw = coolant_heat_kw(flow_lpm, delta_t)
-                    expected_kw = power_kw * heat_to_liquid
+                    coolant_kw = mean_coolant.get(rack.id, coolant_heat_kw(flow_lpm, return_c - supply_c))
+                    expected_kw = avg_power_kw * heat_to_liquid
                     mismatch = (coolant_kw - expected_kw) / expected_kw
                     emit("heat_balance_mismatch", abs(mismatch) > s.heat_balance_tolerance, mismatch,
                          [f"coolant carries {coolant_kw:.0f} kW, expected {expected_kw:.0f} kW "
-                          f"({mismatch:+.0%}) from {power_kw:.0f} kW electrical"])
+                          f"({mismatch:+.0%}) from {avg_power_kw:.0f} kW electrical"])
         return out
 
     def _cdu_checks(self, cdus: pl.DataFrame, racks: pl.DataFrame, now: datetime) -> list[Observation]:
         s = self.settings
         out: list[Observation] = []
         slopes = self._slopes_per_min("cdu_approach_c", s.approach_window_s, now)
-        rack_power = {r["rack"]: (r["pdu_power_kw"] if r["pdu_count"] and r["pdu_count"] >= 2 else r["bms_power_kw"])
-                      for r in racks.iter_rows(named=True)}
+        mean_power = self._means("rack_power_kw", s.balance_window_s, now)
+        rack_power = {r["rack"]: mean_power.get(r["rack"], r["power_kw"]) for r in racks.iter_rows(named=True)}
+        mean_loop = self._means("cdu_coolant_kw", s.balance_window_s, now)
         for row in cdus.iter_rows(named=True):
             cdu = self._cdus.get(row["cdu"])
             if cdu is None:
@@ -385,7 +414,7 @@ class StreamingChecks:
                     and powers and all(p is not None for p in powers)):
                 expected_kw = sum(powers) * cdu.heat_to_liquid
                 if expected_kw >= s.min_load_fraction * cdu.capacity_kw * 0.5:
-                    coolant_kw = coolant_heat_kw(row["flow_lpm"], row["return_c"] - supply_c)
+                    coolant_kw = mean_loop.get(cdu.id, coolant_heat_kw(row["flow_lpm"], row["return_c"] - supply_c))
                     mismatch = (coolant_kw - expected_kw) / expected_kw
                     emit("heat_balance_mismatch", abs(mismatch) > s.heat_balance_tolerance, mismatch,
                          [f"loop carries {coolant_kw:.0f} kW, racks put {expected_kw:.0f} kW into the liquid ({mismatch:+.0%})"])

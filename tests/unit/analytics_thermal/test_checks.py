@@ -58,7 +58,7 @@ def _cdu(metric, fn):
 
 @pytest.mark.parametrize(("rule", "target", "override"), [
     ("rack_return_temp_high", RACK, _rack("rack.liquid_return_temp_c", lambda t, v: 53.0 + 0.001 * t)),
-    ("return_temp_rising", RACK, _rack("rack.liquid_return_temp_c", lambda t, v: v + (0.06 * (t - 150) if t > 150 else 0))),
+    ("return_temp_rising", RACK, _rack("rack.liquid_return_temp_c", lambda t, v: v + (0.15 * (t - 120) if t > 120 else 0))),
     ("flow_per_kw_low", RACK, _rack("rack.liquid_flow_lpm", lambda t, v: v * 0.6)),
     ("delta_t_high", RACK, _rack("rack.liquid_return_temp_c", lambda t, v: v + 5.0)),
     ("heat_balance_mismatch", RACK, _rack("rack.liquid_flow_lpm", lambda t, v: v * 1.5)),
