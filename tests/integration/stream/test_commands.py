@@ -60,14 +60,17 @@ def test_broker_command_serves_the_topics_and_stops_on_sigterm():
             proc.wait(5)
 
 
-def test_topics_create_and_list(tansu_broker):
+def test_topics_create_and_list():
+    # Its own broker: on the shared one another test's consumer may already have auto-created
+    # podwatch.telemetry.v1 (Tansu auto-creates with 4 partitions), and this test checks creation.
     runner = CliRunner()
-    first = runner.invoke(app, ["topics", "create", "--kafka", tansu_broker])
-    assert first.exit_code == 0, first.output
-    assert all(f"{t}: " in first.output for t in ALL_TOPICS)
-    again = runner.invoke(app, ["topics", "create", "--kafka", tansu_broker])
-    assert again.exit_code == 0 and again.output.count(": exists") == 3
-    listing = runner.invoke(app, ["topics", "list", "--kafka", tansu_broker])
+    with procs.tansu() as broker:
+        first = runner.invoke(app, ["topics", "create", "--kafka", broker.address])
+        assert first.exit_code == 0, first.output
+        assert all(f"{t}: created" in first.output for t in ALL_TOPICS)
+        again = runner.invoke(app, ["topics", "create", "--kafka", broker.address])
+        assert again.exit_code == 0 and again.output.count(": exists") == 3
+        listing = runner.invoke(app, ["topics", "list", "--kafka", broker.address])
     assert "podwatch.telemetry.v1\t6 partitions" in listing.output
 
 
