@@ -149,9 +149,9 @@ class StreamingChecks:
                                           "value": pl.Float64, "changed_ts": pl.Datetime("us")})
         self._last_seen: dict[str, datetime] = {}  # newest good sample time per device
         self._started: datetime | None = None
-        # derived series: (series, target, ts, value)
-        self._history = pl.DataFrame(schema={"series": pl.String, "target": pl.String,
-                                             "ts": pl.Datetime("us"), "value": pl.Float64})
+        # derived series: name -> (target, ts, value), appended per batch, trimmed now and then
+        self._series: dict[str, pl.DataFrame] = {}
+        self._touched: set[str] = set()
         self._pumps_seen_running: dict[str, set[int]] = {}
         self.batches = 0
 
@@ -216,23 +216,32 @@ class StreamingChecks:
         return racks, cdus
 
     def _record_history(self, series: str, frame: pl.DataFrame, target_col: str, value_col: str, now: datetime) -> None:
-        new = frame.filter(pl.col(value_col).is_not_null()).select(
-            pl.lit(series).alias("series"), pl.col(target_col).alias("target"), pl.col("ts"),
-            pl.col(value_col).cast(pl.Float64).alias("value"))
-        cutoff = now.replace(tzinfo=None) - _seconds(self.settings.history_s)
-        self._history = pl.concat([self._history, new]).unique(["series", "target", "ts"], keep="last") \
-            .filter(pl.col("ts") >= cutoff)
+        # only targets with new samples in this batch: an untouched target would repeat its last
+        # point and weigh it twice in means and slopes
+        new = frame.filter(pl.col(value_col).is_not_null() & pl.col(target_col).is_in(list(self._touched))).select(
+            pl.col(target_col).alias("target"), pl.col("ts"), pl.col(value_col).cast(pl.Float64).alias("value"))
+        old = self._series.get(series)
+        frame_out = new if old is None else old.vstack(new)
+        # appends are cheap (no copy); trimming and rechunking every 30 batches keeps it so
+        if self.batches % 30 == 0:
+            cutoff = now.replace(tzinfo=None) - _seconds(self.settings.history_s)
+            frame_out = frame_out.filter(pl.col("ts") >= cutoff).rechunk()
+        self._series[series] = frame_out
+
+    def _window(self, series: str, window_s: float, now: datetime) -> pl.DataFrame:
+        part = self._series.get(series)
+        if part is None:
+            return pl.DataFrame(schema={"target": pl.String, "ts": pl.Datetime("us"), "value": pl.Float64})
+        return part.filter(pl.col("ts") >= now.replace(tzinfo=None) - _seconds(window_s))
 
     def _means(self, series: str, window_s: float, now: datetime) -> dict[str, float]:
         """Mean of a derived series over the last window, per target."""
-        cutoff = now.replace(tzinfo=None) - _seconds(window_s)
-        part = self._history.filter((pl.col("series") == series) & (pl.col("ts") >= cutoff))
+        part = self._window(series, window_s, now)
         return dict(part.group_by("target").agg(pl.col("value").mean()).iter_rows())
 
     def _slopes_per_min(self, series: str, window_s: float, now: datetime) -> dict[str, float]:
         """Least-squares slope (per minute) of a derived series over the last window, per target."""
-        cutoff = now.replace(tzinfo=None) - _seconds(window_s)
-        part = self._history.filter((pl.col("series") == series) & (pl.col("ts") >= cutoff))
+        part = self._window(series, window_s, now)
         if part.is_empty():
             return {}
         t = (pl.col("ts") - pl.col("ts").min()).dt.total_milliseconds().over("target") / 60000.0
@@ -261,6 +270,7 @@ class StreamingChecks:
         touched_devices = set(rows["device"].unique().to_list())
         self._update_state(rows)
         touched_entities = {self.devices[d].entity for d in touched_devices if d in self.devices}
+        self._touched = touched_entities
         obs: list[Observation] = []
         racks, cdus = self._entity_values()
         # both PDUs reporting: A + B is the rack power; otherwise the BMS figure
