@@ -19,3 +19,24 @@ class ConfigError(PodwatchError):
         self.errors = list(errors)
         lines = "\n".join(f"  {e}" for e in self.errors)
         super().__init__(f"{source}: {len(self.errors)} error(s)\n{lines}")
+
+
+def user_errors(fn):
+    """Decorator for CLI commands: a PodwatchError (or a ValueError/FileNotFoundError raised on a
+    user's input) becomes one line on stderr and the error's exit code, never a traceback."""
+    import functools
+
+    import typer
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except PodwatchError as exc:
+            typer.echo(f"error: {exc}", err=True)
+            raise typer.Exit(exc.exit_code) from None
+        except (ValueError, FileNotFoundError) as exc:
+            typer.echo(f"error: {exc}", err=True)
+            raise typer.Exit(2) from None
+
+    return wrapper

@@ -9,13 +9,12 @@ simulator or `podwatch export`).
 
 from __future__ import annotations
 
-import functools
 import json
 from pathlib import Path
 
 import typer
 
-from podwatch.errors import PodwatchError
+from podwatch.errors import PodwatchError, user_errors
 
 SITE_OPT = typer.Option(..., "--site", help="Site YAML file")
 DB_OPT = typer.Option(None, "--db", help="podwatch DuckDB file (read-only)")
@@ -23,21 +22,6 @@ HISTORY_OPT = typer.Option(None, "--history", help="Folder of Parquet samples (t
 BUCKET_OPT = typer.Option(60, "--bucket-s", min=1, help="Load buckets in seconds (peaks are taken over these)")
 
 
-def _user_errors(fn):
-    """Print user errors as one clear message (exit code from the error), never a traceback."""
-
-    @functools.wraps(fn)
-    def wrapper(*args, **kwargs):
-        try:
-            return fn(*args, **kwargs)
-        except PodwatchError as exc:
-            typer.echo(f"error: {exc}", err=True)
-            raise typer.Exit(exc.exit_code) from None
-        except ValueError as exc:
-            typer.echo(f"error: {exc}", err=True)
-            raise typer.Exit(2) from None
-
-    return wrapper
 
 
 def _load(site_file: Path, db: Path | None, history: Path | None, bucket_s: int):
@@ -64,7 +48,7 @@ def _eval_group(app: typer.Typer) -> typer.Typer:
 
 def register(app: typer.Typer) -> None:
     @app.command("forecast")
-    @_user_errors
+    @user_errors
     def forecast_cmd(site_file: Path = SITE_OPT, db: Path = DB_OPT, history: Path = HISTORY_OPT,
                      bucket_s: int = BUCKET_OPT,
                      out: Path = typer.Option(None, "--out", help="Also write the rows (.parquet, .csv or .json)"),
@@ -87,7 +71,7 @@ def register(app: typer.Typer) -> None:
             typer.echo(f"wrote {write_rows_file(report.rows, out)}")
 
     @app.command("headroom")
-    @_user_errors
+    @user_errors
     def headroom_cmd(site_file: Path = SITE_OPT, db: Path = DB_OPT, history: Path = HISTORY_OPT,
                      bucket_s: int = BUCKET_OPT,
                      horizon: str = typer.Option("7d", "--horizon", help="24h or 7d (rows for both are written)"),
@@ -124,7 +108,7 @@ def register(app: typer.Typer) -> None:
             typer.echo(f"wrote {write_rows_file(report.rows, out)}", err=as_json)
 
     @app.command("plan")
-    @_user_errors
+    @user_errors
     def plan_cmd(site_file: Path = SITE_OPT, rack_kw: float = typer.Option(..., "--rack-kw", help="Power of each new rack, kW"),
                  count: int = typer.Option(1, "--count", min=1, help="How many new racks"),
                  module: str = typer.Option(None, "--module", help="Only place them in this module"),
@@ -167,7 +151,7 @@ def register(app: typer.Typer) -> None:
     eval_app = _eval_group(app)
 
     @eval_app.command("forecast")
-    @_user_errors
+    @user_errors
     def eval_forecast_cmd(site_file: Path = SITE_OPT, db: Path = DB_OPT, history: Path = HISTORY_OPT,
                           bucket_s: int = typer.Option(300, "--bucket-s", min=1, help="Load buckets in seconds"),
                           synthetic_days: float = typer.Option(None, "--synthetic-days",
@@ -204,7 +188,7 @@ def register(app: typer.Typer) -> None:
             typer.echo(f"wrote {', '.join(str(p) for p in paths)} and {Path(out) / 'scores.json'}")
 
     @app.command("report")
-    @_user_errors
+    @user_errors
     def report_cmd(site_file: Path = SITE_OPT, out: Path = typer.Option(..., "--out", help="Output folder"),
                    db: Path = DB_OPT, history: Path = HISTORY_OPT, bucket_s: int = BUCKET_OPT) -> None:
         """HTML report: site power vs capacity with forecast band, headroom per module, risk per rack."""

@@ -14,7 +14,6 @@ The simulator is imported lazily here (CLI wiring), never by the analytics modul
 
 from __future__ import annotations
 
-import functools
 import json
 import logging
 import time
@@ -25,7 +24,7 @@ from typing import Any
 import polars as pl
 import typer
 
-from podwatch.errors import PodwatchError
+from podwatch.errors import PodwatchError, user_errors
 
 log = logging.getLogger(__name__)
 
@@ -34,19 +33,6 @@ EXAMPLE_SITES = ("examples/sites/demo.yaml", "examples/sites/reference-10mw.yaml
 FEATURE_STEP_S = 10
 
 
-def _user_errors(fn):
-    @functools.wraps(fn)
-    def wrapper(*args, **kwargs):
-        try:
-            return fn(*args, **kwargs)
-        except PodwatchError as exc:
-            typer.echo(f"error: {exc}", err=True)
-            raise typer.Exit(exc.exit_code) from None
-        except (ValueError, FileNotFoundError) as exc:
-            typer.echo(f"error: {exc}", err=True)
-            raise typer.Exit(2) from None
-
-    return wrapper
 
 
 def _group(app: typer.Typer, name: str, help_text: str) -> typer.Typer:
@@ -321,7 +307,7 @@ def register(app: typer.Typer) -> None:
     eval_app = _group(app, "eval", "Evaluate models against simulated ground truth.")
 
     @train_app.command("thermal")
-    @_user_errors
+    @user_errors
     def train_thermal_cmd(
         site: list[str] = typer.Option(list(EXAMPLE_SITES), "--site", help="Site file(s) to simulate (repeat)"),
         model_dir: Path = typer.Option(DEFAULT_MODEL_DIR, "--model-dir", help="Where the model and metadata go"),
@@ -354,7 +340,7 @@ def register(app: typer.Typer) -> None:
                    f"horizon {horizon} s, saved to {model_dir} ({time.perf_counter() - t0:.0f} s)")
 
     @app.command("analyze")
-    @_user_errors
+    @user_errors
     def analyze_cmd(
         site: Path = typer.Option(..., "--site", help="Site YAML file"),
         db: Path = typer.Option(None, "--db", help="podwatch DuckDB file: read samples, write risk_scores"),
@@ -395,7 +381,7 @@ def register(app: typer.Typer) -> None:
                        f"{'; '.join(r['reasons'])}")
 
     @eval_app.command("thermal")
-    @_user_errors
+    @user_errors
     def eval_thermal_cmd(
         site: list[str] = typer.Option(list(EXAMPLE_SITES), "--site", help="Site file(s) of the held-out scenarios"),
         model_dir: Path = typer.Option(DEFAULT_MODEL_DIR, "--model-dir"),
