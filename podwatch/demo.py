@@ -190,7 +190,10 @@ class Demo:
         self.state.clock_origin_ms = wall
         self.state.started_wall = time.monotonic()
         serve = ["serve", "--db", str(self.db_path), "--kafka", kafka, "--site", str(self.opts.site),
-                 "--port", str(self.opts.api_port), "--model-dir", str(self.model_dir), "--speed", speed]
+                 "--port", str(self.opts.api_port), "--model-dir", str(self.model_dir), "--speed", speed,
+                 # the demo starts with no history: refresh headroom each simulated minute (measured-peak
+                 # headroom until there is enough history for forecasts)
+                 "--headroom-every", "60"]
         if self.opts.alertmanager:
             serve += ["--alertmanager", self.opts.alertmanager]
         self.start_child("serve", _podwatch(*serve), self.opts.api_port, timeout=90)
@@ -320,9 +323,17 @@ class Demo:
         return path
 
     def run(self) -> int:
+        if self.opts.ui:  # the live view owns the terminal: only warnings and errors may print
+            import logging
+
+            logging.getLogger().setLevel(logging.WARNING)
         self.data.mkdir(parents=True, exist_ok=True)
         self.logs.mkdir(parents=True, exist_ok=True)
-        previous = signal.signal(signal.SIGTERM, lambda *_: setattr(self, "_stop_requested", True))
+        def request_stop(*_):
+            self._stop_requested = True
+
+        # SIGTERM, or SIGHUP when the terminal goes away: stop the children like Ctrl-C does
+        previous = {sig: signal.signal(sig, request_stop) for sig in (signal.SIGTERM, signal.SIGHUP)}
         ok, error = True, None
         try:
             self.ensure_model()
@@ -333,9 +344,12 @@ class Demo:
             self.say("Ctrl-C: stopping")
         except PodwatchError as exc:
             ok, error = False, str(exc)
+        except OSError as exc:  # the terminal went away under the live view
+            ok, error = False, f"output failed: {exc}"
         finally:
             pids = self.stop_all()
-            signal.signal(signal.SIGTERM, previous)
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
         self.write_summary(pids, ok, error)
         self.print_goodbye(error)
         return 0 if ok else 1

@@ -74,14 +74,21 @@ def render_dashboard(demo):
         risk_table.add_row(r.get("rack", ""), f"{(r.get('probability') or 0):.2f}",
                            Text(level, style=LEVEL_STYLE.get(level, "")), "; ".join(reasons[:2]))
 
-    head = Table(title="Headroom (24 h, P99)", expand=True)
-    for col in ("node", "usable kW", "P99 peak kW", "headroom kW", "stranded kW"):
+    head = Table(title="Headroom (24 h): usable capacity minus the forecast P99 peak (measured peak while history is short)",
+                 expand=True)
+    for col in ("node", "usable kW", "peak kW", "headroom kW", "stranded kW"):
         head.add_column(col, justify="right" if "kW" in col else "left")
     rows = [h for h in snap.get("headroom") or [] if h.get("horizon") == "24h" and h.get("node_kind") in ("busway", "transformer", "cdu")]
     for h in sorted(rows, key=lambda h: h.get("node", ""))[:8]:
-        head.add_row(h.get("node", ""), *(f"{(h.get(k) or 0):,.0f}" for k in ("usable_kw", "p99_kw", "headroom_kw", "stranded_kw")))
+        peak = h.get("p99_kw")
+        peak_text = f"{peak:,.0f} P99" if peak is not None else f"{(h.get('measured_peak_kw') or 0):,.0f} measured"
+        head.add_row(h.get("node", ""), f"{(h.get('usable_kw') or 0):,.0f}", peak_text,
+                     *(f"{(h.get(k) or 0):,.0f}" for k in ("headroom_kw", "stranded_kw")))
 
-    alerts = [a for a in snap.get("alerts") or [] if a.get("state") in ("firing", "pending")]
+    order = {"firing": 0, "pending": 1}
+    rank = {"critical": 0, "warning": 1, "info": 2}
+    alerts = sorted((a for a in snap.get("alerts") or [] if a.get("state") in order),
+                    key=lambda a: (order[a["state"]], rank.get(a.get("severity"), 3), a.get("target", "")))
     alert_table = Table(title="Active alerts", expand=True)
     for col in ("state", "severity", "rule", "target", "summary"):
         alert_table.add_column(col)

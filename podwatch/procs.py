@@ -48,10 +48,23 @@ def wait_for(predicate, timeout: float, interval: float = 0.02, what: str = "con
         time.sleep(interval)
 
 
+def _terminate_with_parent() -> None:
+    """In the child, before exec: ask Linux to send SIGTERM when the parent dies, so a parent killed
+    without cleanup (SIGKILL, a closed terminal) leaves no orphan servers. No-op elsewhere."""
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL("libc.so.6", use_errno=True)
+        libc.prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
+
+
 class ManagedProcess:
     def __init__(self, name: str, argv: list[str], host: str, port: int | None, log_path: Path | None = None,
-                 env: dict | None = None, cwd: str | None = None) -> None:
+                 env: dict | None = None, cwd: str | None = None, die_with_parent: bool = True) -> None:
         self.name, self.argv, self.host, self.port = name, argv, host, port
+        self.die_with_parent = die_with_parent
         self.log_path = log_path
         self.env, self.cwd = env, cwd
         self.proc: subprocess.Popen | None = None
@@ -68,7 +81,8 @@ class ManagedProcess:
             self.log_path = Path(path)
         self._log = open(self.log_path, "ab")
         self.proc = subprocess.Popen(self.argv, stdout=self._log, stderr=subprocess.STDOUT, env=self.env,
-                                     cwd=self.cwd, start_new_session=True)
+                                     cwd=self.cwd, start_new_session=True,
+                                     preexec_fn=_terminate_with_parent if self.die_with_parent else None)
         if self.port is None:  # nothing to wait for but the process itself
             return self
         try:

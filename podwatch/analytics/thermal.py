@@ -157,8 +157,13 @@ def explain(row: dict[str, Any], max_reasons: int = 3) -> list[str]:
         cands.append(((dtr - 1.1) / 0.1 + 0.5, f"ΔT {dt:.0f} K (design {dtd:.0f} K{at_load}){rising}"))
     mss = g("margin_ss_c")
     if mss is not None and limit is not None and mss < 2.0:
+        settle_c = limit - mss
+        # With flow near zero the steady state is far beyond anything physical (boiling, shutdown):
+        # say "far above" rather than print an extrapolated 200+ °C.
+        where = (f"near {settle_c:.0f} °C" if settle_c <= limit + 25
+                 else f"far above the limit (> {limit + 25:.0f} °C)")
         cands.append(((2.0 - mss) / 2.0 + 1.0,
-                      f"at this flow and load the return settles near {limit - mss:.0f} °C (limit {limit:.0f} °C)"))
+                      f"at this flow and load the return settles {where} (limit {limit:.0f} °C)"))
     over, cdu_supply = g("supply_over_setpoint_c"), g("cdu_supply_c")
     if over is not None and cdu_supply is not None and over > 1.0:
         sslope = g("supply_slope_5m")

@@ -1,0 +1,41 @@
+"""The demo's live view renders what the API answered, including partial answers."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from rich.console import Console
+
+from podwatch.demo import Demo, DemoOptions
+
+ROOT = Path(__file__).parents[2]
+
+
+def render_text(snapshot: dict) -> str:
+    demo = Demo(DemoOptions(site=ROOT / "examples/sites/demo.yaml", scenario=None, ui=True))
+    demo.state.last = snapshot
+    console = Console(record=True, width=200)
+    console.print(demo.render())
+    return console.export_text()
+
+
+def test_view_renders_before_the_api_answers():
+    text = render_text({})
+    assert "podwatch demo" in text and "51 silent" in text
+
+
+def test_view_shows_risk_reasons_headroom_and_firing_alerts_first():
+    text = render_text({
+        "pipeline": [{"points_total": 1234, "points_per_s": 99.0, "lag_messages": 0, "dead_letters": 0}],
+        "risk": [{"rack": "m1-r01", "probability": 0.93, "level": "critical", "reasons": ["flow 0.31 L/min/kW (design 1.20)"]},
+                 {"rack": "m2-r01", "probability": 0.01, "level": "ok", "reasons": []}],
+        "headroom": [{"node": "bus-m1-a", "node_kind": "busway", "horizon": "24h", "usable_kw": 1093.0, "p99_kw": None,
+                      "measured_peak_kw": 502.0, "headroom_kw": 591.0, "stranded_kw": 0.0}],
+        "alerts": [{"alert_id": "a", "state": "pending", "severity": "warning", "rule": "delta_t_high", "target": "m1-r02",
+                    "annotations": {"summary": "later"}},
+                   {"alert_id": "b", "state": "firing", "severity": "critical", "rule": "pump_redundancy_lost",
+                    "target": "cdu-m1", "annotations": {"summary": "cdu-m1: pumps 1, 2 down, no standby"}}],
+    })
+    assert "1,234" in text and "flow 0.31 L/min/kW" in text
+    assert "502 measured" in text and "591" in text
+    assert text.index("pump_redundancy_lost") < text.index("delta_t_high")
