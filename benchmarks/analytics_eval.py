@@ -11,6 +11,10 @@ false alarms per rack-day on fault-free runs. Also the time each step took.
 
 from __future__ import annotations
 
+import sys as _sys
+_sys.path.insert(0, str(__import__('pathlib').Path(__file__).resolve().parent))
+from _report import record  # noqa: E402
+
 import argparse
 import json
 import sys
@@ -94,6 +98,9 @@ def main() -> None:
     ]
     for name, m, b, goal in rows:
         print(f"{name:<52} {fmt(m):>10} {fmt(b):>10} {goal:>8}")
+        if m is not None:
+            record(f"thermal risk: {name}", m, "", reference=b, reference_label="'return within 5 K of the limit' alarm",
+                   goal=goal or None, higher_is_better="false alarms" not in name)
     for kind in sorted(report.median_lead_by_kind_s):
         n = sum(1 for x in report.breaches if x.fault_kind == kind)
         print(f"{'  median lead, ' + kind + f' ({n})':<52} {fmt(report.median_lead_by_kind_s[kind]):>10} "

@@ -15,6 +15,10 @@ Goals (issue 5): P95 pinball loss >= 25 % better than seasonal naive; P95 covera
 
 from __future__ import annotations
 
+import sys as _sys
+_sys.path.insert(0, str(__import__('pathlib').Path(__file__).resolve().parent))
+from _report import record  # noqa: E402
+
 import argparse
 import sys
 import tempfile
@@ -80,6 +84,10 @@ def main() -> int:
               f"{cov:>18.1f}% {s.coverage_naive[0.95] * 100:>6.1f}% {'93-97%':>9}")
         if horizon == "24h":
             ok = better >= 25.0 and 93.0 <= cov <= 97.0
+        record(f"{horizon} peak forecast: P95 pinball loss", s.pinball_model[0.95], "kW-scaled", reference=s.pinball_naive[0.95],
+               reference_label="seasonal-naive, same backtest", goal="<= 0.75 x naive (25 % better)", higher_is_better=False)
+        record(f"{horizon} peak forecast: P95 interval coverage", cov, "%", reference=s.coverage_naive[0.95] * 100,
+               reference_label="seasonal-naive coverage", goal="93-97 %")
     if args.out:
         for path in backtest_figures(result, args.out):
             print(f"wrote {path}")

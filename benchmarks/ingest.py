@@ -18,6 +18,10 @@ p95 latency of the dashboard queries on a large table.
 
 from __future__ import annotations
 
+import sys as _sys
+_sys.path.insert(0, str(__import__('pathlib').Path(__file__).resolve().parent))
+from _report import record  # noqa: E402
+
 import argparse
 import asyncio
 import os
@@ -207,8 +211,15 @@ async def main() -> None:
         count = n.query("SELECT count(*) FROM samples")[0][0]
         n.close()
         print(f"  {count:,} samples; bytes per point in the big file (with rollups): {size / count:.2f}")
+        worst = None
         for name, p50, p95 in dashboard_p95(big, args.repeat):
             print(f"  {name:<52} p50 {p50:7.1f} ms  p95 {p95:7.1f} ms  (goal p95 < 200 ms)")
+            worst = max(worst or (0, ""), (p95, name))
+        record(f"bytes per stored point, {count:,} samples incl. rollups", size / count, "B/point", goal="<= 3",
+               higher_is_better=False)
+        if worst:
+            record(f"slowest dashboard query p95 on {count:,} samples ({worst[1]})", worst[0], "ms", goal="< 200 ms",
+                   higher_is_better=False)
 
 
 async def ingest_figures(args) -> None:
@@ -228,10 +239,15 @@ async def ingest_figures(args) -> None:
         print(f"DuckDB sink (decode+dedup+txn+rollups): {msgs_s:>12,.0f} messages/s = {points_s:,.0f} points/s "
               f"(goal >= 1,000,000)")
         print(f"ratio sink / raw consumer: {msgs_s / raw:.0%} (goal >= 50%)")
+        record("DuckDB sink ingest, points/s (decode + dedup + one transaction with offsets + rollups)", points_s,
+               "points/s", goal=">= 1,000,000")
+        record("DuckDB sink ingest, messages/s", msgs_s, "messages/s", reference=raw,
+               reference_label="raw aiokafka consumer, no decoding, same topic", goal=">= 50 % of raw")
         size = os.path.getsize(work / "ingest.duckdb")
         check = Database(work / "ingest.duckdb", read_only=True)
         used = check.query("SELECT used_blocks * block_size FROM pragma_database_size()")[0][0]
         check.close()
+        record("bytes per stored point after ingest", size / points, "B/point", goal="<= 3", higher_is_better=False)
         print(f"bytes per stored point: {size / points:.2f} ({size / 1e6:.1f} MB file / {points:,} points; goal <= 3); "
               f"{used / points:.2f} counting used blocks only (free blocks left by incremental checkpoints excluded)")
         print(f"  sample_rows table alone (copied in stored order to a fresh file): {samples_only_bytes(work / 'ingest.duckdb') / points:.2f} B/point")

@@ -82,6 +82,11 @@ def main() -> None:
         results.extend(rows)
         if status != "ok" or not rows:
             failures.append((script, status, "\n".join(out.strip().splitlines()[-15:])))
+    store = Path(args.out).with_suffix(".json")
+    if args.only and store.exists():  # re-running some benchmarks keeps the others' last figures
+        kept = [r for r in json.loads(store.read_text()) if r["benchmark"] not in args.only]
+        results = kept + results
+    store.write_text(json.dumps(results, indent=1) + "\n")
     lines = [
         "# Performance",
         "",
