@@ -16,7 +16,8 @@ def record(figure: str, value: float, unit: str, reference: float | None = None,
     ratio = (value / reference) if reference not in (None, 0) else None
     line = f"{figure}: {value:,.4g} {unit}"
     if reference is not None:
-        line += f" | reference ({reference_label}): {reference:,.4g} {unit} | ratio {ratio:.2f}"
+        line += f" | reference ({reference_label}): {reference:,.4g} {unit}"
+        line += f" | ratio {ratio:.2f}" if ratio is not None else " | ratio n/a"
     if goal:
         line += f" | goal {goal}"
     print(line, flush=True)
