@@ -18,7 +18,7 @@ pytestmark = [pytest.mark.integration, pytest.mark.timeout(60)]
 
 
 async def test_transitions_published_to_kafka(tansu_broker, unique_topic, tmp_path):
-    producer_mod = pytest.importorskip("podwatch.stream.producer")
+    import podwatch.stream.producer as producer_mod
     from aiokafka import AIOKafkaConsumer
     from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 

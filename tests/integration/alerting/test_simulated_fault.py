@@ -30,9 +30,9 @@ def for_alert(notifications: list[dict], alertname: str, target: str) -> list[di
 
 
 async def test_pump_failure_reaches_alertmanager_with_reasons_and_resolves(am_with_sink, tmp_path):
-    history = pytest.importorskip("podwatch.simulators.history")
-    scenario_mod = pytest.importorskip("podwatch.simulators.scenario")
-    checks_mod = pytest.importorskip("podwatch.analytics.checks")
+    import podwatch.simulators.history as history
+    import podwatch.simulators.scenario as scenario_mod
+    import podwatch.analytics.checks as checks_mod
     am_url, sink = am_with_sink
     site = load_site(ROOT / "examples/sites/demo.yaml")
     scenario = scenario_mod.Scenario.parse({"name": "pump-failure-cleared", "faults": [

@@ -17,7 +17,6 @@ from tests.conftest import wait_until
 from tests.integration.collectors.modbus_server import ProfileServer
 from tests.integration.collectors.sites import MemorySink, pdu_values, rack_site, raritan
 
-pytest.importorskip("serial", reason="pyserial is not installed (pymodbus serial transport)")
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(30),
               pytest.mark.skipif(shutil.which("socat") is None, reason="socat is not installed")]
 

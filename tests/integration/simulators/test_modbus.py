@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import re
-import shutil
 
 import pytest
 from pymodbus.client import AsyncModbusTcpClient
@@ -39,7 +38,6 @@ async def frozen_sim(small_site):
     await sim.stop()
 
 
-@pytest.mark.skipif(shutil.which("mbpoll") is None, reason="mbpoll not installed")
 async def test_mbpoll_reads_documented_registers(frozen_sim, small_site):
     gw = next(g for g in small_site.spec.gateways if g.id == "gw")
     port = str(gw.port)

@@ -74,7 +74,7 @@ def test_export_cli_round_trips_with_duckdb_polars_and_pandas(tmp_path):
 
 
 def test_export_reads_with_pandas(tmp_path):
-    pandas = pytest.importorskip("pandas")
+    import pandas
     db_path, out = tmp_path / "x.duckdb", tmp_path / "export"
     _fill(db_path)
     from podwatch.storage.export import export_parquet
