@@ -21,13 +21,10 @@ import numpy as np
 import orjson
 import polars as pl
 
-from podwatch.samples import SCHEMA_VERSION
+from podwatch.samples import Quality
+from podwatch.stream.envelope import envelope_problem
 
-QUALITY_CODES = {"good": 0, "stale": 1, "bad": 2}
-# Timestamps outside [2000-01-01, 2100-01-01) are a producer bug, not data.
-MIN_TS_MS = 946_684_800_000
-MAX_TS_MS = 4_102_444_800_000
-MAX_SEQ = 2**64 - 1
+QUALITY_CODES = {str(q): q.code for q in Quality}  # storage codes: good=0, stale=1, bad=2
 
 ROW_SCHEMA = {
     "ts": pl.Datetime("ms"),
@@ -108,37 +105,6 @@ def _metric_categories() -> pl.Series:
     return _CATEGORIES[0]
 
 
-def _check_envelope(env) -> str | None:
-    """Reason why `env` is not a usable v1 envelope, or None. Cheap checks, one per field."""
-    if type(env) is not dict:
-        return f"envelope is a JSON {type(env).__name__}, not an object"
-    version = env.get("v")
-    if version != SCHEMA_VERSION:
-        if type(version) is int and version > SCHEMA_VERSION:
-            return f"schema version {version} is newer than this sink understands ({SCHEMA_VERSION}); upgrade podwatch"
-        return f"unsupported schema version {version!r} (expected {SCHEMA_VERSION})"
-    site = env.get("site")
-    if type(site) is not str or not site:
-        return "field 'site' must be a non-empty string"
-    device = env.get("device")
-    if type(device) is not str or not device:
-        return "field 'device' must be a non-empty string"
-    seq = env.get("seq")
-    if type(seq) is not int or seq < 0 or seq > MAX_SEQ:
-        return f"field 'seq' must be an integer >= 0, got {seq!r}"
-    ts = env.get("ts")
-    if type(ts) is not int or not MIN_TS_MS <= ts < MAX_TS_MS:
-        return f"field 'ts' must be epoch milliseconds between 2000 and 2100, got {ts!r}"
-    if type(env.get("points")) is not dict:
-        return "field 'points' must be an object of metric -> number|null"
-    if type(env.get("quality")) is not str or env.get("quality") not in QUALITY_CODES:
-        return f"field 'quality' must be one of good|stale|bad, got {env.get('quality')!r}"
-    pq = env.get("pq")
-    if pq is not None and (type(pq) is not dict or any(q not in QUALITY_CODES for q in pq.values())):
-        return "field 'pq' must be an object of metric -> good|stale|bad"
-    return None
-
-
 def _bad_point_value(points: dict) -> str | None:
     for name, value in points.items():
         if value is not None and (type(value) not in (int, float) or not np.isfinite(value)):
@@ -172,7 +138,7 @@ def decode_messages(values: list[bytes | None]) -> DecodedBatch:
         except orjson.JSONDecodeError as exc:
             rejected.append(Rejected(i, f"not valid JSON: {exc}"))
             continue
-        reason = _check_envelope(env)
+        reason = envelope_problem(env)  # the stream stage's one validator of the envelope header
         if reason is not None:
             rejected.append(Rejected(i, reason))
             continue

@@ -113,6 +113,51 @@ def _is_number(value: Any) -> bool:
     return type(value) is float or type(value) is int
 
 
+def envelope_problem(env: Any) -> str | None:
+    """Why a parsed value is not a usable v1 telemetry envelope (one line), or None.
+
+    The one validator of the envelope's header (version, site, device, seq, ts, quality, points
+    type, pq); `decode_envelope` adds the per-point value checks, and the DuckDB sink uses this
+    directly on its per-message hot path (point values are typed by its columnar decode)."""
+    if type(env) is not dict:
+        return f"envelope must be a JSON object, not a JSON {_json_type(env)}"
+    if "v" not in env:
+        return "missing field 'v' (schema version)"
+    version = env["v"]
+    if not _is_int(version):
+        return f"field 'v' must be an integer, got {_json_type(version)}"
+    if version > SCHEMA_VERSION:
+        return f"schema version {version} is newer than this podwatch understands ({SCHEMA_VERSION}); upgrade"
+    if version != SCHEMA_VERSION:
+        return f"unsupported schema version {version} (expected {SCHEMA_VERSION})"
+    for name in ("site", "device", "seq", "ts", "quality", "points"):
+        if name not in env:
+            return f"missing field '{name}'"
+    for name in ("site", "device"):
+        if type(env[name]) is not str or not env[name]:
+            return f"field '{name}' must be a non-empty string, got {_json_type(env[name])}"
+    seq = env["seq"]
+    if not _is_int(seq) or not 0 <= seq <= MAX_SEQ:
+        return f"field 'seq' must be an integer in [0, 2^64), got {_describe(seq)}"
+    ts = env["ts"]
+    if not _is_int(ts):
+        return f"field 'ts' must be integer milliseconds since the epoch, got {_describe(ts)}"
+    if not MIN_TS_MS <= ts < MAX_TS_MS:
+        return f"field 'ts' {ts} is outside 2000-01-01..2100-01-01 (milliseconds expected)"
+    if env["quality"] not in QUALITIES or type(env["quality"]) is not str:
+        return f"field 'quality' must be one of good/stale/bad, got {_describe(env['quality'])}"
+    if type(env["points"]) is not dict:
+        return f"field 'points' must be an object, got {_json_type(env['points'])}"
+    if "pq" in env:
+        pq = env["pq"]
+        if type(pq) is not dict:
+            return f"field 'pq' must be an object, got {_json_type(pq)}"
+        for metric, quality in pq.items():
+            if type(quality) is not str or quality not in QUALITIES:
+                return f"pq['{metric}'] must be one of good/stale/bad, got {_describe(quality)}"
+    return None
+
+
 def decode_envelope(data: bytes | bytearray | memoryview | None) -> dict:
     """Parse and validate one `podwatch.telemetry.v1` message value; return the envelope dict.
 
@@ -126,50 +171,16 @@ def decode_envelope(data: bytes | bytearray | memoryview | None) -> dict:
         env = orjson.loads(data)
     except orjson.JSONDecodeError as exc:
         raise EnvelopeError(f"value is not valid JSON (garbage, truncated, or NaN/Infinity): {exc}") from None
-    if type(env) is not dict:
-        raise EnvelopeError(f"envelope must be a JSON object, not a JSON {_json_type(env)}")
-    if "v" not in env:
-        raise EnvelopeError("missing field 'v' (schema version)")
-    version = env["v"]
-    if not _is_int(version):
-        raise EnvelopeError(f"field 'v' must be an integer, got {_json_type(version)}")
-    if version > SCHEMA_VERSION:
-        raise EnvelopeError(f"schema version {version} is newer than this podwatch understands ({SCHEMA_VERSION}); upgrade")
-    if version != SCHEMA_VERSION:
-        raise EnvelopeError(f"unsupported schema version {version} (expected {SCHEMA_VERSION})")
-    for name in ("site", "device", "seq", "ts", "quality", "points"):
-        if name not in env:
-            raise EnvelopeError(f"missing field '{name}'")
-    for name in ("site", "device"):
-        if type(env[name]) is not str or not env[name]:
-            raise EnvelopeError(f"field '{name}' must be a non-empty string, got {_json_type(env[name])}")
-    seq = env["seq"]
-    if not _is_int(seq) or not 0 <= seq <= MAX_SEQ:
-        raise EnvelopeError(f"field 'seq' must be an integer in [0, 2^64), got {_describe(seq)}")
-    ts = env["ts"]
-    if not _is_int(ts):
-        raise EnvelopeError(f"field 'ts' must be integer milliseconds since the epoch, got {_describe(ts)}")
-    if not MIN_TS_MS <= ts < MAX_TS_MS:
-        raise EnvelopeError(f"field 'ts' {ts} is outside 2000-01-01..2100-01-01 (milliseconds expected)")
-    if env["quality"] not in QUALITIES or type(env["quality"]) is not str:
-        raise EnvelopeError(f"field 'quality' must be one of good/stale/bad, got {_describe(env['quality'])}")
-    points = env["points"]
-    if type(points) is not dict:
-        raise EnvelopeError(f"field 'points' must be an object, got {_json_type(points)}")
-    for metric, value in points.items():
+    problem = envelope_problem(env)
+    if problem is not None:
+        raise EnvelopeError(problem)
+    for metric, value in env["points"].items():
         if value is None:
             continue
         if not _is_number(value):
             raise EnvelopeError(f"point '{metric}' must be a number or null, got {_json_type(value)}")
         if not math.isfinite(value):
             raise EnvelopeError(f"point '{metric}' is not a finite number ({value})")
-    if "pq" in env:
-        pq = env["pq"]
-        if type(pq) is not dict:
-            raise EnvelopeError(f"field 'pq' must be an object, got {_json_type(pq)}")
-        for metric, quality in pq.items():
-            if type(quality) is not str or quality not in QUALITIES:
-                raise EnvelopeError(f"pq['{metric}'] must be one of good/stale/bad, got {_describe(quality)}")
     return env
 
 

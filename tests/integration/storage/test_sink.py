@@ -48,7 +48,7 @@ async def test_undecodable_messages_go_to_dead_letters_and_ingest_continues(tans
         orjson.dumps(future_env): "schema version 2 is newer",
         orjson.dumps(old_env): "unsupported schema version 0",
         orjson.dumps(bad_value): "point 'pdu.l1.power_kw' has value 'high'",
-        orjson.dumps([1, 2]): "not an object",
+        orjson.dumps([1, 2]): "must be a JSON object",
         orjson.dumps(reading(1, 103).to_envelope() | {"seq": -1}): "field 'seq'",
     }
     messages = [(b"pdu-001", v) for v in good[:5]] + [(b"x", v) for v in bad] + [(b"pdu-001", v) for v in good[5:]]
