@@ -75,20 +75,9 @@ def choose_port_offset(site, tries: int = 50) -> int:
     rng = random.Random()
     for attempt in range(tries):
         offset = 0 if attempt == 0 else rng.randrange(1000, 30000)
-        if all(p + offset < 65000 and not procs.port_open("127.0.0.1", p + offset) and _bindable(p + offset) for p in ports):
+        if all(p + offset < 65000 and procs.port_free(p + offset) for p in ports):
             return offset
     raise PodwatchError("no free block of ports for the simulated devices; pass --site with other ports")
-
-
-def _bindable(port: int) -> bool:
-    import socket
-
-    with socket.socket() as s:
-        try:
-            s.bind(("127.0.0.1", port))
-            return True
-        except OSError:
-            return False
 
 
 class Demo:

@@ -89,35 +89,28 @@ class FeatureTable:
         return (self.frame if rows is None else rows).select(FEATURES).to_numpy().astype(np.float64)
 
 
-def _window_max(y: np.ndarray, width: int) -> np.ndarray:
-    """out[t] = nanmax(y[t-width+1 .. t]); NaN when the window is not full of history or all NaN."""
+def _window_reduce(y: np.ndarray, width: int, reduce) -> np.ndarray:
+    """`reduce` (nanmax, nanmean, nanstd) over each trailing window of `width`, NaN-aware;
+    NaN where the window is not full yet."""
     out = np.full(y.shape, np.nan)
     if len(y) < width:
         return out
     windows = np.lib.stride_tricks.sliding_window_view(y, width)
     with np.errstate(all="ignore"), _nan_warnings_off():
-        out[width - 1:] = np.nanmax(windows, axis=1)
+        out[width - 1:] = reduce(windows, axis=1)
     return out
+
+
+def _window_max(y: np.ndarray, width: int) -> np.ndarray:
+    return _window_reduce(y, width, np.nanmax)
 
 
 def _window_mean(y: np.ndarray, width: int) -> np.ndarray:
-    out = np.full(y.shape, np.nan)
-    if len(y) < width:
-        return out
-    windows = np.lib.stride_tricks.sliding_window_view(y, width)
-    with _nan_warnings_off():
-        out[width - 1:] = np.nanmean(windows, axis=1)
-    return out
+    return _window_reduce(y, width, np.nanmean)
 
 
 def _window_std(y: np.ndarray, width: int) -> np.ndarray:
-    out = np.full(y.shape, np.nan)
-    if len(y) < width:
-        return out
-    windows = np.lib.stride_tricks.sliding_window_view(y, width)
-    with _nan_warnings_off():
-        out[width - 1:] = np.nanstd(windows, axis=1)
-    return out
+    return _window_reduce(y, width, np.nanstd)
 
 
 class _nan_warnings_off:

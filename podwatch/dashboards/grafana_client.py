@@ -210,13 +210,16 @@ class GrafanaClient:
 
     # ------------------------------------------------------------------ folders
 
-    def get_folder(self, uid: str) -> dict | None:
-        what = f"read folder {uid!r}"
-        response = self.request("GET", f"/api/folders/{uid}", what=what)
+    def _get_or_none(self, path: str, what: str) -> dict | None:
+        """GET a JSON object; None when Grafana answers 404, a clear error for anything else."""
+        response = self.request("GET", path, what=what)
         if response.status_code == 404:
             return None
         self._raise_for_status(response, what)
         return self._json(response, what)
+
+    def get_folder(self, uid: str) -> dict | None:
+        return self._get_or_none(f"/api/folders/{uid}", f"read folder {uid!r}")
 
     def ensure_folder(self, uid: str, title: str) -> str:
         """Create the folder if missing. Returns "created" or "exists"."""
@@ -238,12 +241,7 @@ class GrafanaClient:
     # ------------------------------------------------------------------ datasources
 
     def get_datasource(self, uid: str) -> dict | None:
-        what = f"read datasource {uid!r}"
-        response = self.request("GET", f"/api/datasources/uid/{uid}", what=what)
-        if response.status_code == 404:
-            return None
-        self._raise_for_status(response, what)
-        return self._json(response, what)
+        return self._get_or_none(f"/api/datasources/uid/{uid}", f"read datasource {uid!r}")
 
     def ensure_datasource(self, spec: dict) -> str:
         """Create the datasource `spec` (Grafana's datasource JSON, with uid) if missing, update
@@ -272,12 +270,7 @@ class GrafanaClient:
 
     def get_dashboard(self, uid: str) -> dict | None:
         """`{"dashboard": {...}, "meta": {...}}` or None when no dashboard has this uid."""
-        what = f"read dashboard {uid!r}"
-        response = self.request("GET", f"/api/dashboards/uid/{uid}", what=what)
-        if response.status_code == 404:
-            return None
-        self._raise_for_status(response, what)
-        return self._json(response, what)
+        return self._get_or_none(f"/api/dashboards/uid/{uid}", f"read dashboard {uid!r}")
 
     def upsert_dashboard(self, dashboard: dict, folder_uid: str | None, overwrite: bool = False,
                          message: str = "podwatch dashboards push") -> str:
