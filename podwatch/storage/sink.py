@@ -34,8 +34,10 @@ import time
 from collections import deque
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone
+from operator import attrgetter
 from typing import Any, Awaitable, Callable
 
+import numpy as np
 import polars as pl
 import pyarrow as pa
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
@@ -65,6 +67,7 @@ from podwatch.stream.topics import DEADLETTER_TOPIC, TELEMETRY_TOPIC
 log = logging.getLogger(__name__)
 
 BatchListener = Callable[[pl.DataFrame], Any | Awaitable[Any]]
+_RECORD_VALUE = attrgetter("value")
 MAINTAIN_EVERY_S = 1.0  # latest-value flush, rollup and retention check period
 LATENCY_BUCKETS_S = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 
@@ -192,6 +195,8 @@ class DuckDBSink:
         self._last_retention = 0.0
         self._last_maintain = 0.0
         self._known_sites: set[str] = set()
+        self._site_recorded: str | None = None  # the site stored in podwatch_meta by this sink
+        self._partition_newest_ms: dict[int, int] = {}  # newest committed reading per partition
         self._latest_pending: pl.DataFrame | None = None
         self._device_ids = IdMap("device")
         self._metric_ids = IdMap("metric")
@@ -392,8 +397,8 @@ class DuckDBSink:
                 if data:
                     await self._handle(data)
                 await self._update_lag()
-                if data and self._pending_write is not None and self._pending_write.done():
-                    await self._drain_write()
+                if self._pending_write is not None and self._pending_write.done():
+                    await self._drain_write()  # surfaces a failed write now, not at the next batch
                 self.stats.note_progress()
                 await self._maybe_maintain()
             await self._drain_write()
@@ -421,13 +426,10 @@ class DuckDBSink:
     async def _handle(self, data: dict[TopicPartition, list]) -> None:
         started = time.perf_counter()
         values: list[bytes | None] = []
-        origins: list[tuple[TopicPartition, int]] = []
         next_offsets: dict[int, int] = {}
-        for tp, records in data.items():
-            if not records:
-                continue
-            values.extend(r.value for r in records)
-            origins.extend((tp, r.offset) for r in records)  # per message, needed only for dead letters
+        parts = [(tp, records) for tp, records in data.items() if records]
+        for tp, records in parts:
+            values.extend(map(_RECORD_VALUE, records))
             next_offsets[tp.partition] = records[-1].offset + 1
         if not values:
             return
@@ -435,6 +437,8 @@ class DuckDBSink:
         self.health.inc("received", len(values))
         batch = decode_messages(values)
         if batch.rejected:
+            # (partition, offset) per message is needed only for dead letters
+            origins = [(tp, r.offset) for tp, records in parts for r in records]
             await self._send_dead_letters(batch, values, origins)
         outcome = self._dedup.check(batch.devices, batch.seqs, batch.ts_ms)
         rows = select_readings(batch, outcome.keep) if batch.n_readings else batch.rows
@@ -449,10 +453,11 @@ class DuckDBSink:
             if len(self._known_sites) > 1:
                 log.warning("readings of several sites in one DuckDB file; the export labels them with the first",
                             extra=fields(sites=sorted(self._known_sites)))
+        newest_ms = _newest_per_partition(parts, batch.msg_index, batch.ts_ms)
         # One write at a time, in order: wait for the previous batch before starting this one.
         await self._drain_write()
         self._pending_write = asyncio.create_task(
-            self._write(rows, dedup_rows, next_offsets, int(outcome.keep.sum()), started))
+            self._write(rows, dedup_rows, next_offsets, int(outcome.keep.sum()), started, newest_ms))
 
     async def _drain_write(self) -> None:
         task, self._pending_write = self._pending_write, None
@@ -460,8 +465,17 @@ class DuckDBSink:
             await task
 
     async def _write(self, rows: pl.DataFrame, dedup_rows, next_offsets: dict[int, int], readings: int,
-                     started: float) -> None:
-        await asyncio.to_thread(self._write_transaction, rows, dedup_rows, next_offsets)
+                     started: float, newest_ms: dict[int, int] | None = None) -> None:
+        for partition, ts_ms in (newest_ms or {}).items():  # what this batch brings, noted before maintenance
+            self._partition_newest_ms[partition] = max(ts_ms, self._partition_newest_ms.get(partition, ts_ms))
+        now = time.monotonic()
+        if now - self._last_maintain >= MAINTAIN_EVERY_S:
+            # Maintenance rides in the same worker-thread call, after the commit: the event loop
+            # keeps fetching and decoding the next batch instead of waiting for it.
+            self._last_maintain = now
+            await asyncio.to_thread(self._write_then_maintain, rows, dedup_rows, next_offsets, now)
+        else:
+            await asyncio.to_thread(self._write_transaction, rows, dedup_rows, next_offsets)
         latency = time.perf_counter() - started
         self.stats.observe_latency(latency)
         self.stats.points += rows.height
@@ -473,58 +487,76 @@ class DuckDBSink:
             await self._notify(rows)
 
     def _write_transaction(self, rows: pl.DataFrame, dedup_rows, next_offsets: dict[int, int]) -> None:
+        """One transaction: the batch's rows, new names, dedup state, the consumer's next offsets
+        (and rollup buckets the late rows touched). Runs in the worker thread; the common case is
+        one `execute` of all its statements, so the thread takes the GIL back a few times per
+        batch, not once per statement (each take can wait a switch interval behind the loop)."""
         cur = self._write_cursor
         now = datetime.now(timezone.utc).replace(tzinfo=None)
-        offsets = pa.table({
+        tables = {"_batch_offsets": pa.table({
             "topic": [self.settings.topic] * len(next_offsets),
             "partition": pa.array(list(next_offsets), pa.int32()),
             "next_offset": pa.array(list(next_offsets.values()), pa.int64()),
             "updated_at": pa.array([now] * len(next_offsets), pa.timestamp("us")),
-        })
-        cur.execute("BEGIN TRANSACTION")
-        try:
-            if rows.height:
-                device_ids, new_devices = self._device_ids.map_categorical(rows["device"])
-                metric_ids, new_metrics = self._metric_ids.map_categorical(rows["metric"])
-                try:
-                    self._device_ids.insert_new(cur, new_devices)
-                    self._metric_ids.insert_new(cur, new_metrics)
-                    cur.register("_batch_rows", pa.table({
-                        "ts": rows["ts"].to_arrow(), "device_id": pa.array(device_ids, pa.uint32()),
-                        "metric_id": pa.array(metric_ids, pa.uint32()), "value": rows["value"].to_arrow(),
-                        "quality": rows["quality"].to_arrow(), "seq": rows["seq"].to_arrow()}))
-                    cur.execute("INSERT INTO sample_rows SELECT * FROM _batch_rows")
-                    cur.unregister("_batch_rows")
-                except BaseException:
-                    self._device_ids.forget(new_devices)
-                    self._metric_ids.forget(new_metrics)
-                    raise
-            if dedup_rows:
-                state = pa.table({
-                    "device": [r[0] for r in dedup_rows],
-                    "max_seq": pa.array([r[1] for r in dedup_rows], pa.uint64()),
-                    "max_ts": pa.array([r[2] for r in dedup_rows], pa.timestamp("ms")),
-                })
-                cur.register("_batch_state", state)
-                cur.execute("INSERT OR REPLACE INTO dedup_state SELECT device, max_seq, max_ts FROM _batch_state")
-                cur.unregister("_batch_state")
-            if self._site_to_record is not None:
-                cur.execute("INSERT OR IGNORE INTO podwatch_meta VALUES ('site', ?)", [self._site_to_record])
-            cur.register("_batch_offsets", offsets)
-            cur.execute("INSERT OR REPLACE INTO ingest_offsets SELECT * FROM _batch_offsets")
-            cur.unregister("_batch_offsets")
+        })}
+        statements = []
+        new_devices: list[tuple[int, str]] = []
+        new_metrics: list[tuple[int, str]] = []
+        late = None
+        if rows.height:
+            device_ids, new_devices = self._device_ids.map_categorical(rows["device"])
+            metric_ids, new_metrics = self._metric_ids.map_categorical(rows["metric"])
+            tables["_batch_rows"] = pa.table({
+                "ts": rows["ts"].to_arrow(), "device_id": pa.array(device_ids, pa.uint32()),
+                "metric_id": pa.array(metric_ids, pa.uint32()), "value": rows["value"].to_arrow(),
+                "quality": rows["quality"].to_arrow(), "seq": rows["seq"].to_arrow()})
+            statements.append("INSERT INTO sample_rows SELECT * FROM _batch_rows")
             mark_1m = self._rollup_marks.get("rollup_1m")
-            if rows.height and mark_1m is not None:
-                ts_min = rows["ts"].min()
-                if ts_min < mark_1m:
-                    late = rows.filter(pl.col("ts") < mark_1m)["ts"]
-                    recompute_buckets(cur, late.min(), late.max(), self._rollup_marks,
-                                      raw_kept_since=self._raw_kept_since(mark_1m))
-            cur.execute("COMMIT")
+            if mark_1m is not None and rows["ts"].min() < mark_1m:
+                late = rows.filter(pl.col("ts") < mark_1m)["ts"]
+        for table, new in (("device_ids", new_devices), ("metric_ids", new_metrics)):
+            if new:
+                tables[f"_new_{table}"] = pa.table({"id": pa.array([i for i, _ in new], pa.uint32()),
+                                                    "name": [name for _, name in new]})
+                statements.append(f"INSERT INTO {table} SELECT id, name FROM _new_{table}")
+        if dedup_rows:
+            tables["_batch_state"] = pa.table({
+                "device": [r[0] for r in dedup_rows],
+                "max_seq": pa.array([r[1] for r in dedup_rows], pa.uint64()),
+                "max_ts": pa.array([r[2] for r in dedup_rows], pa.timestamp("ms")),
+            })
+            statements.append("INSERT OR REPLACE INTO dedup_state SELECT device, max_seq, max_ts FROM _batch_state")
+        site = self._site_to_record
+        if site is not None and site != self._site_recorded:
+            tables["_batch_site"] = pa.table({"site": [site]})
+            statements.append("INSERT OR IGNORE INTO podwatch_meta SELECT 'site', site FROM _batch_site")
+        statements.append("INSERT OR REPLACE INTO ingest_offsets SELECT * FROM _batch_offsets")
+        try:
+            # execute() first: it also finishes a result an earlier caller left unread, which
+            # register() would refuse
+            cur.execute("BEGIN TRANSACTION")
+            for name, table in tables.items():
+                cur.register(name, table)
+            if late is None:
+                cur.execute("; ".join(statements) + "; COMMIT")
+            else:
+                for statement in statements:
+                    cur.execute(statement)
+                recompute_buckets(cur, late.min(), late.max(), self._rollup_marks,
+                                  raw_kept_since=self._raw_kept_since(self._rollup_marks["rollup_1m"]))
+                cur.execute("COMMIT")
         except BaseException:
             with contextlib.suppress(Exception):
                 cur.execute("ROLLBACK")
+            self._device_ids.forget(new_devices)
+            self._metric_ids.forget(new_metrics)
             raise
+        finally:
+            for name in tables:
+                with contextlib.suppress(Exception):
+                    cur.unregister(name)
+        if site is not None:
+            self._site_recorded = site
         if rows.height:
             self._remember_latest(rows)
 
@@ -592,21 +624,44 @@ class DuckDBSink:
         self.health.set("dead_letters", float(self.stats.dead_letters))
 
     async def _maybe_maintain(self) -> None:
-        """Advance rollups when a bucket closed; apply retention every `retention_every_s`."""
-        storage = self.settings.storage
+        """Maintenance when no batch is being written (while batches flow, `_write` does it)."""
         now = time.monotonic()
-        if now - self._last_maintain < MAINTAIN_EVERY_S:
+        if now - self._last_maintain < MAINTAIN_EVERY_S or self._pending_write is not None:
             return
         self._last_maintain = now
-        await self._drain_write()
+        await asyncio.to_thread(self._maintain, now)
+
+    def _write_then_maintain(self, rows: pl.DataFrame, dedup_rows, next_offsets: dict[int, int], now: float) -> None:
+        self._write_transaction(rows, dedup_rows, next_offsets)
+        self._maintain(now)
+
+    def _maintain(self, now: float) -> None:
+        """Flush latest values, advance rollups when a bucket closed, apply retention every
+        `retention_every_s`. Runs in the worker thread, never beside a write."""
+        storage = self.settings.storage
         cur = self._write_cursor
-        await asyncio.to_thread(self._flush_latest, cur)
-        written = await asyncio.to_thread(advance_rollups, cur, storage.rollup_lateness_s)
-        if written:
-            self._rollup_marks = await asyncio.to_thread(done_until, cur)
+        self._flush_latest(cur)
+        if advance_rollups(cur, storage.rollup_lateness_s + self._partition_skew_s()):
+            self._rollup_marks = done_until(cur)
         if now - self._last_retention >= storage.retention_every_s:
             self._last_retention = now
-            await asyncio.to_thread(apply_retention, cur, storage)
+            apply_retention(cur, storage)
+
+    def _partition_skew_s(self) -> float:
+        """How far the partitions still being caught up are behind the newest reading (s).
+
+        Partitions are consumed at different speeds (a fetch can bring 16 MB of one partition),
+        so while catching up one partition's readings can be minutes ahead of another's. A bucket
+        is closed only when every partition with lag has passed it (plus the usual lateness):
+        closing it earlier makes the lagging partition's rows "late" and its buckets are
+        recomputed over and over. Caught-up partitions (lag 0) do not hold rollups back."""
+        newest = self._partition_newest_ms
+        if not newest:
+            return 0.0
+        lagging = [ts for partition, ts in newest.items() if self.stats.lag.get(partition, 0) > 0]
+        if not lagging:
+            return 0.0
+        return max(0.0, (max(newest.values()) - min(lagging)) / 1000.0)
 
     # ------------------------------------------------------------------ health
     def health_problems(self) -> list[str]:
@@ -622,6 +677,22 @@ class DuckDBSink:
         if lag > self.settings.lag_limit_messages and self.stats.lag_growing():
             problems.append(f"lag {lag} messages exceeds {self.settings.lag_limit_messages} and keeps growing")
         return problems
+
+
+def _newest_per_partition(parts: list[tuple[TopicPartition, list]], msg_index: np.ndarray,
+                          ts_ms: list[int]) -> dict[int, int]:
+    """Newest reading time (epoch ms) per partition among a batch's accepted messages."""
+    if not len(msg_index):
+        return {}
+    ends = np.cumsum([len(records) for _, records in parts])
+    partition_of_message = np.searchsorted(ends, msg_index, side="right")
+    ts = np.asarray(ts_ms, dtype=np.int64)
+    newest = {}
+    for k, (tp, _) in enumerate(parts):
+        mine = ts[partition_of_message == k]
+        if mine.size:
+            newest[tp.partition] = int(mine.max())
+    return newest
 
 
 async def run_ingest(db_path: str, settings: SinkSettings, site_path: str | None = None) -> None:
