@@ -358,8 +358,8 @@ def shortest_float32_decimals(values: np.ndarray) -> np.ndarray:
     values = np.asarray(values, dtype=np.float64)
     if values.size == 0:
         return values
-    as32 = values.astype(np.float32)
     with np.errstate(invalid="ignore", over="ignore", divide="ignore"):
+        as32 = values.astype(np.float32)  # beyond float32's range: inf, never equal to the value
         exact = (as32.astype(np.float64) == values) & (values != 0) & np.isfinite(values)
         if not exact.any():
             return values

@@ -2,12 +2,17 @@
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import orjson
+import polars as pl
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from podwatch.samples import Quality, Reading
-from podwatch.storage.decode import decode_messages, select_readings
+from podwatch.storage.decode import _decode_bulk, _decode_checked, decode_messages, select_readings
 
 
 def env(device="pdu-1", seq=1, ts=1_764_000_000_000, **overrides) -> bytes:
@@ -38,7 +43,7 @@ def test_rows_are_long_sorted_by_device_then_time_with_qualities():
         ("pdu-a", 6), ("pdu-a", 6), ("pdu-b", 1), ("pdu-b", 1)]
 
 
-@pytest.mark.parametrize("raw, reason", [
+BAD_MESSAGES = [
     (b"\x00\x01garbage", "not valid JSON"),
     (env()[:20], "not valid JSON"),
     (b"[1, 2]", "must be a JSON object"),
@@ -58,7 +63,10 @@ def test_rows_are_long_sorted_by_device_then_time_with_qualities():
     (env(points={"pdu.power_kw": False}), "point 'pdu.power_kw' has value False"),
     (env(site=""), "'site'"),
     (env(quality=None), "'quality'"),
-])
+]
+
+
+@pytest.mark.parametrize("raw, reason", BAD_MESSAGES)
 def test_bad_messages_are_rejected_with_a_reason_and_the_rest_decode(raw, reason):
     batch = decode_messages([env("pdu-1", 1), raw, env("pdu-2", 1)])
     assert [r.index for r in batch.rejected] == [1]
@@ -110,3 +118,71 @@ def test_float32_values_are_stored_as_their_shortest_decimal_without_loss():
     assert kept[:4].tolist() == genuine[:4].tolist() and np.isnan(kept[4])  # float64 values left alone
     batch = decode_messages([env(points={"a_kw": float(np.float32(19.87181)), "b_kw": None, "c_kw": 2})])
     assert batch.rows["value"].to_list() == [19.87181, None, 2.0]
+
+
+def _same_batch(a, b) -> None:
+    as_text = [pl.col("device").cast(pl.String), pl.col("metric").cast(pl.String)]
+    assert a.rows.with_columns(as_text).equals(b.rows.with_columns(as_text))
+    assert (list(a.devices), list(a.seqs), list(a.ts_ms)) == (list(b.devices), list(b.seqs), list(b.ts_ms))
+    assert list(a.msg_index) == list(b.msg_index) and list(a.row_reading) == list(b.row_reading)
+    assert list(a.point_counts) == list(b.point_counts) and a.sites == b.sites
+    assert [(r.index, r.reason) for r in a.rejected] == [(r.index, r.reason) for r in b.rejected]
+
+
+def test_bulk_path_decodes_exactly_like_the_checked_path():
+    messages = [env("pdu-b", seq, 2_000_000_000_000 + seq) for seq in range(100)] + [
+        orjson.dumps(Reading("s1", "pdu-a", 7, 2_000_000_000_500, {"pdu.power_kw": None, "pdu.l1.current_a": 3},
+                             Quality.STALE, {"pdu.power_kw": Quality.BAD}).to_envelope()),
+        env("truey", 1, points={"cdu.flow_lpm": 3, "cdu.supply_temp_c": 18.25}),  # 'true' in a name is fine
+        env("pdu-c", 1, points={}),
+        env("pdu-a", 6, 2_000_000_000_000, quality="stale", extra_field="ignored"),
+    ]
+    bulk = _decode_bulk(messages)
+    assert bulk is not None  # nothing here needs the checked path
+    _same_batch(bulk, _decode_checked(messages))
+    assert bulk.rows.filter(pl.col("device") == "pdu-a")["quality"].to_list() == [1, 1, 2, 1]
+
+
+@pytest.mark.parametrize("raw, reason", BAD_MESSAGES + [(env(points={"a_kw": True}), "True")])
+def test_any_bad_message_sends_the_whole_batch_to_the_checked_path(raw, reason):
+    assert _decode_bulk([env("pdu-1", 1), raw, env("pdu-2", 1)]) is None
+    assert reason in decode_messages([env("pdu-1", 1), raw, env("pdu-2", 1)]).rejected[0].reason
+
+
+_VALID = {
+    "v": [1], "site": ["s1", "s2"], "device": ["pdu-1", "pdu-2", "cdu-1"], "seq": [0, 1, 2, 2**64 - 1],
+    "ts": [946_684_800_000, 1_764_000_000_000, 4_102_444_799_999], "quality": ["good", "stale", "bad"],
+    "points": [{"a_kw": 1.5, "b_c": None}, {"b_c": 2, "a_kw": -0.1}, {}, {"a_kw": 1e300}],
+    "pq": [None, None, {"a_kw": "bad"}, {"zz_kw": "stale"}],  # None: no pq field
+}
+_INVALID = {
+    "v": [2, 0, "1", True, 1.0, None],
+    "site": ["", 3, None, ["s"]],
+    "device": ["", 5, {"d": 1}, None],
+    "seq": [-1, 2**64, 1.5, True, "1", None],
+    "ts": [5, 4_102_444_800_000, 1.7e12, False, None],
+    "quality": ["meh", None, 1, "GOOD"],
+    "points": [{"a_kw": "x"}, {"a_kw": False}, {"a_kw": [1]}, [1], None],
+    "pq": [{"a_kw": "meh"}, {"b_c": 1}, [], "bad"],
+}
+_message = st.tuples(
+    st.fixed_dictionaries({name: st.sampled_from(options) for name, options in _VALID.items()}),
+    st.sampled_from([None] * 12 + list(_INVALID)),  # the field to break, mostly none
+    st.booleans(),  # break it by dropping it (else by a wrong value)
+    st.integers(0, 5),
+)
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(_message, min_size=1, max_size=8))
+def test_decode_never_accepts_what_the_envelope_validator_rejects(drawn):
+    messages = []
+    for body, broken, drop, pick in drawn:
+        body = {k: v for k, v in body.items() if not (k == "pq" and v is None)}
+        if broken is not None:
+            if drop:
+                body.pop(broken, None)
+            else:
+                body[broken] = _INVALID[broken][pick % len(_INVALID[broken])]
+        messages.append(json.dumps(body).encode())  # json: orjson cannot write 2**64
+    _same_batch(decode_messages(messages), _decode_checked(messages))
