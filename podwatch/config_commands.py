@@ -35,9 +35,10 @@ def register(app: typer.Typer) -> None:
         it_kw = sum(r.rated_kw for r in site.racks)
         typer.echo(f"{site_file}: valid site '{site.id}' ({site.spec.site.timezone})")
         typer.echo(f"  modules {len(site.modules)}, CDUs {len(site.cdus)}, racks {len(site.racks)} ({it_kw:,.0f} kW rated IT)")
-        typer.echo(f"  power nodes {len(site.power_nodes)}; devices {len(site.devices)}: "
-                   + ", ".join(f"{k} {n}" for k, n in sorted(kinds.items()))
-                   + " | " + ", ".join(f"{k} {n}" for k, n in sorted(protocols.items())))
+        typer.echo(f"  power nodes {len(site.power_nodes)}; devices {len(site.devices)}"
+                   + (": " + ", ".join(f"{k} {n}" for k, n in sorted(kinds.items()))
+                      + " | " + ", ".join(f"{k} {n}" for k, n in sorted(protocols.items())) if site.devices else
+                      " (nothing to collect: attach meters, PDUs, CDU devices or rack sensors)"))
 
     @config.command("schema")
     def schema(out: Path = typer.Option(None, "--out", "-o", help="Write to this file instead of stdout")) -> None:

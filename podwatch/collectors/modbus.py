@@ -551,4 +551,13 @@ def format_plan(site: Site, settings: ModbusSettings | None = None) -> str:
         for r in plan.requests:
             lines.append(f"  fc{r.function_code} start={r.start} count={r.count} gap={r.gap_registers}  "
                          + ", ".join(f"{p.metric}@+{p.register_offset}" for p in r.points))
+    mqtt_devices = [d for d in site.devices if d.protocol == "mqtt"]
+    if not lines:
+        lines.append("no Modbus devices: nothing is polled")
+    if mqtt_devices:  # not polled, so no read plan; say where their data comes from instead
+        by_profile: dict[str, int] = {}
+        for d in mqtt_devices:
+            by_profile[d.profile] = by_profile.get(d.profile, 0) + 1
+        lines.append(f"MQTT ({site.spec.mqtt.url}): {len(mqtt_devices)} device(s) subscribed, not polled: "
+                     + ", ".join(f"{p} {n}" for p, n in sorted(by_profile.items())))
     return "\n".join(lines)
