@@ -49,7 +49,7 @@ from podwatch.logs import fields
 from podwatch.storage.db import Database
 from podwatch.storage.decode import DecodedBatch, decode_messages, select_readings
 from podwatch.storage.dedup import DEFAULT_WINDOW, SeqDeduper
-from podwatch.storage.ids import IdMap
+from podwatch.storage.ids import IdMap, reading_rows_table
 from podwatch.storage.rollups import (
     StorageSettings,
     advance_rollups,
@@ -492,9 +492,13 @@ class DuckDBSink:
                     cur.register("_batch_rows", pa.table({
                         "ts": rows["ts"].to_arrow(), "device_id": pa.array(device_ids, pa.uint32()),
                         "metric_id": pa.array(metric_ids, pa.uint32()), "value": rows["value"].to_arrow(),
-                        "quality": rows["quality"].to_arrow(), "seq": rows["seq"].to_arrow()}))
+                        "quality": rows["quality"].to_arrow()}))
                     cur.execute("INSERT INTO sample_rows SELECT * FROM _batch_rows")
                     cur.unregister("_batch_rows")
+                    # seq is stored once per reading (reading_rows), not on each of its points
+                    cur.register("_batch_readings", reading_rows_table(rows["ts"], device_ids, rows["seq"]))
+                    cur.execute("INSERT INTO reading_rows SELECT * FROM _batch_readings")
+                    cur.unregister("_batch_readings")
                 except BaseException:
                     self._device_ids.forget(new_devices)
                     self._metric_ids.forget(new_metrics)

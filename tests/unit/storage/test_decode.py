@@ -4,10 +4,13 @@ from __future__ import annotations
 
 import numpy as np
 import orjson
+import polars as pl
+import pyarrow as pa
 import pytest
 
 from podwatch.samples import Quality, Reading
 from podwatch.storage.decode import decode_messages, select_readings
+from podwatch.storage.ids import reading_rows_table
 
 
 def env(device="pdu-1", seq=1, ts=1_764_000_000_000, **overrides) -> bytes:
@@ -110,3 +113,23 @@ def test_float32_values_are_stored_as_their_shortest_decimal_without_loss():
     assert kept[:4].tolist() == genuine[:4].tolist() and np.isnan(kept[4])  # float64 values left alone
     batch = decode_messages([env(points={"a_kw": float(np.float32(19.87181)), "b_kw": None, "c_kw": 2})])
     assert batch.rows["value"].to_list() == [19.87181, None, 2.0]
+
+
+def test_reading_rows_of_decoded_rows_one_per_reading_with_point_counts():
+    """The sink stores seq once per reading: `reading_rows_table` finds each reading's run of
+    rows in the decoder's output (two readings of a device at the same ts stay apart by seq)."""
+    messages = [
+        env("pdu-b", 1, 2_000_000_000_000),
+        orjson.dumps(Reading("s1", "pdu-a", 7, 2_000_000_001_000, {"x_kw": 1.0, "y_kw": 2.0, "z_kw": None}).to_envelope()),
+        env("pdu-a", 6, 2_000_000_000_000),
+        env("pdu-a", 9, 2_000_000_000_000),  # a restarted counter at an equal timestamp
+    ]
+    rows = decode_messages(messages).rows
+    device_ids = np.where(rows["device"].cast(pl.String).to_numpy() == "pdu-a", 3, 8).astype(np.uint32)
+    table = reading_rows_table(rows["ts"], device_ids, rows["seq"])
+    got = sorted(zip(table["device_id"].to_pylist(), table["seq"].to_pylist(), table["n_points"].to_pylist(),
+                     table["ts"].cast(pa.int64()).to_pylist()))
+    assert got == [(3, 6, 2, 2_000_000_000_000), (3, 7, 3, 2_000_000_001_000), (3, 9, 2, 2_000_000_000_000),
+                   (8, 1, 2, 2_000_000_000_000)]
+    assert sum(table["n_points"].to_pylist()) == rows.height
+    assert reading_rows_table(rows["ts"].head(0), device_ids[:0], rows["seq"].head(0)).num_rows == 0
