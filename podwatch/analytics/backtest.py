@@ -9,7 +9,7 @@ Backtest protocol (docs/analytics.md, "Forecasts"):
   target window ended before the refit time (no peeking); calibration is part of each fit.
 - Scores over all (origin, node) pairs: pinball loss per quantile and coverage (share of peaks at
   or below the predicted quantile), for the model and for seasonal naive with its own empirical
-  residual quantiles. Pinball losses are computed on the scaled target (peak / node's 7-day mean)
+  residual quantiles (each node's own residuals; the pooled variant is reported beside it). Pinball losses are computed on the scaled target (peak / node's 7-day mean)
   so that a 3 MW transformer does not drown out a 130 kW rack feed; coverage is scale-free.
 """
 
@@ -113,6 +113,9 @@ class HorizonScores:
     pinball_naive: dict[float, float] = field(default_factory=dict)
     coverage_model: dict[float, float] = field(default_factory=dict)
     coverage_naive: dict[float, float] = field(default_factory=dict)
+    # the weaker variant of the baseline (residual quantiles pooled over all nodes), for reference
+    pinball_naive_pooled: dict[float, float] = field(default_factory=dict)
+    coverage_naive_pooled: dict[float, float] = field(default_factory=dict)
 
     def improvement(self, level: float = 0.95) -> float:
         """Relative pinball-loss reduction vs seasonal naive at `level` (0.25 = 25 % better)."""
@@ -137,6 +140,8 @@ class BacktestResult:
                 lines.append(f"  P{round(q * 100)}: pinball model {s.pinball_model[q]:.4f} vs seasonal-naive "
                              f"{s.pinball_naive[q]:.4f} ({s.improvement(q) * 100:+.1f} % better); coverage model "
                              f"{s.coverage_model[q] * 100:.1f} % vs naive {s.coverage_naive[q] * 100:.1f} %")
+                lines.append(f"       (naive with residual quantiles pooled over nodes: pinball {s.pinball_naive_pooled[q]:.4f}, "
+                             f"coverage {s.coverage_naive_pooled[q] * 100:.1f} %)")
         lines += [f"[{h}] skipped: {why}" for h, why in self.skipped.items()]
         return lines
 
@@ -177,11 +182,13 @@ def rolling_origin_backtest(hourly_peaks: pl.DataFrame, timezone_name: str = "UT
                 forecaster = PeakForecaster(cfg).fit(train)
                 q_model = forecaster.predict(table, block)
                 q_naive = forecaster.predict_naive(block)
+                q_pooled = forecaster.predict_naive(block, pooled=True)
                 out = block.select(["ts", "node", "scale"]).with_columns(
                     pl.lit(horizon).alias("horizon"), (block["target"] * block["scale"]).alias("y_kw"))
                 for i, q in enumerate(cfg.quantiles):
                     out = out.with_columns(pl.Series(f"q{round(q * 100)}_kw", q_model[:, i]),
-                                           pl.Series(f"naive_q{round(q * 100)}_kw", q_naive[:, i]))
+                                           pl.Series(f"naive_q{round(q * 100)}_kw", q_naive[:, i]),
+                                           pl.Series(f"naive_pooled_q{round(q * 100)}_kw", q_pooled[:, i]))
                 collected.append(out)
             refit_at += timedelta(hours=refit_every_h)
         preds = pl.concat(collected)
@@ -197,6 +204,9 @@ def rolling_origin_backtest(hourly_peaks: pl.DataFrame, timezone_name: str = "UT
             s.pinball_naive[q] = pinball_loss(y, naive_q, q)
             s.coverage_model[q] = coverage(y, model_q)
             s.coverage_naive[q] = coverage(y, naive_q)
+            pooled_q = (preds[f"naive_pooled_{col}"] / preds["scale"]).to_numpy()
+            s.pinball_naive_pooled[q] = pinball_loss(y, pooled_q, q)
+            s.coverage_naive_pooled[q] = coverage(y, pooled_q)
         scores[horizon] = s
     if not scores:
         raise ValueError("; ".join(skipped.values()) or "nothing to evaluate")
