@@ -20,6 +20,7 @@ views other stages use (`site.racks`, `site.devices`, `site.power_nodes`, ...).
 from __future__ import annotations
 
 import ast
+import difflib
 import math
 import operator
 import re
@@ -569,8 +570,37 @@ def _short(value: Any, limit: int = 60) -> str:
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
+def model_field_names(*models: type[BaseModel]) -> set[str]:
+    """Every field name of these models and the models nested in them (for 'did you mean')."""
+    names: set[str] = set()
+    todo, seen = list(models), set()
+    while todo:
+        model = todo.pop()
+        if model in seen:
+            continue
+        seen.add(model)
+        for name, info in model.model_fields.items():
+            names.add(name)
+            for arg in _type_args(info.annotation):
+                if isinstance(arg, type) and issubclass(arg, BaseModel):
+                    todo.append(arg)
+    return names
+
+
+def _type_args(annotation: Any) -> list[Any]:
+    import typing
+
+    out, todo = [], [annotation]
+    while todo:
+        a = todo.pop()
+        out.append(a)
+        todo.extend(typing.get_args(a))
+    return out
+
+
 def pydantic_error_lines(exc: ValidationError, skip: tuple[str, ...] = (),
-                         fields_hint: str = "`podwatch config schema` lists the fields") -> list[str]:
+                         fields_hint: str = "`podwatch config schema` lists the fields",
+                         known_fields: set[str] | None = None) -> list[str]:
     """One line per problem, `field.path: what is wrong, got <value>`, for any podwatch config model."""
     msgs = []
     for err in exc.errors():
@@ -581,7 +611,13 @@ def pydantic_error_lines(exc: ValidationError, skip: tuple[str, ...] = (),
         elif err["type"] == "union_tag_invalid":
             msg = f"{err['ctx']['discriminator'].strip(chr(39))} {err['ctx']['tag']!r} is not one of {err['ctx']['expected_tags']}"
         elif err["type"] == "extra_forbidden":
-            msg = f"unknown field (check the spelling; {fields_hint})"
+            key = str(err["loc"][-1]) if err["loc"] else ""
+            candidates = (known_fields or set()) - {key}  # a name valid elsewhere is wrong here: look for its neighbour
+            close = difflib.get_close_matches(key.lower(), candidates, n=1, cutoff=0.75)
+            msg = (f"unknown field; did you mean '{close[0]}'?" if close
+                   else f"unknown field (check the spelling; {fields_hint})")
+        elif err["type"] == "string_pattern_mismatch" and err.get("ctx", {}).get("pattern") == ID_PATTERN:
+            msg = f"ids start with a letter or digit and use only letters, digits and _ . : - (no spaces), got {_short(err['input'])}"
         elif err["type"] == "missing":
             msg = "required field is missing"
         elif "[key]" in err["loc"]:
@@ -824,7 +860,7 @@ def parse_site(data: Any, source: str = "<site>", base: Path | None = None, port
     try:
         spec = SiteSpec.model_validate(expanded)
     except ValidationError as exc:
-        raise ConfigError(source, pydantic_error_lines(exc)) from None
+        raise ConfigError(source, pydantic_error_lines(exc, known_fields=model_field_names(SiteSpec))) from None
     errors, site = _site_checks(spec, base)
     if errors:
         raise ConfigError(source, errors)

@@ -138,6 +138,7 @@ Fault = Annotated[PumpFailure | FlowRestriction | HxFouling | FacilityWaterRise 
 FAULT_KINDS = ("pump_failure", "flow_restriction", "hx_fouling", "facility_water_rise", "leak", "load_surge",
                "sensor_fault", "device_fault")
 PHYSICAL_KINDS = FAULT_KINDS[:6]
+FAULT_MODELS = (PumpFailure, FlowRestriction, HxFouling, FacilityWaterRise, Leak, LoadSurge, SensorFault, DeviceFault)
 
 
 class Scenario(BaseModel):
@@ -169,9 +170,10 @@ class Scenario(BaseModel):
         try:
             scenario = cls.model_validate(data)
         except ValidationError as exc:
-            from podwatch.site import pydantic_error_lines
+            from podwatch.site import model_field_names, pydantic_error_lines
 
-            raise ConfigError(source, pydantic_error_lines(exc, skip=FAULT_KINDS, fields_hint="docs/simulator.md lists each fault kind's fields")) from None
+            raise ConfigError(source, pydantic_error_lines(exc, skip=FAULT_KINDS, fields_hint="docs/simulator.md lists each fault kind's fields",
+                                                         known_fields=model_field_names(cls, *FAULT_MODELS))) from None
         if site is not None:
             errors = scenario.check(site)
             if errors:
