@@ -146,6 +146,8 @@ class Scenario(BaseModel):
 
     name: str = "scenario"
     description: str = ""
+    site: str | None = Field(None, description="Id of the site this scenario was written for (checked when given: "
+                                               "its targets are that site's ids)")
     duration_s: float | None = Field(None, gt=0, description="Suggested run length in simulated seconds")
     faults: list[Fault] = Field(default_factory=list)
 
@@ -187,6 +189,9 @@ class Scenario(BaseModel):
         modules = {m.id for m in site.modules}
         devices = {d.id: d for d in site.devices}
         errors = []
+        if self.site is not None and self.site != site.id:
+            # every target would be "unknown" otherwise: say the real mistake once
+            return [f"site: scenario written for site '{self.site}', but the site is '{site.id}'"]
         first_with_id: dict[str, int] = {}
         for i, f in enumerate(self.faults):
             here = f"faults[{i}]"
