@@ -66,6 +66,11 @@ class Gateway(_Model):
     port: int = Field(502, ge=1, le=65535)
     timeout_s: float = Field(0.5, gt=0, description="Per-request timeout")
     max_concurrent: int = Field(1, ge=1, description="Requests in flight on the one connection (1 for serial-backed gateways)")
+    max_registers_per_read: int | None = Field(
+        None, ge=1, le=125, description="Largest read this gateway forwards (many serial gateways take fewer than "
+                                        "Modbus' 125); lowers every device's read plan behind it")
+    max_gap: int | None = Field(None, ge=0, description="Unused registers a merged read may span behind this gateway "
+                                                        "(0: never read registers the profile does not use)")
 
 
 class DeviceSpec(_Model):
@@ -83,6 +88,11 @@ class DeviceSpec(_Model):
     timeout_s: float | None = Field(None, gt=0, description="Per-request timeout; default: gateway's or site default")
     tag_path: str | None = Field(None, description="MQTT (BMS): tag path in topics; default: <site>/<module>/<entity>")
     enabled: bool = True
+    max_registers_per_read: int | None = Field(
+        None, ge=1, le=125, description="Largest read this device answers; the plan uses the smallest of this, "
+                                        "the gateway's and the profile's (or the collector's --max-registers)")
+    max_gap: int | None = Field(None, ge=0, description="Unused registers a merged read may span for this device "
+                                                        "(smallest of this, the gateway's and the profile's)")
 
 
 class Defaults(_Model):
@@ -293,6 +303,10 @@ class Device:
     tag_path: str | None
     enabled: bool
     path: str  # field path in the site file, for messages
+    # Read-size limits from the site file (the device's and its gateway's, the smaller of the two);
+    # None = none given there. The read planner applies them on top of the profile's values.
+    max_registers_per_read: int | None = None
+    max_gap: int | None = None
 
     @property
     def endpoint(self) -> str:
@@ -838,12 +852,31 @@ def _site_checks(spec: SiteSpec, source: Path | None) -> tuple[list[str], Site]:
         if protocol != "mqtt" and timeout >= poll:
             errors.append(f"{path}.timeout_s: timeout {timeout:g} s must be shorter than the poll interval {poll:g} s")
         tag_path = dev.tag_path or (f"{spec.site.id}/{module}/{entity}" if module else f"{spec.site.id}/{entity}")
+        max_regs = _smallest(dev.max_registers_per_read, gw.max_registers_per_read if gw else None)
+        max_gap = _smallest(dev.max_gap, gw.max_gap if gw else None)
+        if protocol == "mqtt" and (dev.max_registers_per_read is not None or dev.max_gap is not None):
+            errors.append(f"{path}: max_registers_per_read / max_gap apply to Modbus devices, not MQTT")
+        elif protocol != "mqtt" and (max_regs is not None or max_gap is not None):
+            from podwatch.collectors.planner import plan_reads
+
+            try:  # an int64 point cannot be read 2 registers at a time: say so here, not at collect time
+                plan_reads(profile, _smallest(max_regs, profile.max_registers_per_read), _smallest(max_gap, profile.max_gap))
+            except ConfigError as exc:
+                where = (f"{path}.max_registers_per_read" if dev.max_registers_per_read is not None
+                         else f"{path} (gateway '{gw.id}' max_registers_per_read)")
+                errors.extend(f"{where}: {e}" for e in exc.errors)
         site.devices.append(Device(
             id=dev.id, kind=profile.kind, profile=dev.profile, protocol=protocol, host=host,
             port=port if protocol != "mqtt" else None, unit_id=dev.unit_id, serial=dev.serial,
             gateway=dev.gateway, poll_interval_s=poll, timeout_s=timeout, entity=entity, module=module, side=side,
-            tag_path=tag_path, enabled=dev.enabled, path=path))
+            tag_path=tag_path, enabled=dev.enabled, path=path, max_registers_per_read=max_regs, max_gap=max_gap))
     return errors, site
+
+
+def _smallest(*limits: int | None) -> int | None:
+    """The tightest of the limits given (None = no limit given)."""
+    given = [x for x in limits if x is not None]
+    return min(given) if given else None
 
 
 def parse_site(data: Any, source: str = "<site>", base: Path | None = None, port_offset: int = 0) -> Site:

@@ -57,6 +57,11 @@ EXPECTED: dict[str, list[str]] = {
         "modules[4].range: expected", "modules[5].range: expected", "modules[6].range: expected",
         "modules[7]: give either 'range' or 'for', not both", "modules[8]: a template needs",
         "modules[9].range: expands to 100,000,000 items"],
+    "read-limits.yaml": [
+        "power.transformers[0].meter (gateway 'gw2' max_registers_per_read): meter.energy_kwh: int64 needs 4 registers "
+        "but max_registers_per_read is 3",
+        "power.feeders[0].meter.max_registers_per_read: meter.energy_kwh: int64 needs 4 registers",
+        "modules[0].racks[0].sensors: max_registers_per_read / max_gap apply to Modbus devices, not MQTT"],
     "syntax-error.yaml": ["line 3, column 6: invalid YAML"],
     "duplicate-key.yaml": ["line 3, column 1: invalid YAML: duplicate key 'site' (first at line 2)"],
     "empty.yaml": ["<root>: the site file is empty"],
