@@ -4,7 +4,9 @@ Generates a simulator history (`podwatch.simulators.history.generate_history`, 5
 resolution, no fault scenarios) unless --history points at one, builds every node's design load,
 and runs the rolling-origin backtest of `podwatch.analytics.backtest` for the 24 h and 7 day peak
 horizons. The reference, scored in the same run on the same (origin, node) pairs, is seasonal
-naive with its own empirical residual quantiles.
+naive with each node's own empirical residual quantiles (the standard, stronger variant); the
+variant with residual quantiles pooled over all nodes (the baseline before 2026-11-22) is printed
+beside it.
 
 Goals (issue 5): P95 pinball loss >= 25 % better than seasonal naive; P95 coverage 93-97 %.
 
@@ -74,24 +76,32 @@ def main() -> int:
     for line in result.summary_lines():
         print(line)
     print()
-    print(f"{'horizon':<8} {'P95 pinball model':>18} {'seasonal naive':>15} {'better by':>10} {'goal':>7}   "
-          f"{'P95 coverage model':>19} {'naive':>7} {'goal':>9}")
-    ok = True
+    print(f"{'horizon':<8} {'P95 pinball model':>18} {'naive/node':>11} {'better by':>10} {'naive/pooled':>13} "
+          f"{'better by':>10} {'goal':>7}   {'P95 coverage model':>19} {'naive/node':>11} {'goal':>9}")
+    met: dict[str, tuple[bool, bool]] = {}
     for horizon, s in result.scores.items():
         better = s.improvement(0.95) * 100
+        better_pooled = s.improvement_pooled(0.95) * 100
         cov = s.coverage_model[0.95] * 100
-        print(f"{horizon:<8} {s.pinball_model[0.95]:>18.5f} {s.pinball_naive[0.95]:>15.5f} {better:>9.1f}% {'>=25%':>7}   "
-              f"{cov:>18.1f}% {s.coverage_naive[0.95] * 100:>6.1f}% {'93-97%':>9}")
-        if horizon == "24h":
-            ok = better >= 25.0 and 93.0 <= cov <= 97.0
+        print(f"{horizon:<8} {s.pinball_model[0.95]:>18.5f} {s.pinball_naive[0.95]:>11.5f} {better:>9.1f}% "
+              f"{s.pinball_naive_pooled[0.95]:>13.5f} {better_pooled:>9.1f}% {'>=25%':>7}   "
+              f"{cov:>18.1f}% {s.coverage_naive[0.95] * 100:>10.1f}% {'93-97%':>9}")
+        calibrated = 93.0 <= cov <= 97.0
+        met[horizon] = (better >= 25.0 and calibrated, better_pooled >= 25.0 and calibrated)
         record(f"{horizon} peak forecast: P95 pinball loss", s.pinball_model[0.95], "kW-scaled", reference=s.pinball_naive[0.95],
-               reference_label="seasonal-naive, same backtest", goal="<= 0.75 x naive (25 % better)", higher_is_better=False)
+               reference_label="seasonal-naive (per-node residual quantiles), same backtest",
+               goal="<= 0.75 x naive (25 % better)", higher_is_better=False)
+        record(f"{horizon} peak forecast: P95 pinball loss vs pooled naive", s.pinball_model[0.95], "kW-scaled",
+               reference=s.pinball_naive_pooled[0.95], reference_label="seasonal-naive (pooled residual quantiles), same backtest",
+               goal="<= 0.75 x naive (25 % better)", higher_is_better=False)
         record(f"{horizon} peak forecast: P95 interval coverage", cov, "%", reference=s.coverage_naive[0.95] * 100,
                reference_label="seasonal-naive coverage", goal="93-97 %")
     if args.out:
         for path in backtest_figures(result, args.out):
             print(f"wrote {path}")
-    print(f"24h goals {'met' if ok else 'NOT met'}")
+    for horizon, (vs_node, vs_pooled) in met.items():
+        print(f"{horizon} goals: {'met' if vs_node else 'NOT met'} against the per-node naive, "
+              f"{'met' if vs_pooled else 'NOT met'} against the pooled naive")
     return 0
 
 

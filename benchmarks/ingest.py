@@ -137,7 +137,7 @@ def big_table(path: Path, samples: int) -> None:
                    CASE WHEN d < 500 THEN 'pdu.' ELSE 'cdu.' END || 'metric_' || m || '_kw' AS metric,
                    round(40 + d % 50 + m + 3 * sin(s / 600.0 + d), 2) AS value, 0 AS quality, s AS seq
             FROM range({lo}, {min(lo + step, seconds)}) a(s), range({devices}) b(d), range({metrics}) c(m)""", [start])
-    con.execute("INSERT INTO dedup_state SELECT device, max(seq), max(ts) FROM samples GROUP BY device")
+    con.execute("INSERT INTO dedup_state SELECT device, max(seq), max(ts) FROM readings GROUP BY device")
     con.execute("INSERT INTO latest_values SELECT device, metric, max(ts), arg_max(value, ts), 0 FROM samples GROUP BY ALL")
     con.execute("INSERT INTO topo_devices (device, kind, rack) SELECT 'dev-' || lpad(d::VARCHAR, 4, '0'), "
                 "CASE WHEN d < 500 THEN 'pdu' ELSE 'cdu' END, 'rack-' || (d // 2) FROM range(1000) r(d)")
@@ -210,7 +210,8 @@ async def main() -> None:
         n = Database(big, read_only=True)
         count = n.query("SELECT count(*) FROM samples")[0][0]
         n.close()
-        print(f"  {count:,} samples; bytes per point in the big file (with rollups): {size / count:.2f}")
+        print(f"  {count:,} samples; bytes per point in the big file (with rollups): {size / count:.2f}; by column:")
+        print_column_bytes(big, count)
         worst = None
         for name, p50, p95 in dashboard_p95(big, args.repeat):
             print(f"  {name:<52} p50 {p50:7.1f} ms  p95 {p95:7.1f} ms  (goal p95 < 200 ms)")
@@ -250,7 +251,51 @@ async def ingest_figures(args) -> None:
         record("bytes per stored point after ingest", size / points, "B/point", goal="<= 3", higher_is_better=False)
         print(f"bytes per stored point: {size / points:.2f} ({size / 1e6:.1f} MB file / {points:,} points; goal <= 3); "
               f"{used / points:.2f} counting used blocks only (free blocks left by incremental checkpoints excluded)")
-        print(f"  sample_rows table alone (copied in stored order to a fresh file): {samples_only_bytes(work / 'ingest.duckdb') / points:.2f} B/point")
+        print(f"  sample_rows + reading_rows alone (copied in stored order to a fresh file): "
+              f"{samples_only_bytes(work / 'ingest.duckdb') / points:.2f} B/point; by column:")
+        print_column_bytes(work / "ingest.duckdb", points)
+
+
+def column_bytes(path: Path, tables: tuple[str, ...] = ("sample_rows", "reading_rows", "rollup_1m", "rollup_15m",
+                                                         "rollup_1h", "latest_values")) -> dict[tuple[str, str], tuple[int, str]]:
+    """Bytes per (table, column) of a checkpointed file, with the compressions used (biggest
+    first). A segment's size is the distance to the next segment in its block (the last one
+    to the block's end), so block slack is charged to the column that left it."""
+    import duckdb
+
+    con = duckdb.connect(str(path), read_only=True)
+    block_size = con.execute("SELECT block_size FROM pragma_database_size()").fetchone()[0]
+    segments = []
+    for table in tables:
+        if not con.execute("SELECT count(*) FROM duckdb_tables() WHERE table_name = ?", [table]).fetchone()[0]:
+            continue
+        segments += [(table, *r) for r in con.execute(
+            f"SELECT column_name, compression, block_id, block_offset, len(additional_block_ids) "
+            f"FROM pragma_storage_info('{table}') WHERE persistent AND block_id >= 0").fetchall()]
+    con.close()
+    by_block: dict[int, list[tuple[int, int]]] = {}
+    for i, seg in enumerate(segments):
+        by_block.setdefault(seg[3], []).append((seg[4], i))
+    sizes: dict[tuple[str, str], dict[str, int]] = {}
+    for block in by_block.values():
+        block.sort()
+        for j, (offset, i) in enumerate(block):
+            end = block[j + 1][0] if j + 1 < len(block) else block_size
+            table, column, compression, _, _, extra_blocks = segments[i]
+            per = sizes.setdefault((table, column), {})
+            per[compression] = per.get(compression, 0) + end - offset + extra_blocks * block_size
+    return {key: (sum(per.values()), ", ".join(f"{c} {n / sum(per.values()):.0%}" for c, n in
+                                              sorted(per.items(), key=lambda kv: -kv[1])))
+            for key, per in sizes.items()}
+
+
+def print_column_bytes(path: Path, points: int) -> None:
+    tables: dict[str, int] = {}
+    for (table, column), (size, compressions) in sorted(column_bytes(path).items()):
+        tables[table] = tables.get(table, 0) + size
+        if size / points >= 0.005:
+            print(f"    {table:<13} {column:<12} {size / points:6.3f} B/point  ({compressions})")
+    print("    per table: " + ", ".join(f"{t} {n / points:.3f}" for t, n in tables.items()) + " B/point")
 
 
 def samples_only_bytes(path: Path) -> int:
@@ -260,6 +305,7 @@ def samples_only_bytes(path: Path) -> int:
     con = duckdb.connect(str(copy))
     con.execute(f"ATTACH '{path}' AS src (READ_ONLY)")
     con.execute("CREATE TABLE samples AS SELECT * FROM src.sample_rows")
+    con.execute("CREATE TABLE readings AS SELECT * FROM src.reading_rows")
     con.execute("DETACH src")
     con.execute("CHECKPOINT")
     used = con.execute("SELECT used_blocks * block_size FROM pragma_database_size()").fetchone()[0]

@@ -17,17 +17,30 @@ def register(app: typer.Typer) -> None:
 
     @config.command("validate")
     def validate(site_file: Path = typer.Argument(..., help="Site YAML file"),
+                 scenario: list[Path] = typer.Option(None, "--scenario", help="Also check this fault scenario against "
+                                                                             "the site (repeatable)"),
                  quiet: bool = typer.Option(False, "--quiet", "-q", help="Print nothing when valid")) -> None:
-        """Validate a site file; print every error with its field path (exit 2), or a summary."""
+        """Validate a site file (and scenarios against it); print every error with its field path (exit 2), or a summary."""
         from podwatch.site import load_site
 
-        try:
-            site = load_site(site_file)
-        except ConfigError as exc:
+        def fail(exc: ConfigError) -> None:
             typer.echo(f"{exc.source}: invalid, {len(exc.errors)} error(s):", err=True)
             for err in exc.errors:
                 typer.echo(f"  {err}", err=True)
             raise typer.Exit(2) from None
+
+        try:
+            site = load_site(site_file)
+        except ConfigError as exc:
+            fail(exc)
+        scenarios = []
+        for path in scenario or []:
+            from podwatch.simulators.scenario import Scenario
+
+            try:
+                scenarios.append(Scenario.load(path, site))
+            except ConfigError as exc:
+                fail(exc)
         if quiet:
             return
         kinds = Counter(d.kind for d in site.devices)
@@ -35,9 +48,12 @@ def register(app: typer.Typer) -> None:
         it_kw = sum(r.rated_kw for r in site.racks)
         typer.echo(f"{site_file}: valid site '{site.id}' ({site.spec.site.timezone})")
         typer.echo(f"  modules {len(site.modules)}, CDUs {len(site.cdus)}, racks {len(site.racks)} ({it_kw:,.0f} kW rated IT)")
-        typer.echo(f"  power nodes {len(site.power_nodes)}; devices {len(site.devices)}: "
-                   + ", ".join(f"{k} {n}" for k, n in sorted(kinds.items()))
-                   + " | " + ", ".join(f"{k} {n}" for k, n in sorted(protocols.items())))
+        typer.echo(f"  power nodes {len(site.power_nodes)}; devices {len(site.devices)}"
+                   + (": " + ", ".join(f"{k} {n}" for k, n in sorted(kinds.items()))
+                      + " | " + ", ".join(f"{k} {n}" for k, n in sorted(protocols.items())) if site.devices else
+                      " (nothing to collect: attach meters, PDUs, CDU devices or rack sensors)"))
+        for path, sc in zip(scenario or [], scenarios):
+            typer.echo(f"{path}: valid scenario '{sc.name}' ({len(sc.faults)} fault(s))")
 
     @config.command("schema")
     def schema(out: Path = typer.Option(None, "--out", "-o", help="Write to this file instead of stdout")) -> None:

@@ -20,6 +20,7 @@ views other stages use (`site.racks`, `site.devices`, `site.power_nodes`, ...).
 from __future__ import annotations
 
 import ast
+import difflib
 import math
 import operator
 import re
@@ -65,6 +66,11 @@ class Gateway(_Model):
     port: int = Field(502, ge=1, le=65535)
     timeout_s: float = Field(0.5, gt=0, description="Per-request timeout")
     max_concurrent: int = Field(1, ge=1, description="Requests in flight on the one connection (1 for serial-backed gateways)")
+    max_registers_per_read: int | None = Field(
+        None, ge=1, le=125, description="Largest read this gateway forwards (many serial gateways take fewer than "
+                                        "Modbus' 125); lowers every device's read plan behind it")
+    max_gap: int | None = Field(None, ge=0, description="Unused registers a merged read may span behind this gateway "
+                                                        "(0: never read registers the profile does not use)")
 
 
 class DeviceSpec(_Model):
@@ -82,6 +88,11 @@ class DeviceSpec(_Model):
     timeout_s: float | None = Field(None, gt=0, description="Per-request timeout; default: gateway's or site default")
     tag_path: str | None = Field(None, description="MQTT (BMS): tag path in topics; default: <site>/<module>/<entity>")
     enabled: bool = True
+    max_registers_per_read: int | None = Field(
+        None, ge=1, le=125, description="Largest read this device answers; the plan uses the smallest of this, "
+                                        "the gateway's and the profile's (or the collector's --max-registers)")
+    max_gap: int | None = Field(None, ge=0, description="Unused registers a merged read may span for this device "
+                                                        "(smallest of this, the gateway's and the profile's)")
 
 
 class Defaults(_Model):
@@ -292,6 +303,10 @@ class Device:
     tag_path: str | None
     enabled: bool
     path: str  # field path in the site file, for messages
+    # Read-size limits from the site file (the device's and its gateway's, the smaller of the two);
+    # None = none given there. The read planner applies them on top of the profile's values.
+    max_registers_per_read: int | None = None
+    max_gap: int | None = None
 
     @property
     def endpoint(self) -> str:
@@ -406,7 +421,10 @@ def _eval_int_expr(expr: str, variables: dict[str, int]) -> int:
                 return variables[node.id]
             raise _Unbound(node.id)
         if isinstance(node, ast.BinOp) and type(node.op) in _ALLOWED_BINOPS:
-            return _ALLOWED_BINOPS[type(node.op)](ev(node.left), ev(node.right))
+            left, right = ev(node.left), ev(node.right)
+            if right == 0 and type(node.op) in (ast.FloorDiv, ast.Mod):
+                raise ValueError(f"division by zero in template expression '{expr}'")
+            return _ALLOWED_BINOPS[type(node.op)](left, right)
         if isinstance(node, ast.UnaryOp) and isinstance(node.op, ast.USub):
             return -ev(node.operand)
         raise ValueError(f"unsupported template expression '{expr}' (use variables {sorted(variables)}, integers, + - * // %)")
@@ -428,9 +446,13 @@ def _render(value: Any, variables: dict[str, int]) -> Any:
 
         def substitute(m: re.Match) -> str:
             try:
-                return format(_eval_int_expr(m.group(1), variables), m.group(2) or "")
+                number = _eval_int_expr(m.group(1), variables)
             except _Unbound:
                 return m.group(0)
+            try:
+                return format(number, m.group(2) or "")
+            except ValueError:
+                raise ValueError(f"bad format '{m.group(2)}' in '{m.group(0)}' (e.g. {{i:02d}})") from None
 
         return _PLACEHOLDER.sub(substitute, value)
     if isinstance(value, dict):
@@ -444,41 +466,96 @@ def _is_template(item: Any) -> bool:
     return isinstance(item, dict) and "template" in item and set(item) <= {"template", "range", "for"}
 
 
-def expand_templates(data: Any, path: str = "", errors: list[str] | None = None) -> Any:
+MAX_TEMPLATE_ITEMS = 20_000  # one template expanding to more is a typo (range: [1, 100000000]), not a site
+
+
+def _unbound_placeholders(value: Any) -> list[str]:
+    """Placeholders left after a template was fully expanded: they name a variable no loop defines."""
+    found: list[str] = []
+    if isinstance(value, str):
+        for m in _PLACEHOLDER.finditer(value):
+            try:
+                _eval_int_expr(m.group(1), {})
+            except _Unbound as exc:
+                found.append(f"'{m.group(0)}' uses unknown variable '{exc.args[0]}'")
+            except ValueError:
+                pass  # not an expression at all (e.g. '{}' in a description): left as written
+    elif isinstance(value, dict):
+        for v in value.values():
+            found.extend(_unbound_placeholders(v))
+    elif isinstance(value, list):
+        for v in value:
+            found.extend(_unbound_placeholders(v))
+    return found
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def expand_templates(data: Any, path: str = "", errors: list[str] | None = None,
+                     scope: dict[str, int] | None = None) -> Any:
     """Expand `{template: X, range: [first, last]}` (variable `i`) or `{template: X, for: {name: [first, last]}}`
     list items into one item per value, recursively. Templates may nest (a rack template holding
-    PDU templates is rendered with the rack's variables)."""
+    PDU templates is rendered with the rack's variables); an inner template sees the variables of
+    the templates around it (`scope`), so `unit_id: "{24*(i-1)+k}"` may mix an outer `i` and an inner `k`."""
     errors = [] if errors is None else errors
+    scope = scope or {}
     if isinstance(data, dict):
-        return {k: expand_templates(v, f"{path}.{k}" if path else k, errors) for k, v in data.items()}
+        return {k: expand_templates(v, f"{path}.{k}" if path else str(k), errors, scope) for k, v in data.items()}
     if isinstance(data, list):
         out: list[Any] = []
         for idx, item in enumerate(data):
             here = f"{path}[{idx}]"
             if not _is_template(item):
-                out.append(expand_templates(item, here, errors))
+                out.append(expand_templates(item, here, errors, scope))
                 continue
-            loops = item.get("for") or ({"i": item["range"]} if "range" in item else None)
-            if not isinstance(loops, dict) or not loops:
+            if "for" in item and "range" in item:
+                errors.append(f"{here}: give either 'range' or 'for', not both")
+                continue
+            if "for" in item:
+                loops, loops_path = item["for"], f"{here}.for"
+                if not isinstance(loops, dict) or not loops:
+                    errors.append(f"{loops_path}: expected a mapping {{name: [first, last]}}, got {loops!r}")
+                    continue
+            elif "range" in item:
+                loops, loops_path = {"i": item["range"]}, f"{here}.range"
+            else:
                 errors.append(f"{here}: a template needs 'range: [first, last]' or 'for: {{name: [first, last]}}'")
                 continue
             combos: list[dict[str, int]] = [{}]
             bad = False
             for name, bounds in loops.items():
-                if not (isinstance(bounds, list) and len(bounds) == 2 and all(isinstance(b, int) for b in bounds)
+                where = loops_path if "range" in item else f"{loops_path}.{name}"
+                if not (isinstance(name, str) and name.isidentifier()):
+                    errors.append(f"{where}: variable name {name!r} must be a plain name such as i or j")
+                    bad = True
+                    break
+                if not (isinstance(bounds, list) and len(bounds) == 2 and all(_is_int(b) for b in bounds)
                         and bounds[0] <= bounds[1]):
-                    errors.append(f"{here}.for.{name}: expected [first, last] integers with first <= last, got {bounds!r}")
+                    errors.append(f"{where}: expected [first, last] integers with first <= last, got {bounds!r}")
+                    bad = True
+                    break
+                count = len(combos) * (bounds[1] - bounds[0] + 1)
+                if count > MAX_TEMPLATE_ITEMS:
+                    errors.append(f"{where}: expands to {count:,} items; at most {MAX_TEMPLATE_ITEMS:,} per template")
                     bad = True
                     break
                 combos = [{**c, name: n} for c in combos for n in range(bounds[0], bounds[1] + 1)]
             if bad:
                 continue
-            for variables in combos:
+            for combo in combos:
+                variables = {**scope, **combo}
                 try:
-                    out.append(expand_templates(_render(item["template"], variables), here, errors))
+                    rendered = expand_templates(_render(item["template"], variables), here, errors, variables)
                 except ValueError as exc:
                     errors.append(f"{here}.template: {exc}")
                     break
+                unbound = _unbound_placeholders(rendered)
+                if unbound:
+                    errors.append(f"{here}.template: {unbound[0]} (defined here: {', '.join(sorted(variables))})")
+                    break
+                out.append(rendered)
         return out
     return data
 
@@ -486,27 +563,82 @@ def expand_templates(data: Any, path: str = "", errors: list[str] | None = None)
 # --------------------------------------------------------------------------- validation
 
 
-def _loc_to_path(loc: tuple) -> str:
+def _loc_to_path(loc: tuple, skip: tuple[str, ...] = ()) -> str:
     out = ""
     for part in loc:
+        if part in skip:  # a discriminated union's tag (e.g. a fault kind): not a key the user wrote
+            continue
         if isinstance(part, int):
             out += f"[{part}]"
         elif part in ("function-after", "function-before") or str(part).startswith("function-"):
+            continue
+        elif part == "[key]":  # pydantic's marker for a bad mapping key: the path already names it
             continue
         else:
             out += f".{part}" if out else str(part)
     return out
 
 
-def _pydantic_errors(exc: ValidationError) -> list[str]:
+def _short(value: Any, limit: int = 60) -> str:
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def model_field_names(*models: type[BaseModel]) -> set[str]:
+    """Every field name of these models and the models nested in them (for 'did you mean')."""
+    names: set[str] = set()
+    todo, seen = list(models), set()
+    while todo:
+        model = todo.pop()
+        if model in seen:
+            continue
+        seen.add(model)
+        for name, info in model.model_fields.items():
+            names.add(name)
+            for arg in _type_args(info.annotation):
+                if isinstance(arg, type) and issubclass(arg, BaseModel):
+                    todo.append(arg)
+    return names
+
+
+def _type_args(annotation: Any) -> list[Any]:
+    import typing
+
+    out, todo = [], [annotation]
+    while todo:
+        a = todo.pop()
+        out.append(a)
+        todo.extend(typing.get_args(a))
+    return out
+
+
+def pydantic_error_lines(exc: ValidationError, skip: tuple[str, ...] = (),
+                         fields_hint: str = "`podwatch config schema` lists the fields",
+                         known_fields: set[str] | None = None) -> list[str]:
+    """One line per problem, `field.path: what is wrong, got <value>`, for any podwatch config model."""
     msgs = []
     for err in exc.errors():
-        path = _loc_to_path(err["loc"]) or "<root>"
+        path = _loc_to_path(err["loc"], skip) or "<root>"
         msg = err["msg"].removeprefix("Value error, ")
-        if err["type"] == "extra_forbidden":
-            msg = "unknown field (check the spelling; `podwatch config schema` lists the fields)"
+        if err["type"] == "union_tag_not_found":
+            msg = f"'{err['ctx']['discriminator'].strip(chr(39))}' is missing"
+        elif err["type"] == "union_tag_invalid":
+            msg = f"{err['ctx']['discriminator'].strip(chr(39))} {err['ctx']['tag']!r} is not one of {err['ctx']['expected_tags']}"
+        elif err["type"] == "extra_forbidden":
+            key = str(err["loc"][-1]) if err["loc"] else ""
+            candidates = (known_fields or set()) - {key}  # a name valid elsewhere is wrong here: look for its neighbour
+            close = difflib.get_close_matches(key.lower(), candidates, n=1, cutoff=0.75)
+            msg = (f"unknown field; did you mean '{close[0]}'?" if close
+                   else f"unknown field (check the spelling; {fields_hint})")
+        elif err["type"] == "string_pattern_mismatch" and err.get("ctx", {}).get("pattern") == ID_PATTERN:
+            msg = f"ids start with a letter or digit and use only letters, digits and _ . : - (no spaces), got {_short(err['input'])}"
         elif err["type"] == "missing":
             msg = "required field is missing"
+        elif "[key]" in err["loc"]:
+            msg = f"key {_short(err.get('input'))}: {msg}"
+        elif not err["type"].startswith(("value_error", "assertion_error")) and "input" in err:
+            msg = f"{msg}, got {_short(err['input'])}"  # the value the user wrote, to find it in the file
+        msg = re.sub(r" or instance of \w+", "", msg)  # pydantic names our class; the path says what it is
         msgs.append(f"{path}: {msg}")
     return msgs
 
@@ -658,6 +790,7 @@ def _site_checks(spec: SiteSpec, source: Path | None) -> tuple[list[str], Site]:
 
     seen_ids: dict[str, str] = {}
     seen_addr: dict[tuple, str] = {}
+    protocol_at: dict[tuple, tuple[str, str]] = {}  # (host, port) -> (protocol, first device path)
     for dev, path, entity, module, side in attached:
         if dev.id in seen_ids:
             errors.append(f"{path}.id: duplicate device id '{dev.id}' (also at {seen_ids[dev.id]})")
@@ -666,6 +799,13 @@ def _site_checks(spec: SiteSpec, source: Path | None) -> tuple[list[str], Site]:
         profile = profiles.get(dev.profile)
         if profile is None:
             errors.append(f"{path}.profile: unknown profile '{dev.profile}'; known: {', '.join(sorted(profiles)) or 'none'}")
+            continue
+        expected_kinds = {"pdus": {"pdu"}, "sensors": {"rack"}, "device": {"cdu"}, "meter": {"meter"}}
+        slot = "pdus" if ".pdus." in path else path.rsplit(".", 1)[-1]
+        if slot in expected_kinds and profile.kind not in expected_kinds[slot]:
+            # checked first: a PDU profile under `sensors` is the mistake, not its missing host
+            errors.append(f"{path}.profile: '{dev.profile}' is a {profile.kind} profile; this slot needs a "
+                          f"{'/'.join(sorted(expected_kinds[slot]))} profile")
             continue
         is_mqtt_profile = isinstance(profile, MqttProfile)
         gw = None
@@ -690,7 +830,14 @@ def _site_checks(spec: SiteSpec, source: Path | None) -> tuple[list[str], Site]:
                 errors.append(f"{path}: {protocol} needs host and port, or a gateway")
                 continue
             port = port or 502
-            key = (protocol, host, port, dev.unit_id)
+            if protocol == "modbus-rtu-over-tcp" and not 1 <= dev.unit_id <= 247:
+                # the gateway forwards RTU frames: 0 is broadcast (no answer), 248..255 are reserved
+                errors.append(f"{path}.unit_id: RTU unit ids are 1..247 (behind an RTU-over-TCP gateway), got {dev.unit_id}")
+            first_protocol = protocol_at.setdefault((host, port), (protocol, path))
+            if first_protocol[0] != protocol:
+                errors.append(f"{path}: {host}:{port} is {protocol} here but {first_protocol[0]} at {first_protocol[1]}; "
+                              "one port speaks one framing")
+            key = (host, port, dev.unit_id)
             if key in seen_addr:
                 errors.append(f"{path}.unit_id: {host}:{port} unit {dev.unit_id} is already used by {seen_addr[key]}")
             seen_addr[key] = path
@@ -700,23 +847,36 @@ def _site_checks(spec: SiteSpec, source: Path | None) -> tuple[list[str], Site]:
                 continue
             if not 1 <= dev.unit_id <= 247:
                 errors.append(f"{path}.unit_id: RTU unit ids are 1..247, got {dev.unit_id}")
-        expected_kinds = {"pdus": {"pdu"}, "sensors": {"rack"}, "device": {"cdu"}, "meter": {"meter"}}
-        slot = path.rsplit(".", 1)[-1]
-        slot = "pdus" if ".pdus." in path else slot
-        if slot in expected_kinds and profile.kind not in expected_kinds[slot]:
-            errors.append(f"{path}.profile: '{dev.profile}' is a {profile.kind} profile; this slot needs a "
-                          f"{'/'.join(sorted(expected_kinds[slot]))} profile")
         poll = dev.poll_interval_s or d.poll_interval_s
         timeout = dev.timeout_s or (gw.timeout_s if gw else d.timeout_s)
         if protocol != "mqtt" and timeout >= poll:
             errors.append(f"{path}.timeout_s: timeout {timeout:g} s must be shorter than the poll interval {poll:g} s")
         tag_path = dev.tag_path or (f"{spec.site.id}/{module}/{entity}" if module else f"{spec.site.id}/{entity}")
+        max_regs = _smallest(dev.max_registers_per_read, gw.max_registers_per_read if gw else None)
+        max_gap = _smallest(dev.max_gap, gw.max_gap if gw else None)
+        if protocol == "mqtt" and (dev.max_registers_per_read is not None or dev.max_gap is not None):
+            errors.append(f"{path}: max_registers_per_read / max_gap apply to Modbus devices, not MQTT")
+        elif protocol != "mqtt" and (max_regs is not None or max_gap is not None):
+            from podwatch.collectors.planner import plan_reads
+
+            try:  # an int64 point cannot be read 2 registers at a time: say so here, not at collect time
+                plan_reads(profile, _smallest(max_regs, profile.max_registers_per_read), _smallest(max_gap, profile.max_gap))
+            except ConfigError as exc:
+                where = (f"{path}.max_registers_per_read" if dev.max_registers_per_read is not None
+                         else f"{path} (gateway '{gw.id}' max_registers_per_read)")
+                errors.extend(f"{where}: {e}" for e in exc.errors)
         site.devices.append(Device(
             id=dev.id, kind=profile.kind, profile=dev.profile, protocol=protocol, host=host,
             port=port if protocol != "mqtt" else None, unit_id=dev.unit_id, serial=dev.serial,
             gateway=dev.gateway, poll_interval_s=poll, timeout_s=timeout, entity=entity, module=module, side=side,
-            tag_path=tag_path, enabled=dev.enabled, path=path))
+            tag_path=tag_path, enabled=dev.enabled, path=path, max_registers_per_read=max_regs, max_gap=max_gap))
     return errors, site
+
+
+def _smallest(*limits: int | None) -> int | None:
+    """The tightest of the limits given (None = no limit given)."""
+    given = [x for x in limits if x is not None]
+    return min(given) if given else None
 
 
 def parse_site(data: Any, source: str = "<site>", base: Path | None = None, port_offset: int = 0) -> Site:
@@ -728,12 +888,12 @@ def parse_site(data: Any, source: str = "<site>", base: Path | None = None, port
         raise ConfigError(source, ["<root>: a site file must be a mapping (site:, power:, modules:, ...)"])
     template_errors: list[str] = []
     expanded = expand_templates(data, errors=template_errors)
-    if template_errors:
-        raise ConfigError(source, template_errors)
+    if template_errors:  # a mistake inside an outer template repeats once per outer value: report it once
+        raise ConfigError(source, list(dict.fromkeys(template_errors)))
     try:
         spec = SiteSpec.model_validate(expanded)
     except ValidationError as exc:
-        raise ConfigError(source, _pydantic_errors(exc)) from None
+        raise ConfigError(source, pydantic_error_lines(exc, known_fields=model_field_names(SiteSpec))) from None
     errors, site = _site_checks(spec, base)
     if errors:
         raise ConfigError(source, errors)
@@ -753,19 +913,67 @@ def shift_ports(site: Site, offset: int) -> Site:
     return Site(spec=spec, source=site.source, devices=devices, power_nodes=site.power_nodes, racks=site.racks)
 
 
-def load_site(path: str | Path, port_offset: int = 0) -> Site:
-    """Read and validate a site file. Raises ConfigError (every error, with field paths)."""
+class _StrictLoader(yaml.SafeLoader):
+    """SafeLoader that rejects a key given twice in one mapping: plain YAML keeps the last one and
+    silently drops the first (a second `racks:` would lose a whole rack list)."""
+
+
+def _construct_mapping_no_duplicates(loader: _StrictLoader, node: yaml.MappingNode, deep: bool = False) -> dict:
+    seen: dict[Any, yaml.Node] = {}
+    for key_node, _ in list(node.value):  # explicit keys only: they may override `<<: *anchor` merged ones
+        if key_node.tag == "tag:yaml.org,2002:merge":
+            continue
+        key = loader.construct_object(key_node, deep=deep)
+        try:
+            first = seen.get(key)
+        except TypeError:  # unhashable key: let the constructor report it
+            continue
+        if first is not None:
+            raise yaml.constructor.ConstructorError(
+                None, None, f"duplicate key {key!r} (first at line {first.start_mark.line + 1})", key_node.start_mark)
+        seen[key] = key_node
+    loader.flatten_mapping(node)
+    return loader.construct_mapping(node, deep=deep)
+
+
+_StrictLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _construct_mapping_no_duplicates)
+
+
+def read_yaml_file(path: str | Path, what: str = "file") -> Any:
+    """Parse a YAML file for a user: every failure (missing, a directory, not UTF-8, bad syntax,
+    a duplicate key, empty) is a ConfigError with the line and column, never a traceback."""
     path = Path(path)
     try:
-        text = path.read_text()
+        raw = path.read_bytes()
+    except IsADirectoryError:
+        raise ConfigError(str(path), [f"is a directory, not a {what}"]) from None
     except OSError as exc:
-        raise ConfigError(str(path), [f"cannot read: {exc.strerror}"]) from None
+        raise ConfigError(str(path), [f"cannot read: {exc.strerror or exc}"]) from None
     try:
-        data = yaml.safe_load(text)
+        text = raw.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        line = raw[: exc.start].count(b"\n") + 1
+        raise ConfigError(str(path), [f"line {line}: not UTF-8 text (byte 0x{raw[exc.start]:02x}); save the {what} as UTF-8"]) from None
+    if not text.strip():
+        raise ConfigError(str(path), [f"<root>: the {what} is empty"])
+    try:
+        data = yaml.load(text, Loader=_StrictLoader)  # noqa: S506 - a SafeLoader subclass
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark else ""
-        raise ConfigError(str(path), [f"{where}invalid YAML: {getattr(exc, 'problem', exc)}"]) from None
+        problem = getattr(exc, "problem", None) or str(exc)
+        raise ConfigError(str(path), [f"{where}invalid YAML: {problem}"]) from None
+    except RecursionError:
+        raise ConfigError(str(path), [f"invalid YAML: nested too deeply"]) from None
+    if data is None:
+        raise ConfigError(str(path), [f"<root>: the {what} holds only comments"])
+    return data
+
+
+def load_site(path: str | Path, port_offset: int = 0) -> Site:
+    """Read and validate a site file. Raises ConfigError (every error, with field paths)."""
+    path = Path(path)
+    data = read_yaml_file(path, "site file")
     return parse_site(data, str(path), path, port_offset)
 
 

@@ -9,7 +9,7 @@ Backtest protocol (docs/analytics.md, "Forecasts"):
   target window ended before the refit time (no peeking); calibration is part of each fit.
 - Scores over all (origin, node) pairs: pinball loss per quantile and coverage (share of peaks at
   or below the predicted quantile), for the model and for seasonal naive with its own empirical
-  residual quantiles. Pinball losses are computed on the scaled target (peak / node's 7-day mean)
+  residual quantiles (each node's own residuals; the pooled variant is reported beside it). Pinball losses are computed on the scaled target (peak / node's 7-day mean)
   so that a 3 MW transformer does not drown out a 130 kW rack feed; coverage is scale-free.
 """
 
@@ -113,6 +113,15 @@ class HorizonScores:
     pinball_naive: dict[float, float] = field(default_factory=dict)
     coverage_model: dict[float, float] = field(default_factory=dict)
     coverage_naive: dict[float, float] = field(default_factory=dict)
+    # the weaker variant of the baseline (residual quantiles pooled over all nodes), for reference
+    pinball_naive_pooled: dict[float, float] = field(default_factory=dict)
+    coverage_naive_pooled: dict[float, float] = field(default_factory=dict)
+    fallback_pairs: int = 0  # pairs forecast by the naive fallback (too little training history at that refit)
+
+    def improvement_pooled(self, level: float = 0.95) -> float:
+        """Like `improvement`, against the naive with residual quantiles pooled over nodes."""
+        naive = self.pinball_naive_pooled.get(level, float("nan"))
+        return 1.0 - self.pinball_model.get(level, float("nan")) / naive if naive else float("nan")
 
     def improvement(self, level: float = 0.95) -> float:
         """Relative pinball-loss reduction vs seasonal naive at `level` (0.25 = 25 % better)."""
@@ -132,11 +141,15 @@ class BacktestResult:
         lines = [f"rolling-origin backtest over {self.history_days:.1f} days of history"]
         for h, s in self.scores.items():
             span = f"{s.first_origin:%Y-%m-%d}..{s.last_origin:%Y-%m-%d}" if s.first_origin else "-"
-            lines.append(f"[{h}] {s.origins} origins ({span}), {s.pairs} node forecasts")
+            lines.append(f"[{h}] {s.origins} origins ({span}), {s.pairs} node forecasts"
+                         + (f", {s.fallback_pairs} of them by the naive fallback (too little history at that refit)"
+                            if s.fallback_pairs else ""))
             for q in self.quantiles:
                 lines.append(f"  P{round(q * 100)}: pinball model {s.pinball_model[q]:.4f} vs seasonal-naive "
                              f"{s.pinball_naive[q]:.4f} ({s.improvement(q) * 100:+.1f} % better); coverage model "
                              f"{s.coverage_model[q] * 100:.1f} % vs naive {s.coverage_naive[q] * 100:.1f} %")
+                lines.append(f"       (naive with residual quantiles pooled over nodes: pinball {s.pinball_naive_pooled[q]:.4f}, "
+                             f"coverage {s.coverage_naive_pooled[q] * 100:.1f} %)")
         lines += [f"[{h}] skipped: {why}" for h, why in self.skipped.items()]
         return lines
 
@@ -169,6 +182,7 @@ def rolling_origin_backtest(hourly_peaks: pl.DataFrame, timezone_name: str = "UT
         eval_rows = known.filter((pl.col("ts") >= first)
                                  & (((pl.col("ts") - pl.lit(first)).dt.total_hours()) % step_h == 0))
         collected = []
+        fallback_pairs = 0
         refit_at = first
         while refit_at <= last:
             block = eval_rows.filter((pl.col("ts") >= refit_at) & (pl.col("ts") < refit_at + timedelta(hours=refit_every_h)))
@@ -176,19 +190,23 @@ def rolling_origin_backtest(hourly_peaks: pl.DataFrame, timezone_name: str = "UT
                 train = FeatureTable(frame=frame.filter(pl.col("ts") <= refit_at - timedelta(hours=h)), horizon_h=h)
                 forecaster = PeakForecaster(cfg).fit(train)
                 q_model = forecaster.predict(table, block)
+                if not forecaster.models:
+                    fallback_pairs += block.height
                 q_naive = forecaster.predict_naive(block)
+                q_pooled = forecaster.predict_naive(block, pooled=True)
                 out = block.select(["ts", "node", "scale"]).with_columns(
                     pl.lit(horizon).alias("horizon"), (block["target"] * block["scale"]).alias("y_kw"))
                 for i, q in enumerate(cfg.quantiles):
                     out = out.with_columns(pl.Series(f"q{round(q * 100)}_kw", q_model[:, i]),
-                                           pl.Series(f"naive_q{round(q * 100)}_kw", q_naive[:, i]))
+                                           pl.Series(f"naive_q{round(q * 100)}_kw", q_naive[:, i]),
+                                           pl.Series(f"naive_pooled_q{round(q * 100)}_kw", q_pooled[:, i]))
                 collected.append(out)
             refit_at += timedelta(hours=refit_every_h)
         preds = pl.concat(collected)
         pred_frames.append(preds)
         y = (preds["y_kw"] / preds["scale"]).to_numpy()
         s = HorizonScores(horizon=horizon, origins=preds["ts"].n_unique(), pairs=preds.height,
-                          first_origin=preds["ts"].min(), last_origin=preds["ts"].max())
+                          first_origin=preds["ts"].min(), last_origin=preds["ts"].max(), fallback_pairs=fallback_pairs)
         for q in cfg.quantiles:
             col = f"q{round(q * 100)}_kw"
             model_q = (preds[col] / preds["scale"]).to_numpy()
@@ -197,6 +215,9 @@ def rolling_origin_backtest(hourly_peaks: pl.DataFrame, timezone_name: str = "UT
             s.pinball_naive[q] = pinball_loss(y, naive_q, q)
             s.coverage_model[q] = coverage(y, model_q)
             s.coverage_naive[q] = coverage(y, naive_q)
+            pooled_q = (preds[f"naive_pooled_{col}"] / preds["scale"]).to_numpy()
+            s.pinball_naive_pooled[q] = pinball_loss(y, pooled_q, q)
+            s.coverage_naive_pooled[q] = coverage(y, pooled_q)
         scores[horizon] = s
     if not scores:
         raise ValueError("; ".join(skipped.values()) or "nothing to evaluate")

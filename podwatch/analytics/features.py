@@ -2,8 +2,8 @@
 sample rows (ts, device, metric, value, quality) and the site model.
 
 `build_features(rows, site)` returns one row per (rack, ts) on a regular grid (`step_s`,
-default 10 s; each signal is averaged over its bucket and the row is stamped with the bucket's
-end, so a row at ts uses samples up to ts only) with:
+default 10 s; each signal is averaged over its bucket (ts − step, ts], so a row at ts uses
+samples up to ts only, and a sample taken at ts counts at ts) with:
 
 - levels of the rack (power from A + B PDUs, falling back on the BMS figure; supply, return,
   flow) and of its CDU (supply, facility water, flow, pumps running, reservoir);
@@ -37,6 +37,7 @@ DEFAULT_STEP_S = 10
 SLOPE_WINDOWS_S = {"30s": 30, "2m": 120, "5m": 300}
 SUPPLY_PIPE_TOLERANCE_K = 1.0
 PEAK_WINDOW_S = 600  # recent peaks of load and supply that the worst case assumes can recur
+SUSTAINED_WINDOW_S = 300  # a trend counts as sustained when it holds over both halves of this
 RESERVOIR_LOW_PCT = 20.0  # below this CDU pumps start drawing air (flow falls)
 
 _RACK_METRICS = {"rack.liquid_supply_temp_c": "supply_c", "rack.liquid_return_temp_c": "return_c",
@@ -81,7 +82,10 @@ def _bucketed(rows: pl.DataFrame, devices: pl.DataFrame, step_s: int) -> pl.Data
     rows = rows.filter(pl.col("metric").cast(pl.String).is_in(wanted))
     good = normalise_rows(rows).filter(pl.col("value").is_not_null() & (pl.col("quality") == 0))
     return (good.join(devices, on="device", how="inner")
-            .with_columns(pl.col("ts").dt.truncate(f"{step_s}s").alias("ts"))
+            # bucket (t - step, t] stamped t: a row at t holds the samples up to t, and a sample
+            # taken exactly at t counts at t (not a step later)
+            .with_columns(((pl.col("ts") - timedelta(microseconds=1)).dt.truncate(f"{step_s}s")
+                           + timedelta(seconds=step_s)).alias("ts"))
             .group_by("ts", "device", "kind", "entity", "side", "metric")
             .agg(pl.col("value").mean()))
 
@@ -89,6 +93,18 @@ def _bucketed(rows: pl.DataFrame, devices: pl.DataFrame, step_s: int) -> pl.Data
 def _slope(col: str, steps: int, step_s: int, over: str) -> pl.Expr:
     """Per-minute slope of `col` over `steps` grid steps (difference quotient)."""
     return (pl.col(col) - pl.col(col).shift(steps).over(over)) / (steps * step_s / 60.0)
+
+
+def _sustained(col: str, half_steps: int, step_s: int, over: str, *, rising: bool) -> pl.Expr:
+    """Per-minute slope of `col` that held over both halves of the last 2 x `half_steps` grid
+    steps: the slower half's slope when both rise (`rising`) or both fall, else 0."""
+    minutes = half_steps * step_s / 60.0
+    recent = (pl.col(col) - pl.col(col).shift(half_steps).over(over)) / minutes
+    before = (pl.col(col).shift(half_steps).over(over) - pl.col(col).shift(2 * half_steps).over(over)) / minutes
+    both = pl.min_horizontal(recent, before) if rising else pl.max_horizontal(recent, before)
+    both = both.clip(lower_bound=0.0) if rising else both.clip(upper_bound=0.0)
+    # min/max_horizontal skip nulls: without both halves there is no sustained trend
+    return pl.when(recent.is_not_null() & before.is_not_null()).then(both).otherwise(None)
 
 
 def build_features(rows: pl.DataFrame, site: Site, *, step_s: int = DEFAULT_STEP_S,
@@ -185,6 +201,16 @@ def build_features(rows: pl.DataFrame, site: Site, *, step_s: int = DEFAULT_STEP
         _slope("reservoir_pct", round(300 / step_s), step_s, "rack").alias("reservoir_slope_5m"),
     ]
     f = f.with_columns(slopes)
+    # Sustained trends: the slower of the slopes over the two halves of the last 5 minutes, and
+    # only when both point the same way. A ramp (fouling, a choking strainer, warming facility
+    # water) shows in both halves; a step (a pump trip, a load change) shows in one half only and
+    # must not be extrapolated as if it went on (it is already in the present level).
+    half = max(1, round(SUSTAINED_WINDOW_S / 2 / step_s))
+    f = f.with_columns(
+        _sustained("supply_c", half, step_s, "rack", rising=True).alias("supply_trend_5m"),
+        _sustained("flow_lpm", half, step_s, "rack", rising=False).alias("flow_trend_5m"),
+        _sustained("margin_ss_c", half, step_s, "rack", rising=False).alias("margin_ss_trend_5m"),
+    )
     horizon_min = horizon_s / 60.0
     # the highest load and supply of the last 10 minutes: what happened lately can happen again
     # within the horizon (workload peaks, CDU supply control swings)
@@ -192,8 +218,16 @@ def build_features(rows: pl.DataFrame, site: Site, *, step_s: int = DEFAULT_STEP
     f = f.with_columns(pl.col("power_kw").rolling_max(peak_steps, min_samples=1).over("rack").alias("power_peak_kw"),
                        pl.col("supply_c").rolling_max(peak_steps, min_samples=1).over("rack").alias("supply_peak_c"))
     f = f.with_columns(
+        # the flow at the horizon if a sustained fall goes on (a step is already in the level)
+        (pl.col("flow_lpm") + pl.col("flow_trend_5m").fill_null(0.0) * horizon_min)
+        .clip(lower_bound=1.0).alias("flow_proj_lpm"),
+        # the supply at the horizon: its recent peak, or further on a sustained rise
+        pl.max_horizontal(pl.col("supply_peak_c"),
+                          pl.col("supply_c") + pl.col("supply_trend_5m").fill_null(0.0) * horizon_min)
+        .alias("supply_worst_c"),
+    ).with_columns(
         (pl.col("power_peak_kw") * pl.col("heat_to_liquid")
-         / (pl.col("flow_lpm").clip(lower_bound=1.0) * cp_per_lpm)).clip(upper_bound=200.0).alias("dt_ss_peak_c"))
+         / (pl.col("flow_proj_lpm") * cp_per_lpm)).clip(upper_bound=200.0).alias("dt_ss_peak_c"))
     f = f.with_columns(
         # linear extrapolation of the return to the horizon (2-min trend, rises only)
         (pl.col("margin_c") - pl.col("return_slope_2m").clip(lower_bound=0.0) * horizon_min).alias("proj_margin_c"),
@@ -204,15 +238,12 @@ def build_features(rows: pl.DataFrame, site: Site, *, step_s: int = DEFAULT_STEP
         .then(((pl.col("reservoir_pct") - RESERVOIR_LOW_PCT).clip(lower_bound=0.0)
                / -pl.col("reservoir_slope_5m") * 60.0).clip(upper_bound=3600.0))
         .otherwise(3600.0).alias("reservoir_time_to_low_s"),
-        # worst case within the horizon: supply keeps its trend, the load returns to its recent
-        # peak at the present flow — where the return would settle, against the limit
-        (pl.col("limit_c")
-         - pl.max_horizontal(pl.col("supply_peak_c"),
-                             pl.col("supply_c") + pl.col("supply_slope_5m").clip(lower_bound=0.0).fill_null(0.0) * horizon_min)
-         - pl.col("dt_ss_peak_c")).alias("worst_margin_c"),
-        # the settled margin carried along its 5-minute trend to the horizon (flow slowly choking,
-        # load creeping up): shrinking margins only
-        (pl.col("margin_ss_c") + pl.col("margin_ss_slope_5m").clip(upper_bound=0.0).fill_null(0.0) * horizon_min)
+        # worst case within the horizon: supply at its recent peak or on its sustained rise, the
+        # load back at its recent peak, the flow on its sustained fall — where the return would
+        # settle, against the limit
+        (pl.col("limit_c") - pl.col("supply_worst_c") - pl.col("dt_ss_peak_c")).alias("worst_margin_c"),
+        # the settled margin carried along its sustained 5-minute fall to the horizon
+        (pl.col("margin_ss_c") + pl.col("margin_ss_trend_5m").fill_null(0.0) * horizon_min)
         .alias("trend_margin_c"),
         pl.when(pl.col("return_slope_2m") > 0.01)
         .then((pl.col("margin_c").clip(lower_bound=0.0) / pl.col("return_slope_2m") * 60.0).clip(upper_bound=3600.0))
@@ -226,8 +257,8 @@ def build_features(rows: pl.DataFrame, site: Site, *, step_s: int = DEFAULT_STEP
             *MODEL_FEATURES]
     seen: set[str] = set()
     keep = [c for c in keep if not (c in seen or seen.add(c))]
-    # label each row with the END of its bucket: the features use data up to that time only
-    return f.select(keep).with_columns(pl.col("ts") + timedelta(seconds=step_s))
+    # each row is stamped with the END of its bucket: the features use data up to that time only
+    return f.select(keep)
 
 
 def latest_features(rows: pl.DataFrame, site: Site, **kwargs) -> pl.DataFrame:

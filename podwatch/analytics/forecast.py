@@ -42,6 +42,14 @@ MIN_SCALE_KW = 1.0  # an idle node has no meaningful relative scale; below this 
 
 FEATURES = ("now", "peak_24h", "peak_7d", "naive", "naive_2w", "daily_peak_mean_7d", "weekly_peak_mean_4w",
             "mean_24h", "mean_7d_prev", "std_7d", "hour", "dow", "log_racks")
+# levels (scaled kW) that the normalised model sees relative to the base and in units of the spread
+LEVEL_FEATURES = ("now", "peak_24h", "naive", "naive_2w", "daily_peak_mean_7d", "weekly_peak_mean_4w", "mean_24h",
+                  "mean_7d_prev", "daily_peak_q50_28d", "daily_peak_q90_28d", "daily_peak_max_28d", "weekly_peak_max_4w")
+SHAPE_FEATURES = ("spread", "peak_7d", "std_7d", "hour", "dow", "log_racks")
+DAILY_PEAKS_BACK = 14  # daily-window peaks summarised (2 weeks: every weekday twice; short enough to follow growth)
+_GUMBEL_Z = {p: -math.log(-math.log(p)) for p in (0.5, 0.9)}  # standard Gumbel quantiles
+SPREAD_FLOOR = 1e-3  # scaled units (0.1 % of the node's mean): a perfectly flat peak still has some width
+MIN_NODE_NAIVE_RESIDUALS = 48  # training rows a node needs for its own seasonal-naive residual quantiles
 MIN_GROUP_CALIBRATION = 200  # rows a node group needs for its own conformal offsets (else the global ones)
 
 
@@ -75,6 +83,9 @@ class ForecastConfig(BaseModel):
                                               "when a kind has enough held-out rows. Off by default: on simulated "
                                               "histories it evened out coverage per kind for 24 h but made 7-day "
                                               "coverage worse (a 7-day window leaves few independent rows per kind)")
+    normalise: Literal["none", "center", "scale"] = Field("scale", description="Model and calibrate z = (peak - last 7 days' peak) / recent spread of "
+                                             "window peaks, so that one global model and one conformal offset fit "
+                                             "steady rack feeds and fluctuating aggregates alike")
     random_state: int = 0
 
 
@@ -87,6 +98,29 @@ class FeatureTable:
 
     def matrix(self, rows: pl.DataFrame | None = None) -> np.ndarray:
         return (self.frame if rows is None else rows).select(FEATURES).to_numpy().astype(np.float64)
+
+    def design(self, rows: pl.DataFrame | None = None, normalise: str = "scale"
+               ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(features, base, spread) of `rows` (scaled units). Normalised: the model works in
+        z = (value − base) / spread, base = the last 7 days' peak, spread = how much recent window
+        peaks moved; features are levels in the same units plus shape/calendar columns. Not
+        normalised: the raw scaled FEATURES with base 0 and spread 1."""
+        rows = self.frame if rows is None else rows
+        if normalise == "none":
+            return self.matrix(rows), np.zeros(rows.height), np.ones(rows.height)
+        base = rows["base"].to_numpy().astype(np.float64)
+        spread = np.maximum(np.nan_to_num(rows["spread"].to_numpy().astype(np.float64), nan=SPREAD_FLOOR), SPREAD_FLOOR)
+        if normalise == "center":
+            levels = rows.select(LEVEL_FEATURES).to_numpy().astype(np.float64)
+            shape = rows.select(SHAPE_FEATURES).to_numpy().astype(np.float64)
+            shape[:, 0] = spread
+            shape[:, 1] = shape[:, 1] - base
+            return np.column_stack([levels - base[:, None], shape]), base, np.ones(rows.height)
+        levels = rows.select(LEVEL_FEATURES).to_numpy().astype(np.float64)
+        shape = rows.select(SHAPE_FEATURES).to_numpy().astype(np.float64)
+        shape[:, 0] = spread
+        shape[:, 1] = (shape[:, 1] - base) / spread
+        return np.column_stack([(levels - base[:, None]) / spread[:, None], shape]), base, spread
 
 
 def _window_reduce(y: np.ndarray, width: int, reduce) -> np.ndarray:
@@ -171,10 +205,23 @@ def build_features(hourly_peaks: pl.DataFrame, horizon_h: int, timezone: str = "
             # averages of past window peaks: the seasonal level without one week's noise
             daily_peak_mean = np.nanmean(np.column_stack([_shift(peak_24h, 24 * k) for k in range(7)]), axis=1)
             weekly_peak_mean = np.nanmean(np.column_stack([_shift(peak_7d, WEEK_H * k) for k in range(4)]), axis=1)
+            # the distribution of recent daily peaks (the next window's peak is a max over such days)
+            daily = np.column_stack([_shift(peak_24h, 24 * k) for k in range(DAILY_PEAKS_BACK)])
+            daily_q50, daily_q90 = np.nanquantile(daily, [0.5, 0.9], axis=1)
+            daily_max = np.nanmax(daily, axis=1)
+            weekly_max = np.nanmax(np.column_stack([_shift(peak_7d, WEEK_H * k) for k in range(4)]), axis=1)
+            # Base and spread of the normalised model: a Gumbel law fitted to the recent daily peaks
+            # by their median and 90th percentile (the upper half only, so quiet weekends and
+            # maintenance days do not widen it), moved to the max of the horizon's days — the max of
+            # n iid Gumbel(mu, beta) is Gumbel(mu + beta ln n, beta) (order statistics of maxima).
+            spread = (daily_q90 - daily_q50) / (_GUMBEL_Z[0.9] - _GUMBEL_Z[0.5])
+            base = daily_q50 - spread * _GUMBEL_Z[0.5] + spread * math.log(max(horizon_h / 24.0, 1.0))
+            base = np.where(np.isnan(base), peak_7d, base)
         cols = {
             "now": y, "peak_24h": peak_24h, "peak_7d": peak_7d, "naive": naive, "naive_2w": naive_2w,
             "daily_peak_mean_7d": daily_peak_mean, "weekly_peak_mean_4w": weekly_peak_mean, "mean_24h": _window_mean(y, 24), "mean_7d_prev": _shift(mean_7d, WEEK_H),
-            "std_7d": _window_std(y, WEEK_H),
+            "std_7d": _window_std(y, WEEK_H), "daily_peak_q50_28d": daily_q50, "daily_peak_q90_28d": daily_q90,
+            "daily_peak_max_28d": daily_max, "weekly_peak_max_4w": weekly_max, "spread": spread, "base": base,
         }
         frame = {"ts": ts, "node": [node] * len(y)}
         for name, arr in cols.items():
@@ -219,7 +266,8 @@ class PeakForecaster:
         self.models: list = []
         self.offsets: list[float] = []
         self.group_offsets: dict[str, list[float]] = {}
-        self.naive_offsets: list[float] = []
+        self.naive_offsets: list[float] = []  # pooled over all nodes
+        self.naive_node_offsets: dict[str, list[float]] = {}  # per node, where it has enough residuals
         self.method = MODEL_VERSION
         self.trained_from = None
         self.trained_to = None
@@ -250,16 +298,24 @@ class PeakForecaster:
         cal_rows = rows.filter(pl.col("ts") >= cut)
         naive_res = (rows["target"] - rows["naive"]).to_numpy()
         self.naive_offsets = [_conformal_offset(naive_res, q) for q in cfg.quantiles]
+        nodes = rows["node"].to_numpy()
+        self.naive_node_offsets = {}
+        for node in np.unique(nodes):
+            mine = naive_res[(nodes == node) & np.isfinite(naive_res)]
+            if len(mine) >= MIN_NODE_NAIVE_RESIDUALS:
+                self.naive_node_offsets[str(node)] = [_conformal_offset(mine, q) for q in cfg.quantiles]
         if fit_rows.height < cfg.min_training_rows or cal_rows.height < 20:
             self.method = NAIVE_VERSION
             self.models = []
             self.n_train, self.n_calibration = 0, rows.height
             return self
-        x_fit, y_fit = table.matrix(fit_rows), fit_rows["target"].to_numpy()
+        x_fit, base_fit, spread_fit = table.design(fit_rows, cfg.normalise)
+        y_fit = (fit_rows["target"].to_numpy() - base_fit) / spread_fit
         # a lag with no value yet in any training row (e.g. two weeks back in a short history) is
         # set to 0, so the model simply never splits on it (an all-NaN column breaks binning)
         x_fit[:, np.isnan(x_fit).all(axis=0)] = 0.0
-        x_cal, y_cal = table.matrix(cal_rows), cal_rows["target"].to_numpy()
+        x_cal, base_cal, spread_cal = table.design(cal_rows, cfg.normalise)
+        y_cal = (cal_rows["target"].to_numpy() - base_cal) / spread_cal
         self.models, self.offsets = [], []
 
         def quantile_model(level: float):
@@ -295,11 +351,11 @@ class PeakForecaster:
 
     def predict(self, table: FeatureTable, rows: pl.DataFrame | None = None) -> np.ndarray:
         rows = table.frame if rows is None else rows
-        if not self.models:
-            return self.predict_naive(rows)
+        if not self.models:  # too little history for the model: the fallback is the pooled naive
+            return self.predict_naive(rows, pooled=True)  # (per-node residuals would be fewer still)
         from threadpoolctl import threadpool_limits
 
-        x = table.matrix(rows)
+        x, base, spread = table.design(rows, self.config.normalise)
         with threadpool_limits(1):
             cache: dict[int, np.ndarray] = {}  # the median mode shares one model between levels
             for m in self.models:
@@ -311,15 +367,23 @@ class PeakForecaster:
             groups = rows["group"].to_numpy()
             for group, offs in self.group_offsets.items():
                 offsets[groups == group] = offs
-        scaled = raw + offsets
+        scaled = base[:, None] + (raw + offsets) * spread[:, None]
         return _non_crossing(np.maximum(scaled, 0.0)) * rows["scale"].to_numpy()[:, None]
 
-    def predict_naive(self, rows: pl.DataFrame) -> np.ndarray:
-        """Seasonal-naive quantiles: the naive peak plus its own empirical residual quantiles."""
+    def predict_naive(self, rows: pl.DataFrame, pooled: bool = False) -> np.ndarray:
+        """Seasonal-naive quantiles: the naive peak plus empirical quantiles of the naive's own
+        residuals on the training rows — each node's own residuals (the standard, and the stronger
+        baseline: a steady rack feed gets a tight band, a fluctuating busway a wide one), or, with
+        `pooled` or for a node with too few residuals, those of all nodes together."""
         naive = rows["naive"].to_numpy()
         if np.isnan(naive).any():  # no week-old window yet: the last 7 days' peak
             naive = np.where(np.isnan(naive), rows["peak_7d"].to_numpy(), naive)
-        scaled = np.column_stack([naive + off for off in self.naive_offsets])
+        offsets = np.tile(np.asarray(self.naive_offsets, dtype=float), (rows.height, 1))
+        if not pooled and self.naive_node_offsets:
+            nodes = rows["node"].to_numpy()
+            for node, offs in self.naive_node_offsets.items():
+                offsets[nodes == node] = offs
+        scaled = naive[:, None] + offsets
         return _non_crossing(np.maximum(scaled, 0.0)) * rows["scale"].to_numpy()[:, None]
 
     @property

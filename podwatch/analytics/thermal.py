@@ -217,8 +217,6 @@ def physics_risk(features: pl.DataFrame, horizon_s: int) -> np.ndarray:
     p = np.zeros(n)
     if "worst_margin_c" in features.columns:
         worst = features["worst_margin_c"].cast(pl.Float64).fill_null(np.inf).to_numpy()
-        if "trend_margin_c" in features.columns:
-            worst = np.fmin(worst, features["trend_margin_c"].cast(pl.Float64).fill_null(np.inf).to_numpy())
         with np.errstate(over="ignore"):
             p = np.maximum(p, 1.0 / (1.0 + np.exp(np.clip(worst / PHYSICS_SCALE_K, -50, 50))))
     if "reservoir_time_to_low_s" in features.columns:

@@ -313,11 +313,12 @@ class ModbusCollector:
             if not isinstance(profile, ModbusProfile):
                 errors.append(f"{d.path}.profile: '{d.profile}' is not a Modbus profile")
                 continue
-            if d.profile not in plans:
+            key = (d.profile, *read_limits(profile, self.settings, d))
+            if key not in plans:
                 try:
-                    plans[d.profile] = plan_reads(profile, self.settings.max_registers_per_read, self.settings.max_gap)
+                    plans[key] = plan_reads(profile, key[1], key[2])
                 except ConfigError as exc:
-                    errors.extend(exc.errors)
+                    errors.extend(f"{d.path}: {e}" for e in exc.errors)
                     continue
             ep = self.endpoints.get(d.endpoint)
             if ep is None:
@@ -326,7 +327,7 @@ class ModbusCollector:
             if d.gateway and d.gateway in gateways and gateways[d.gateway].max_concurrent > 1:
                 log.debug("pymodbus serialises requests per connection; max_concurrent > 1 has no effect",
                           extra=fields(gateway=d.gateway))
-            self.devices[d.id] = DeviceState(d, plans[d.profile], ep, REGISTRY.component("modbus_device", d.id))
+            self.devices[d.id] = DeviceState(d, plans[key], ep, REGISTRY.component("modbus_device", d.id))
         if errors:
             raise ConfigError(f"site {site.id}", errors)
         self._update_state_gauges()
@@ -533,22 +534,47 @@ class ModbusCollector:
             ep.close()
 
 
+def read_limits(profile: ModbusProfile, settings: ModbusSettings, device: Device) -> tuple[int, int]:
+    """(max registers per read, max gap) for one device: the collector's override (flags) or else the
+    profile's value, lowered by the site file's device/gateway limits. The site's limits describe the
+    hardware (a serial gateway that forwards at most 64 registers), so they only ever make reads smaller."""
+    regs = profile.max_registers_per_read if settings.max_registers_per_read is None else settings.max_registers_per_read
+    gap = profile.max_gap if settings.max_gap is None else settings.max_gap
+    if device.max_registers_per_read is not None:
+        regs = min(regs, device.max_registers_per_read)
+    if device.max_gap is not None:
+        gap = min(gap, device.max_gap)
+    return regs, gap
+
+
 def format_plan(site: Site, settings: ModbusSettings | None = None) -> str:
     """Text of `podwatch collect --plan`: per device, its requests (fc, start, count, points)."""
     settings = settings or ModbusSettings()
     profiles = available_profiles(site.profiles_dir)
-    plans: dict[str, ReadPlan] = {}
+    plans: dict[tuple, ReadPlan] = {}
     lines: list[str] = []
     for d in site.devices:
         if d.protocol == "mqtt":
             continue
-        if d.profile not in plans:
-            plans[d.profile] = plan_reads(profiles[d.profile], settings.max_registers_per_read, settings.max_gap)
-        plan = plans[d.profile]
+        key = (d.profile, *read_limits(profiles[d.profile], settings, d))
+        if key not in plans:
+            plans[key] = plan_reads(profiles[d.profile], key[1], key[2])
+        plan = plans[key]
+        limited = d.max_registers_per_read is not None or d.max_gap is not None
         lines.append(f"{d.id}  profile={d.profile} {d.endpoint} unit={d.unit_id} interval={d.poll_interval_s:g}s "
                      f"requests={len(plan.requests)} registers={plan.registers_read} points={len(plan.metrics)}"
+                     + (f" max_registers={key[1]} max_gap={key[2]} (site file)" if limited else "")
                      + ("" if d.enabled else " (disabled)"))
         for r in plan.requests:
             lines.append(f"  fc{r.function_code} start={r.start} count={r.count} gap={r.gap_registers}  "
                          + ", ".join(f"{p.metric}@+{p.register_offset}" for p in r.points))
+    mqtt_devices = [d for d in site.devices if d.protocol == "mqtt"]
+    if not lines:
+        lines.append("no Modbus devices: nothing is polled")
+    if mqtt_devices:  # not polled, so no read plan; say where their data comes from instead
+        by_profile: dict[str, int] = {}
+        for d in mqtt_devices:
+            by_profile[d.profile] = by_profile.get(d.profile, 0) + 1
+        lines.append(f"MQTT ({site.spec.mqtt.url}): {len(mqtt_devices)} device(s) subscribed, not polled: "
+                     + ", ".join(f"{p} {n}" for p, n in sorted(by_profile.items())))
     return "\n".join(lines)

@@ -72,6 +72,8 @@ class MqttCollectorSettings(BaseModel):
     keepalive_s: int = Field(30, gt=0)
     reconnect_min_s: float = Field(0.5, gt=0)
     reconnect_max_s: float = Field(30.0, gt=0)
+    max_in_flight: int = Field(256, gt=0, description="Readings handed to the sink and not yet durable; the "
+                                                      "consumer waits (back-pressure) when this many are pending")
 
 
 @dataclass(frozen=True)
@@ -190,6 +192,9 @@ class MqttCollector:
         self.connected = asyncio.Event()  # set once connected and every subscription acknowledged
         self._pending_subacks: set[int] = set()
         self._connect_failures = 0
+        self._accepting = True  # False once stopping: later messages stay unacknowledged (redelivered)
+        self._in_flight: set[asyncio.Task] | None = None  # set by run(): readings go to the sink concurrently
+        self._slots: asyncio.Semaphore | None = None
         self.health.set("connected", 0)
 
     @property
@@ -283,6 +288,8 @@ class MqttCollector:
         self._loop.call_soon_threadsafe(self._enqueue, msg.topic, bytes(msg.payload), msg.mid, msg.qos)
 
     def _enqueue(self, topic: str, payload: bytes, mid: int, qos: int) -> None:
+        if not self._accepting:
+            return  # stopping: not taken, not acknowledged; the persistent session redelivers QoS 1
         self.health.inc("received")
         try:
             self._queue.put_nowait((topic, payload, mid, qos))
@@ -380,6 +387,23 @@ class MqttCollector:
                 await self._flush(device_id)
 
     async def _deliver(self, reading: Reading, acks: list[tuple[int, int]]) -> None:
+        if self._in_flight is None:  # handle() without run(): deliver before returning
+            await self._send_and_ack(reading, acks)
+            return
+        # Under run(): the sink's `send` returns once durable (a Kafka round trip, several ms on a busy
+        # broker). Awaiting each in turn capped a 20 MW site (980 BMS messages/s) at ~150 readings/s and
+        # overflowed the queue; readings now go out concurrently, bounded by max_in_flight. Order per
+        # device holds: the tasks call send() in creation order and the producer keeps call order.
+        await self._slots.acquire()
+        task = asyncio.get_running_loop().create_task(self._send_and_ack(reading, acks))
+        self._in_flight.add(task)
+        task.add_done_callback(self._delivered)
+
+    def _delivered(self, task: asyncio.Task) -> None:
+        self._in_flight.discard(task)
+        self._slots.release()
+
+    async def _send_and_ack(self, reading: Reading, acks: list[tuple[int, int]]) -> None:
         try:
             durable = await self.sink.send(reading)
         except Exception as exc:
@@ -423,6 +447,8 @@ class MqttCollector:
             return
         self._loop = asyncio.get_running_loop()
         self._queue = asyncio.Queue(maxsize=self.settings.queue_size)
+        self._in_flight, self._slots = set(), asyncio.Semaphore(self.settings.max_in_flight)
+        self._accepting = True
         self._client = self._make_client()
         self._client.loop_start()
         log.info("MQTT collector started", extra=fields(site=self.site.id, url=self.mqtt.url, devices=len(self.devices),
@@ -438,14 +464,21 @@ class MqttCollector:
                 done, _ = await asyncio.wait({get, stop_wait}, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
                 if get in done:
                     await self._handle_safely(*get.result())
+                    # then whatever else is already waiting, without a task and a wait per message
+                    for _ in range(min(self._queue.qsize(), 1000)):
+                        await self._handle_safely(*self._queue.get_nowait())
                 else:
                     get.cancel()
                     await asyncio.gather(get, return_exceptions=True)
                 await self.flush_expired()
-            # drain what already arrived, then flush partial batches
-            while not self._queue.empty():
+            # Stop taking new messages first: draining while the broker keeps publishing never ended
+            # (a busy site kept `podwatch collect` running for a minute after Ctrl-C).
+            self._accepting = False
+            for _ in range(self._queue.qsize()):
                 await self._handle_safely(*self._queue.get_nowait())
             await self.flush_expired(force=True)
+            if self._in_flight:
+                await asyncio.gather(*list(self._in_flight), return_exceptions=True)
         finally:
             stop_wait.cancel()
             self.close()

@@ -108,7 +108,7 @@ def register(app: typer.Typer) -> None:
             raise ConfigError("podwatch simulate history", ["--days and --resolution must be > 0"])
         the_site = load_site(site)
         scenarios = [Scenario.load(p, the_site) for p in (scenario or [])]
-        with Progress(TextColumn("simulating"), BarColumn(), TextColumn("{task.completed:.1f}/{task.total:g} days"),
+        with Progress(TextColumn("simulating"), BarColumn(), TextColumn("{task.completed:.2f}/{task.total:g} days"),
                       TimeElapsedColumn()) as bar:
             task = bar.add_task("history", total=days)
             result = generate_history(the_site, days, resolution, scenarios, seed, out, _parse_start(start),

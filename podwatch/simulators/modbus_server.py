@@ -16,6 +16,12 @@ Faults (set by the simulator from the scenario):
   returns None), so clients time out, as with a dead device behind a gateway.
 * A unit id no device has: a TCP gateway answers 0x0B; on RTU framings the request goes unanswered.
 
+Read limits from the site file (a device's or its gateway's `max_registers_per_read` / `max_gap`,
+the device's `Device.max_registers_per_read` / `max_gap`) are enforced as real hardware does: a
+longer read is answered with exception 03 (illegal data value), a read spanning more than `max_gap`
+unused registers with exception 02 (illegal data address). Without limits every read inside the
+block is answered. `largest_read[unit]` records the longest read each unit was asked for.
+
 Framing: `modbus-tcp` uses the MBAP socket framer; `modbus-rtu-over-tcp` serves RTU frames (with
 CRC) over a TCP socket, like a serial gateway in transparent mode. `serve_serial()` serves the same
 devices on a serial port or pty (RTU framer), e.g. one end of a `socat` pty pair.
@@ -70,6 +76,22 @@ class DeviceRegisters:
             b.template[s.address - b.start:s.address - b.start + len(s.values)] = [v & 0xFFFF for v in s.values]
         self._slots = [(p, self.blocks[p.register_type], self.profile.wire_address(p) - self.blocks[p.register_type].start)
                        for p in self.profile.points]
+        used: dict[str, set[int]] = {}
+        for p in self.profile.points:
+            a = self.profile.wire_address(p)
+            used.setdefault(p.register_type, set()).update(range(a, a + p.register_count))
+        for st in self.profile.static:
+            used.setdefault(st.register_type, set()).update(range(st.address, st.address + len(st.values)))
+        self.used = used  # table -> wire addresses the profile defines (the rest of a block is a gap)
+
+    def longest_gap(self, table: str, address: int, count: int) -> int:
+        """Longest run of registers the profile does not define inside a read of `count` from `address`."""
+        used = self.used.get(table, set())
+        longest = run = 0
+        for a in range(address, address + count):
+            run = 0 if a in used else run + 1
+            longest = max(longest, run)
+        return longest
 
     def simdata(self) -> tuple[list[SimData], list[SimData], list[SimData], list[SimData]]:
         def table(name: str) -> list[SimData]:
@@ -101,6 +123,7 @@ class ModbusEndpoint:
         self.exception_units: dict[int, int] = {}
         self.silent_units: set[int] = set()
         self.requests = 0
+        self.largest_read: dict[int, int] = {}  # unit -> longest read (registers) it was asked for
         self.server: ModbusTcpServer | None = None
         self._writing = False  # our own async_setValues also passes the action hook: never fault it
 
@@ -119,6 +142,17 @@ class ModbusEndpoint:
                 return ExcCodes(code)
             except ValueError:
                 return ExcCodes.GATEWAY_NO_RESPONSE
+        regs = self.devices.get(unit)
+        if regs is None or set_values is not None:
+            return None
+        self.largest_read[unit] = max(self.largest_read.get(unit, 0), count)
+        dev = regs.device
+        if dev.max_registers_per_read is not None and count > dev.max_registers_per_read:
+            return ExcCodes.ILLEGAL_VALUE  # what a gateway that forwards at most N registers answers
+        if dev.max_gap is not None:
+            table = "holding" if function_code == 3 else "input"
+            if regs.longest_gap(table, address, count) > dev.max_gap:
+                return ExcCodes.ILLEGAL_ADDRESS  # a device that refuses to read registers it does not define
         return None
 
     def _trace_pdu(self, sending: bool, pdu):

@@ -138,6 +138,7 @@ Fault = Annotated[PumpFailure | FlowRestriction | HxFouling | FacilityWaterRise 
 FAULT_KINDS = ("pump_failure", "flow_restriction", "hx_fouling", "facility_water_rise", "leak", "load_surge",
                "sensor_fault", "device_fault")
 PHYSICAL_KINDS = FAULT_KINDS[:6]
+FAULT_MODELS = (PumpFailure, FlowRestriction, HxFouling, FacilityWaterRise, Leak, LoadSurge, SensorFault, DeviceFault)
 
 
 class Scenario(BaseModel):
@@ -145,6 +146,8 @@ class Scenario(BaseModel):
 
     name: str = "scenario"
     description: str = ""
+    site: str | None = Field(None, description="Id of the site this scenario was written for (checked when given: "
+                                               "its targets are that site's ids)")
     duration_s: float | None = Field(None, gt=0, description="Suggested run length in simulated seconds")
     faults: list[Fault] = Field(default_factory=list)
 
@@ -157,14 +160,10 @@ class Scenario(BaseModel):
 
     @classmethod
     def load(cls, path: str | Path, site: Site | None = None) -> "Scenario":
+        from podwatch.site import read_yaml_file
+
         path = Path(path)
-        try:
-            data = yaml.safe_load(path.read_text())
-        except OSError as exc:
-            raise ConfigError(str(path), [f"cannot read: {exc.strerror}"]) from None
-        except yaml.YAMLError as exc:
-            raise ConfigError(str(path), [f"invalid YAML: {exc}"]) from None
-        return cls.parse(data, str(path), site)
+        return cls.parse(read_yaml_file(path, "scenario file"), str(path), site)
 
     @classmethod
     def parse(cls, data, source: str = "<scenario>", site: Site | None = None) -> "Scenario":
@@ -173,12 +172,10 @@ class Scenario(BaseModel):
         try:
             scenario = cls.model_validate(data)
         except ValidationError as exc:
-            errors = []
-            for e in exc.errors():
-                loc = [str(x) for x in e["loc"] if str(x) not in FAULT_KINDS]
-                path = "".join(f"[{x}]" if x.isdigit() else f".{x}" for x in loc).lstrip(".")
-                errors.append(f"{path or '<root>'}: {e['msg']}")
-            raise ConfigError(source, errors) from None
+            from podwatch.site import model_field_names, pydantic_error_lines
+
+            raise ConfigError(source, pydantic_error_lines(exc, skip=FAULT_KINDS, fields_hint="docs/simulator.md lists each fault kind's fields",
+                                                         known_fields=model_field_names(cls, *FAULT_MODELS))) from None
         if site is not None:
             errors = scenario.check(site)
             if errors:
@@ -192,8 +189,15 @@ class Scenario(BaseModel):
         modules = {m.id for m in site.modules}
         devices = {d.id: d for d in site.devices}
         errors = []
+        if self.site is not None and self.site != site.id:
+            # every target would be "unknown" otherwise: say the real mistake once
+            return [f"site: scenario written for site '{self.site}', but the site is '{site.id}'"]
+        first_with_id: dict[str, int] = {}
         for i, f in enumerate(self.faults):
             here = f"faults[{i}]"
+            if f.id in first_with_id:  # the ground truth names faults by id: two with one id are ambiguous
+                errors.append(f"{here}.id: duplicate fault id '{f.id}' (also faults[{first_with_id[f.id]}])")
+            first_with_id.setdefault(f.id, i)
             allowed: dict[str, set] = {
                 "pump_failure": set(cdus), "flow_restriction": racks, "hx_fouling": set(cdus),
                 "facility_water_rise": set(cdus) | {"*"}, "leak": racks | set(cdus),

@@ -77,10 +77,15 @@ class Database:
             if is_lock_error(exc):
                 raise DatabaseLocked(f"{self.path} is in use by another process: {exc}") from None
             raise PodwatchError(f"cannot open DuckDB file {self.path}: {exc}") from None
-        if read_only:
-            configure_connection(self._con)
-        else:
-            ensure_schema(self._con)
+        try:
+            if read_only:
+                configure_connection(self._con)
+            else:
+                ensure_schema(self._con)  # also migrates a file of an older layout (schema.py)
+        except BaseException:
+            with contextlib.suppress(duckdb.Error):
+                self._con.close()
+            raise
         self._closed = False
         self._lock = threading.Lock()
 

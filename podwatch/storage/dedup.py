@@ -3,7 +3,8 @@
 Producers retry without idempotence (Tansu cannot do it), spools drain after outages and the
 sink re-reads a recreated topic from the start, so the same reading can arrive several times,
 not always in order. Per device we keep the highest sequence number and a ring of the last
-`window` (seq, ts) pairs, in memory, rebuilt from `samples` on start.
+`window` (seq, ts) pairs, in memory, rebuilt on start from `readings` (one row per stored
+reading, see schema.py).
 
 A reading is a duplicate when its seq is in the ring with the same timestamp (a retry carries
 the very same bytes). The same seq with a *different* timestamp, or a seq far below the
@@ -115,7 +116,7 @@ class SeqDeduper:
         return [(d, self._devices[d].max_seq, self._devices[d].max_ts_ms) for d in devices]
 
     def load(self, con: duckdb.DuckDBPyConnection, lookback_hours: float = 24.0) -> None:
-        """Rebuild from `dedup_state` and the readings of the last window stored in `samples`."""
+        """Rebuild from `dedup_state` and the last window of stored `readings`."""
         self._devices.clear()
         rows = con.execute("SELECT device, max_seq, epoch_ms(max_ts) FROM dedup_state").fetchall()
         if not rows:
@@ -124,14 +125,15 @@ class SeqDeduper:
             self._devices[device] = self._new_device(int(max_seq), int(max_ts))
         recent = con.execute(
             """
-            SELECT DISTINCT s.device, s.seq, epoch_ms(s.ts)
-            FROM samples s JOIN dedup_state d ON d.device = s.device
-            WHERE s.ts >= (SELECT min(max_ts) FROM dedup_state) - to_seconds(CAST(? * 3600 AS BIGINT))
-              AND s.seq + ? > d.max_seq AND s.seq <= d.max_seq
+            SELECT r.device, r.seq, epoch_ms(r.ts) AS ts_ms
+            FROM readings r JOIN dedup_state d ON d.device = r.device
+            WHERE r.ts >= (SELECT min(max_ts) FROM dedup_state) - to_seconds(CAST(? * 3600 AS BIGINT))
+              AND r.seq + ? > d.max_seq AND r.seq <= d.max_seq
+            ORDER BY r.ts
             """,
             [lookback_hours, self.window],
         ).fetchnumpy()
-        for device, seq, ts in zip(recent["device"], recent["seq"].tolist(), recent["epoch_ms(s.ts)"].tolist()):
+        for device, seq, ts in zip(recent["device"], recent["seq"].tolist(), recent["ts_ms"].tolist()):
             state = self._devices[device]
             slot = seq % self.window
             state.ring_seq[slot] = seq

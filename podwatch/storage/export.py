@@ -2,7 +2,8 @@
 
 Layout (each table directory is rewritten as a whole):
 
-    DIR/samples/site=<site>/date=<YYYY-MM-DD>/data_0.parquet   ts, device, metric, value, quality, seq
+    DIR/samples/site=<site>/date=<YYYY-MM-DD>/data_0.parquet   ts, device, metric, value, quality
+    DIR/readings/site=<site>/date=<YYYY-MM-DD>/data_0.parquet  ts, device, seq, n_points (one row per reading)
     DIR/rollup_1m/site=<site>/date=<YYYY-MM-DD>/...             (same for rollup_15m, rollup_1h)
     DIR/topology/{topo_racks,topo_devices,topo_power,topo_cdus}.parquet
     DIR/{alerts,risk_scores,forecasts}.parquet
@@ -25,7 +26,9 @@ from podwatch.logs import fields
 
 log = logging.getLogger(__name__)
 
-PARTITIONED = ("samples", "rollup_1m", "rollup_15m", "rollup_1h")
+# table -> sort order inside a date partition
+PARTITIONED = {"samples": "device, metric, ts", "readings": "device, ts", "rollup_1m": "device, metric, ts",
+               "rollup_15m": "device, metric, ts", "rollup_1h": "device, metric, ts"}
 TOPOLOGY = ("topo_racks", "topo_devices", "topo_power", "topo_cdus")
 SHARED = ("alerts", "risk_scores", "forecasts")
 
@@ -55,14 +58,14 @@ def export_parquet(con: duckdb.DuckDBPyConnection, out_dir: str | Path, site: st
     if end:
         where.append("ts < ?::DATE + 1")
         params.append(end)
-    for table in PARTITIONED:
+    for table, order in PARTITIONED.items():
         n = con.execute(f"SELECT count(*) FROM {table} WHERE {' AND '.join(where)}", params).fetchone()[0]
         written[table] = n
         if n == 0:
             continue
         con.execute(
             f"COPY (SELECT ?::VARCHAR AS site, CAST(ts AS DATE) AS date, * FROM {table} WHERE {' AND '.join(where)} "
-            f"ORDER BY date, device, metric, ts) TO {_quote(out / table)} "
+            f"ORDER BY date, {order}) TO {_quote(out / table)} "
             f"(FORMAT parquet, COMPRESSION zstd, PARTITION_BY (site, date), OVERWRITE)",
             [site, *params],
         )

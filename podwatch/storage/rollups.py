@@ -8,8 +8,9 @@ Samples that arrive for an already-closed bucket make the sink call `recompute_b
 its write transaction, so rollups never disagree with the raw table. Queries read closed
 buckets from the rollup and aggregate the still-open tail from `samples` (see queries.py).
 
-Retention deletes raw rows and rollup rows older than the configured age, measured from the
-newest stored sample (not the wall clock, so a backfilled history is not deleted on import).
+Retention deletes raw rows (samples and their readings) and rollup rows older than the
+configured age, measured from the newest stored sample (not the wall clock, so a backfilled
+history is not deleted on import).
 """
 
 from __future__ import annotations
@@ -172,8 +173,13 @@ def apply_retention(con: duckdb.DuckDBPyConnection, settings: StorageSettings) -
         if days is None:
             continue
         cutoff = newest - timedelta(days=days)
-        table = "sample_rows" if relation == "samples" else relation  # samples is a view over sample_rows
-        n = con.execute(f"DELETE FROM {table} WHERE ts < ?", [cutoff]).fetchone()[0]
+        if relation == "samples":  # a view over sample_rows; the readings of those rows go with them
+            n = con.execute("DELETE FROM sample_rows WHERE ts < ?", [cutoff]).fetchone()[0]
+            readings = con.execute("DELETE FROM reading_rows WHERE ts < ?", [cutoff]).fetchone()[0]
+            if readings:
+                deleted["readings"] = readings
+        else:
+            n = con.execute(f"DELETE FROM {relation} WHERE ts < ?", [cutoff]).fetchone()[0]
         if n:
             deleted[relation] = n
     if deleted:

@@ -1,6 +1,6 @@
 """The DuckDB schema: every table and view podwatch keeps, created idempotently.
 
-Ownership: the storage stage owns `samples`, rollups, topology, `ingest_offsets` and views.
+Ownership: the storage stage owns `samples`, `readings`, rollups, topology, `ingest_offsets` and views.
 The analytics stage writes `risk_scores` and `forecasts`; the alerting stage writes `alerts`
 and `alert_outbox`. Their columns are a contract read by the HTTP API and the dashboards:
 change them only together with `docs/storage.md` and the API.
@@ -8,7 +8,14 @@ change them only together with `docs/storage.md` and the API.
 
 from __future__ import annotations
 
+import contextlib
+import logging
+
 import duckdb
+
+from podwatch.errors import PodwatchError
+
+log = logging.getLogger(__name__)
 
 # Tables written by analytics and alerting (contract; see docs/storage.md).
 SHARED_TABLES_DDL = [
@@ -78,22 +85,42 @@ CREATE TABLE IF NOT EXISTS sample_rows (
     device_id UINTEGER  NOT NULL,   -- device_ids.device_id
     metric_id UINTEGER  NOT NULL,   -- metric_ids.metric_id
     value     DOUBLE,               -- NULL when quality is bad
-    quality   UTINYINT  NOT NULL,   -- 0 good, 1 stale, 2 bad
-    seq       UBIGINT   NOT NULL    -- the reading's per-device sequence number (dedup key with device)
+    quality   UTINYINT  NOT NULL    -- 0 good, 1 stale, 2 bad
+)
+"""
+
+# One row per stored reading (message): its sequence number lives here, not on each of its
+# points (25x fewer rows: -0.6 B per point). Written in the sink's transaction with the points;
+# a reading's points are the `sample_rows` with the same (device_id, ts), `n_points` of them.
+READINGS_DDL = """
+CREATE TABLE IF NOT EXISTS reading_rows (
+    ts        TIMESTAMP NOT NULL,   -- UTC time the device was read, = sample_rows.ts of its points
+    device_id UINTEGER  NOT NULL,   -- device_ids.device_id
+    seq       UBIGINT   NOT NULL,   -- the device's sequence number (dedup key with device)
+    n_points  UINTEGER  NOT NULL    -- points of the reading stored in sample_rows
 )
 """
 
 # `samples` is what everyone reads: one row per reading of one metric, with names.
 SAMPLES_VIEW_DDL = """
 CREATE OR REPLACE VIEW samples AS
-SELECT r.ts, d.device, m.metric, r.value, r.quality, r.seq
+SELECT r.ts, d.device, m.metric, r.value, r.quality
 FROM sample_rows r
 JOIN device_ids d ON d.device_id = r.device_id
 JOIN metric_ids m ON m.metric_id = r.metric_id
 """
 
+# `readings`: one row per stored reading, with the device name.
+READINGS_VIEW_DDL = """
+CREATE OR REPLACE VIEW readings AS
+SELECT r.ts, d.device, r.seq, r.n_points
+FROM reading_rows r
+JOIN device_ids d ON d.device_id = r.device_id
+"""
+
 STORAGE_TABLES_DDL = [
     SAMPLES_DDL,
+    READINGS_DDL,
     # Integer ids of names (storage/ids.py): ids compress to almost nothing, strings do not.
     """
     CREATE TABLE IF NOT EXISTS device_ids (
@@ -108,7 +135,7 @@ STORAGE_TABLES_DDL = [
     )
     """,
     # Per-device dedup state: the highest sequence number stored and its time; the recent
-    # window of sequence numbers is rebuilt from `samples` on start (see dedup.py).
+    # window of sequence numbers is rebuilt from `readings` on start (see dedup.py).
     """
     CREATE TABLE IF NOT EXISTS dedup_state (
         device  VARCHAR PRIMARY KEY,
@@ -308,14 +335,57 @@ def configure_connection(con: duckdb.DuckDBPyConnection) -> None:
     con.execute("SET checkpoint_threshold = '256MB'")
 
 
+class SchemaMigrationError(PodwatchError):
+    """A file of an older layout could not be brought to the current one."""
+
+
+def _columns(con: duckdb.DuckDBPyConnection, table: str) -> list[str]:
+    return [r[0] for r in con.execute(
+        "SELECT column_name FROM duckdb_columns() WHERE database_name = current_database() "
+        "AND schema_name = 'main' AND table_name = ?", [table]).fetchall()]
+
+
+def migrate_seq_to_readings(con: duckdb.DuckDBPyConnection) -> int | None:
+    """Layout of files written before `reading_rows` existed (`seq` on every row of
+    `sample_rows`): one `reading_rows` row per (ts, device_id, seq), then drop the column, in
+    one transaction. Returns the readings written, None when the file needs no migration.
+    Raises SchemaMigrationError (naming the file's state and what to do) if it fails."""
+    if "seq" not in _columns(con, "sample_rows"):
+        return None
+    con.execute(READINGS_DDL)
+    con.execute("BEGIN TRANSACTION")
+    try:
+        n = con.execute("""
+            INSERT INTO reading_rows
+            SELECT ts, device_id, seq, count(*) FROM sample_rows GROUP BY ts, device_id, seq ORDER BY ts, device_id
+        """).fetchone()[0]
+        con.execute("ALTER TABLE sample_rows DROP COLUMN seq")
+        con.execute(SAMPLES_VIEW_DDL)
+        con.execute("COMMIT")
+    except duckdb.Error as exc:
+        with contextlib.suppress(duckdb.Error):
+            con.execute("ROLLBACK")
+        raise SchemaMigrationError(
+            "cannot migrate this DuckDB file from the old layout (sequence number on every sample row) to "
+            f"the per-reading table `reading_rows`: {exc}. The file is unchanged; free disk space (the "
+            "migration needs room for a copy of the readings) or export the old file with an older "
+            "podwatch and start a new one") from None
+    con.execute("CHECKPOINT")  # give the dropped column's blocks back now
+    return n
+
+
 def ensure_schema(con: duckdb.DuckDBPyConnection) -> None:
-    """Create every podwatch table and view if missing (idempotent; safe on every start)."""
+    """Create every podwatch table and view if missing (idempotent; safe on every start);
+    migrate a file of the older layout first (`migrate_seq_to_readings`)."""
     configure_connection(con)
+    if migrate_seq_to_readings(con) is not None:
+        log.warning("migrated the DuckDB file: sequence numbers moved from sample_rows to reading_rows")
     for ddl in STORAGE_TABLES_DDL:
         con.execute(ddl)
     for name in ROLLUPS:
         con.execute(_rollup_ddl(name))
     ensure_shared_tables(con)
     con.execute(SAMPLES_VIEW_DDL)
+    con.execute(READINGS_VIEW_DDL)
     for ddl in VIEWS_DDL:
         con.execute(ddl)

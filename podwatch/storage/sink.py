@@ -51,7 +51,7 @@ from podwatch.logs import fields
 from podwatch.storage.db import Database
 from podwatch.storage.decode import DecodedBatch, decode_messages, select_readings
 from podwatch.storage.dedup import DEFAULT_WINDOW, SeqDeduper
-from podwatch.storage.ids import IdMap
+from podwatch.storage.ids import IdMap, reading_rows_table
 from podwatch.storage.rollups import (
     StorageSettings,
     advance_rollups,
@@ -509,8 +509,11 @@ class DuckDBSink:
             tables["_batch_rows"] = pa.table({
                 "ts": rows["ts"].to_arrow(), "device_id": pa.array(device_ids, pa.uint32()),
                 "metric_id": pa.array(metric_ids, pa.uint32()), "value": rows["value"].to_arrow(),
-                "quality": rows["quality"].to_arrow(), "seq": rows["seq"].to_arrow()})
+                "quality": rows["quality"].to_arrow()})
             statements.append("INSERT INTO sample_rows SELECT * FROM _batch_rows")
+            # seq is stored once per reading (reading_rows), not on each of its points
+            tables["_batch_readings"] = reading_rows_table(rows["ts"], device_ids, rows["seq"])
+            statements.append("INSERT INTO reading_rows SELECT * FROM _batch_readings")
             mark_1m = self._rollup_marks.get("rollup_1m")
             if mark_1m is not None and rows["ts"].min() < mark_1m:
                 late = rows.filter(pl.col("ts") < mark_1m)["ts"]
@@ -518,7 +521,7 @@ class DuckDBSink:
             if new:
                 tables[f"_new_{table}"] = pa.table({"id": pa.array([i for i, _ in new], pa.uint32()),
                                                     "name": [name for _, name in new]})
-                statements.append(f"INSERT INTO {table} SELECT id, name FROM _new_{table}")
+                statements.insert(0, f"INSERT INTO {table} SELECT id, name FROM _new_{table}")
         if dedup_rows:
             tables["_batch_state"] = pa.table({
                 "device": [r[0] for r in dedup_rows],

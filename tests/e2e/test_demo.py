@@ -69,10 +69,12 @@ def test_samples_are_stored_for_every_configured_device(demo_run):
     site = load_site(ROOT / "examples/sites/demo.yaml")
     with duckdb.connect(summary["db"], read_only=True) as con:
         stored = {d for (d,) in con.sql("SELECT DISTINCT device FROM samples").fetchall()}
-        duplicates = con.execute("SELECT count(*) FROM (SELECT device, seq, metric FROM samples GROUP BY ALL "
-                             "HAVING count(*) > 1)").fetchone()[0]
+        duplicates = con.execute("SELECT count(*) FROM (SELECT device, seq FROM readings GROUP BY ALL "
+                                 "HAVING count(*) > 1)").fetchone()[0]
+        duplicate_points = con.execute("SELECT count(*) FROM (SELECT device, ts, metric FROM samples GROUP BY ALL "
+                                       "HAVING count(*) > 1)").fetchone()[0]
     assert {d.id for d in site.devices} <= stored
-    assert duplicates == 0
+    assert duplicates == 0 and duplicate_points == 0
 
 
 def test_risk_rises_before_the_ground_truth_breach(demo_run):

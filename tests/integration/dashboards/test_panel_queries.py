@@ -76,7 +76,7 @@ def fill_demo_site(db_path: Path, now: datetime, minutes: int = 60, step_s: int 
             FROM range({ticks}) r(i)
             JOIN topo_devices d ON TRUE
             JOIN metric_levels m ON m.kind = d.kind""", [start])
-        con.execute("INSERT INTO dedup_state SELECT device, max(seq), max(ts) FROM samples GROUP BY device")
+        con.execute("INSERT INTO dedup_state SELECT device, max(seq), max(ts) FROM readings GROUP BY device")
         con.execute("INSERT INTO latest_values SELECT device, metric, max(ts), arg_max(value, ts), 0 "
                     "FROM samples GROUP BY ALL")
         racks = [r[0] for r in con.execute("SELECT rack FROM topo_racks").fetchall()]

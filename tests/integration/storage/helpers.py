@@ -67,3 +67,24 @@ async def read_all(bootstrap: str, topic: str, expected: int, timeout: float = 1
     finally:
         await consumer.stop()
     return records
+
+
+# Every stored reading once per (device, seq), and its points stored exactly once: as many
+# sample rows at (device, ts) as the reading says, each metric once, and no sample row
+# without its reading.
+READINGS_CHECK_SQL = """
+WITH points AS (SELECT device, ts, count(*) AS n, count(DISTINCT metric) AS metrics FROM samples GROUP BY ALL)
+SELECT
+    (SELECT count(*) FROM readings) AS readings,
+    (SELECT count(DISTINCT (device, seq)) FROM readings) AS distinct_device_seq,
+    (SELECT count(*) FROM readings r LEFT JOIN points p USING (device, ts)
+     WHERE p.n IS DISTINCT FROM r.n_points OR p.metrics <> r.n_points) AS readings_with_wrong_points,
+    (SELECT count(*) FROM points p ANTI JOIN readings r USING (device, ts)) AS orphan_point_groups,
+    (SELECT count(*) FROM samples) AS points
+"""
+
+
+def readings_check(db) -> dict[str, int]:
+    """Counts of READINGS_CHECK_SQL on a `Database` (see there)."""
+    names = ["readings", "distinct_device_seq", "readings_with_wrong_points", "orphan_point_groups", "points"]
+    return dict(zip(names, db.query(READINGS_CHECK_SQL)[0]))

@@ -38,7 +38,7 @@ def fill(db_path: Path) -> None:
         FROM range(720) r(i), (VALUES ('pdu-m1-r01-a', 'pdu.power_kw', 60.0), ('pdu-m1-r01-b', 'pdu.power_kw', 55.0),
                                       ('cdu-m1', 'cdu.supply_temp_c', 30.0), ('cdu-m1', 'cdu.flow_lpm', 900.0)) d(device, metric, base)
         """, [START])
-    con.execute("INSERT INTO dedup_state SELECT device, max(seq), max(ts) FROM samples GROUP BY device")
+    con.execute("INSERT INTO dedup_state SELECT device, max(seq), max(ts) FROM readings GROUP BY device")
     con.execute("INSERT INTO latest_values SELECT device, metric, max(ts), arg_max(value, ts), 0 FROM samples GROUP BY ALL")
     while advance_rollups(con, 120):
         pass

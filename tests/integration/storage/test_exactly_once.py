@@ -1,5 +1,6 @@
 """Exactly once: SIGKILL the sink process at random points, restart it, and check that every
-(device, seq) is stored exactly once and nothing is missing."""
+(device, seq) is stored exactly once in `readings`, with all its points in `samples` exactly
+once, and nothing is missing."""
 
 from __future__ import annotations
 
@@ -17,7 +18,7 @@ import pytest
 from podwatch.storage.db import Database
 from podwatch.storage.sink import DuckDBSink, SinkSettings
 from tests.conftest import wait_until
-from tests.integration.storage.helpers import create_topics, envelope_bytes, produce, reading
+from tests.integration.storage.helpers import create_topics, envelope_bytes, produce, reading, readings_check
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
@@ -105,12 +106,14 @@ async def test_sigkill_at_random_points_neither_loses_nor_duplicates(tansu_broke
         finally:
             await sink.stop()
             await task
-        total, distinct_points, distinct_readings = db.query(
-            "SELECT count(*), count(DISTINCT (device, seq, metric)), count(DISTINCT (device, seq)) FROM samples")[0]
-        assert distinct_readings == DEVICES * READINGS_PER_DEVICE
-        assert total == distinct_points == DEVICES * READINGS_PER_DEVICE * POINTS
+        # every (device, seq) once in `readings`, each reading's points all present exactly once
+        assert readings_check(db) == {
+            "readings": DEVICES * READINGS_PER_DEVICE, "distinct_device_seq": DEVICES * READINGS_PER_DEVICE,
+            "readings_with_wrong_points": 0, "orphan_point_groups": 0,
+            "points": DEVICES * READINGS_PER_DEVICE * POINTS}
+        assert db.query("SELECT count(DISTINCT (device, ts, metric)) FROM samples")[0][0] == total
         expected = {(f"pdu-{d:03d}", s) for d in range(DEVICES) for s in range(READINGS_PER_DEVICE)}
-        assert set(db.query("SELECT DISTINCT device, seq FROM samples")) == expected
+        assert set(db.query("SELECT device, seq FROM readings")) == expected
         # offsets stored match the end of each partition
         stored = dict(db.query('SELECT "partition", next_offset FROM ingest_offsets WHERE topic = ?', [topic]))
         assert sum(stored.values()) == len(messages)

@@ -28,7 +28,7 @@ def _fill(path: Path) -> None:
         SELECT TIMESTAMP '2026-03-01 12:00:00' + to_minutes(i * 5) AS ts, 'pdu-' || d AS device, m AS metric,
                i * 0.5 + d AS value, (i % 3)::UTINYINT AS quality, i AS seq
         FROM range(864) r(i), range(2) s(d), (VALUES ('pdu.power_kw'), ('pdu.l1.current_a')) t(m)""")
-    con.execute("INSERT INTO dedup_state SELECT device, max(seq), max(ts) FROM samples GROUP BY device")
+    con.execute("INSERT INTO dedup_state SELECT device, max(seq), max(ts) FROM readings GROUP BY device")
     con.execute("INSERT INTO podwatch_meta VALUES ('site', 'dc1')")
     while advance_rollups(con, 0):
         pass
@@ -46,14 +46,19 @@ def test_export_cli_round_trips_with_duckdb_polars_and_pandas(tmp_path):
     assert dates == ["date=2026-03-01", "date=2026-03-02", "date=2026-03-03", "date=2026-03-04"]
 
     source = duckdb.connect(str(db_path), read_only=True)
-    expected = source.execute("SELECT ts, device, metric, value, quality, seq FROM samples ORDER BY ALL").fetchall()
+    expected = source.execute("SELECT ts, device, metric, value, quality FROM samples ORDER BY ALL").fetchall()
+    expected_readings = source.execute("SELECT ts, device, seq, n_points FROM readings ORDER BY ALL").fetchall()
     expected_1h = source.execute("SELECT count(*), sum(value_sum) FROM rollup_1h").fetchone()
     source.close()
+    assert len(expected_readings) == 864 * 2
 
     con = duckdb.connect()
-    got = con.execute(f"""SELECT ts, device, metric, value, quality, seq FROM read_parquet('{out}/samples/**/*.parquet',
+    got = con.execute(f"""SELECT ts, device, metric, value, quality FROM read_parquet('{out}/samples/**/*.parquet',
                           hive_partitioning = true) ORDER BY ALL""").fetchall()
     assert got == expected
+    got_readings = con.execute(f"""SELECT ts, device, seq, n_points FROM read_parquet('{out}/readings/**/*.parquet',
+                                   hive_partitioning = true) ORDER BY ALL""").fetchall()
+    assert got_readings == expected_readings
     site_dates = con.execute(f"""SELECT DISTINCT site, typeof(date) FROM read_parquet('{out}/samples/**/*.parquet',
                                  hive_partitioning = true)""").fetchall()
     assert site_dates == [("dc1", "DATE")]

@@ -13,7 +13,7 @@ import pytest
 from podwatch.storage.db import Database
 from podwatch.storage.sink import DuckDBSink, SinkSettings
 from tests.conftest import wait_until
-from tests.integration.storage.helpers import create_topics, envelope_bytes, produce, read_all, reading
+from tests.integration.storage.helpers import create_topics, envelope_bytes, produce, read_all, reading, readings_check
 
 pytestmark = pytest.mark.integration
 
@@ -62,7 +62,9 @@ async def test_undecodable_messages_go_to_dead_letters_and_ingest_continues(tans
     await _run_until(sink, lambda: sink.stats.messages == len(messages) and sink.stats.batches > 0
                      and sink._pending_write is None, "all messages handled")
     try:
-        assert db.query("SELECT count(DISTINCT seq), count(*) FROM samples") == [(10, 50)]
+        assert db.query("SELECT count(DISTINCT seq), sum(n_points) FROM readings") == [(10, 50)]
+        assert readings_check(db) == {"readings": 10, "distinct_device_seq": 10, "readings_with_wrong_points": 0,
+                                      "orphan_point_groups": 0, "points": 50}
         assert sink.stats.dead_letters == len(bad)
         letters = [orjson.loads(r.value) for r in await read_all(tansu_broker, dl_topic, len(bad))]
         assert len(letters) == len(bad)
@@ -106,7 +108,9 @@ async def test_offset_beyond_partition_end_resumes_from_earliest_without_duplica
         await sink.start()
         await _run_until(sink, lambda: sink.stats.messages == 20 and sink._pending_write is None, "second run")
         assert sink.stats.duplicates == 10
-        assert db.query("SELECT count(*), count(DISTINCT seq) FROM samples") == [(150, 30)]
+        assert db.query("SELECT count(*), count(DISTINCT seq), sum(n_points) FROM readings") == [(30, 30, 150)]
+        assert readings_check(db) == {"readings": 30, "distinct_device_seq": 30, "readings_with_wrong_points": 0,
+                                      "orphan_point_groups": 0, "points": 150}
         assert db.query("SELECT next_offset FROM ingest_offsets WHERE topic = ?", [topic]) == [(40,)]
     finally:
         db.close()

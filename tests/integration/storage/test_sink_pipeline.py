@@ -135,7 +135,9 @@ async def test_a_failed_write_stops_the_sink_and_no_later_batch_is_committed(tan
         finally:
             await sink.stop()
             await task
-        assert db.query("SELECT count(*), count(DISTINCT (device, seq, metric)) FROM samples") == [
+        assert db.query("SELECT count(*), count(DISTINCT (device, seq)), sum(n_points) FROM readings") == [
+            (total, total, total * POINTS)]
+        assert db.query("SELECT count(*), count(DISTINCT (device, ts, metric)) FROM samples") == [
             (total * POINTS, total * POINTS)]
     finally:
         db.close()

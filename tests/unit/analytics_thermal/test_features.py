@@ -43,14 +43,23 @@ def test_levels_and_physics_on_a_healthy_site():
 
 
 def test_rows_are_stamped_with_the_end_of_their_bucket():
+    # a row at ts averages the samples in (ts - 10 s, ts]: samples at 0..29 s make rows at 0, 10, 20, 30 s
     f = build_features(healthy_rows(SITE, 0, 30, noise=False), SITE, step_s=10)
-    assert f["ts"].min() == T0 + timedelta(seconds=10)
-    assert f.filter(pl.col("rack") == RACK).height == 3
+    assert f["ts"].min() == T0
+    assert f.filter(pl.col("rack") == RACK).height == 4
+    # a step taken exactly at t = 10 s counts in the row at 10 s (1 of its 10 samples), never earlier
+    stepped = build_features(healthy_rows(SITE, 0, 30, noise=False, override=_rack_override(
+        "rack.liquid_return_temp_c", lambda t, v: v + 10.0 if t >= 10 else v)), SITE, step_s=10)
+    ret = dict(stepped.filter(pl.col("rack") == RACK).select("ts", "return_c").iter_rows())
+    base = dict(f.filter(pl.col("rack") == RACK).select("ts", "return_c").iter_rows())
+    assert ret[T0] == pytest.approx(base[T0])
+    assert ret[T0 + timedelta(seconds=10)] == pytest.approx(base[T0 + timedelta(seconds=10)] + 1.0)
+    assert ret[T0 + timedelta(seconds=20)] == pytest.approx(base[T0 + timedelta(seconds=20)] + 10.0)
 
 
 def test_slopes_and_projection_of_a_rising_return():
-    # return rises 0.5 K/min (1/120 K per s) from t = 0
-    rows = healthy_rows(SITE, 0, 420, noise=False,
+    # return rises 0.5 K/min (1/120 K per s) from t = 0; samples 0..420 s so the last bucket is full
+    rows = healthy_rows(SITE, 0, 421, noise=False,
                         override=_rack_override("rack.liquid_return_temp_c", lambda t, v: v + t / 120.0))
     row = build_features(rows, SITE, horizon_s=300).filter(pl.col("rack") == RACK).row(-1, named=True)
     for name in ("return_slope_30s", "return_slope_2m", "return_slope_5m"):

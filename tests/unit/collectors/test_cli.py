@@ -28,7 +28,8 @@ def test_plan_prints_every_modbus_device_with_its_requests():
     assert result.exit_code == 0, result.output
     lines = result.output.splitlines()
     headers = [line for line in lines if not line.startswith("  ")]
-    assert len(headers) == 3 + 6 * (1 + 24)  # 3 meters, per module 1 CDU + 24 PDUs; BMS (MQTT) has no plan
+    assert len(headers) == 3 + 6 * (1 + 24) + 1  # 3 meters, per module 1 CDU + 24 PDUs; BMS (MQTT): one summary line
+    assert headers[-1] == "MQTT (mqtt://127.0.0.1:1883): 72 device(s) subscribed, not polled: nvidia-bms-rack 72"
     assert headers[0].startswith("meter-sub  profile=sunspec-213 modbus-tcp://127.0.0.1:16010 unit=1")
     assert "  fc3 start=40073 count=66 gap=30  meter.l1.current_a@+0" in result.output
     assert any(h.startswith("pdu-m6-r01-a ") and "modbus-rtu-over-tcp://127.0.0.1:16026" in h for h in headers)
@@ -57,3 +58,11 @@ def test_missing_kafka_and_bad_mqtt_url_are_clear_errors_without_traceback():
 def test_unknown_site_file_is_a_clear_error():
     r = run_cli("collect", "--plan", "--site", "/nonexistent/site.yaml")
     assert r.returncode == 2 and "cannot read" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_plan_of_a_site_without_modbus_says_so_and_lists_the_mqtt_devices():
+    result = CliRunner().invoke(app, ["collect", "--plan", "--site", str(ROOT / "examples/sites/mqtt-only.yaml")])
+    assert result.exit_code == 0, result.output
+    assert result.output.splitlines() == [
+        "no Modbus devices: nothing is polled",
+        "MQTT (mqtt://127.0.0.1:1883): 8 device(s) subscribed, not polled: generic-json-rack 4, nvidia-bms-rack 4"]

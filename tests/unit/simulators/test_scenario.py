@@ -21,10 +21,39 @@ def demo():
     return load_site(ROOT / "examples/sites/demo.yaml")
 
 
+@pytest.fixture(scope="module")
+def example_sites():
+    """Example sites by id (a scenario's `site:` names the one it was written for; default demo)."""
+    sites = {}
+    for path in sorted((ROOT / "examples/sites").glob("*.yaml")):
+        site = load_site(path)
+        sites[site.id] = site
+    return sites
+
+
 @pytest.mark.parametrize("path", EXAMPLES, ids=[p.stem for p in EXAMPLES])
-def test_every_example_scenario_loads_against_the_demo_site(path, demo):
-    scenario = Scenario.load(path, demo)
+def test_every_example_scenario_loads_against_its_site(path, example_sites):
+    site_id = Scenario.load(path).site or "demo"
+    scenario = Scenario.load(path, example_sites[site_id])
     assert scenario.faults and scenario.duration_s
+
+
+def test_a_scenario_for_another_site_says_so_once(demo):
+    with pytest.raises(ConfigError) as exc:
+        Scenario.load(ROOT / "examples/scenarios/rtu-chain-faults.yaml", demo)
+    assert exc.value.errors == ["site: scenario written for site 'hall_3.retrofit', but the site is 'demo'"]
+
+
+def test_two_overlapping_faults_each_shape_their_own_cdu(demo):
+    scenario = Scenario.load(ROOT / "examples/scenarios/two-faults.yaml", demo)
+    mods = scenario.modifiers(np.array([30.0, 125.0, 200.0, 700.0]), demo)
+    surge = mods.load_mult[:, [r.cdu == "cdu-m1" for r in demo.racks]]
+    np.testing.assert_allclose(surge[:, 0], [1.0, 1.0 + 0.4 * 65 / 120, 1.4, 1.0])  # ramp over 120 s, 600 s long
+    calm = mods.load_mult[:, [r.cdu == "cdu-m2" for r in demo.racks]]
+    np.testing.assert_allclose(calm, 1.0)
+    cdu_m2 = [c.id for c in demo.cdus].index("cdu-m2")
+    assert [bool(mods.pump_failed[k, cdu_m2, 0]) for k in range(4)] == [False, True, True, True]
+    assert not mods.pump_failed[:, 1 - cdu_m2].any()
 
 
 def test_expected_example_set_exists():

@@ -7,12 +7,14 @@ import json
 import numpy as np
 import orjson
 import polars as pl
+import pyarrow as pa
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from podwatch.samples import Quality, Reading
 from podwatch.storage.decode import _decode_bulk, _decode_checked, decode_messages, select_readings
+from podwatch.storage.ids import reading_rows_table
 
 
 def env(device="pdu-1", seq=1, ts=1_764_000_000_000, **overrides) -> bytes:
@@ -186,3 +188,23 @@ def test_decode_never_accepts_what_the_envelope_validator_rejects(drawn):
                 body[broken] = _INVALID[broken][pick % len(_INVALID[broken])]
         messages.append(json.dumps(body).encode())  # json: orjson cannot write 2**64
     _same_batch(decode_messages(messages), _decode_checked(messages))
+
+
+def test_reading_rows_of_decoded_rows_one_per_reading_with_point_counts():
+    """The sink stores seq once per reading: `reading_rows_table` finds each reading's run of
+    rows in the decoder's output (two readings of a device at the same ts stay apart by seq)."""
+    messages = [
+        env("pdu-b", 1, 2_000_000_000_000),
+        orjson.dumps(Reading("s1", "pdu-a", 7, 2_000_000_001_000, {"x_kw": 1.0, "y_kw": 2.0, "z_kw": None}).to_envelope()),
+        env("pdu-a", 6, 2_000_000_000_000),
+        env("pdu-a", 9, 2_000_000_000_000),  # a restarted counter at an equal timestamp
+    ]
+    rows = decode_messages(messages).rows
+    device_ids = np.where(rows["device"].cast(pl.String).to_numpy() == "pdu-a", 3, 8).astype(np.uint32)
+    table = reading_rows_table(rows["ts"], device_ids, rows["seq"])
+    got = sorted(zip(table["device_id"].to_pylist(), table["seq"].to_pylist(), table["n_points"].to_pylist(),
+                     table["ts"].cast(pa.int64()).to_pylist()))
+    assert got == [(3, 6, 2, 2_000_000_000_000), (3, 7, 3, 2_000_000_001_000), (3, 9, 2, 2_000_000_000_000),
+                   (8, 1, 2, 2_000_000_000_000)]
+    assert sum(table["n_points"].to_pylist()) == rows.height
+    assert reading_rows_table(rows["ts"].head(0), device_ids[:0], rows["seq"].head(0)).num_rows == 0

@@ -15,7 +15,7 @@ def test_retention_per_relation(tmp_path):
     # 10 days of hourly samples for one series
     insert_named_samples(con, "SELECT TIMESTAMP '2026-01-01' + to_hours(h) AS ts, 'd' AS device, 'm_kw' AS metric, "
                               "h::DOUBLE AS value, 0 AS quality, h AS seq FROM range(240) r(h)")
-    con.execute("INSERT INTO dedup_state SELECT device, max(seq), max(ts) FROM samples GROUP BY device")
+    con.execute("INSERT INTO dedup_state SELECT device, max(seq), max(ts) FROM readings GROUP BY device")
     while advance_rollups(con, 0):
         pass
     assert con.execute("SELECT count(*) FROM rollup_1h").fetchone()[0] == 239  # the newest hour is still open
@@ -37,7 +37,7 @@ def test_late_samples_past_raw_retention_do_not_wipe_rollups(tmp_path):
     ensure_schema(con)
     insert_named_samples(con, "SELECT TIMESTAMP '2026-01-01' + to_minutes(m) AS ts, 'd' AS device, 'm_kw' AS metric, "
                               "m::DOUBLE AS value, 0 AS quality, m AS seq FROM range(600) r(m)")
-    con.execute("INSERT INTO dedup_state SELECT device, max(seq), max(ts) FROM samples GROUP BY device")
+    con.execute("INSERT INTO dedup_state SELECT device, max(seq), max(ts) FROM readings GROUP BY device")
     while advance_rollups(con, 0):
         pass
     before = con.execute("SELECT count(*), sum(n) FROM rollup_1h").fetchall()

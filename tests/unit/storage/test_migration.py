@@ -1,0 +1,73 @@
+"""Files of the older layout (`seq` on every row of `sample_rows`) are migrated on open: one
+`reading_rows` row per reading, the column dropped; a failed migration is a clear error and
+leaves the file as it was."""
+
+from __future__ import annotations
+
+import duckdb
+import pytest
+
+from podwatch.errors import PodwatchError
+from podwatch.storage.db import Database
+from podwatch.storage.dedup import SeqDeduper
+
+OLD_LAYOUT = [
+    """CREATE TABLE sample_rows (ts TIMESTAMP NOT NULL, device_id UINTEGER NOT NULL, metric_id UINTEGER NOT NULL,
+                                value DOUBLE, quality UTINYINT NOT NULL, seq UBIGINT NOT NULL)""",
+    "CREATE TABLE device_ids (device_id UINTEGER PRIMARY KEY, device VARCHAR NOT NULL UNIQUE)",
+    "CREATE TABLE metric_ids (metric_id UINTEGER PRIMARY KEY, metric VARCHAR NOT NULL UNIQUE)",
+    "CREATE TABLE dedup_state (device VARCHAR PRIMARY KEY, max_seq UBIGINT NOT NULL, max_ts TIMESTAMP NOT NULL)",
+    """CREATE VIEW samples AS SELECT r.ts, d.device, m.metric, r.value, r.quality, r.seq FROM sample_rows r
+       JOIN device_ids d ON d.device_id = r.device_id JOIN metric_ids m ON m.metric_id = r.metric_id""",
+    "INSERT INTO device_ids VALUES (0, 'pdu-a'), (1, 'pdu-b')",
+    "INSERT INTO metric_ids VALUES (0, 'pdu.power_kw'), (1, 'pdu.l1.current_a'), (2, 'pdu.l2.current_a')",
+    # 50 readings per device, 3 points each, seq 100.. at 1 s
+    """INSERT INTO sample_rows SELECT TIMESTAMP '2026-01-01' + to_seconds(i) + to_milliseconds(d), d, m,
+                                      i + m / 10, 0, 100 + i
+       FROM range(50) a(i), range(2) b(d), range(3) c(m) ORDER BY d, i, m""",
+    "INSERT INTO dedup_state SELECT device, max(seq), max(ts) FROM samples GROUP BY device",
+]
+
+
+def _old_file(path, *extra: str) -> None:
+    con = duckdb.connect(str(path))
+    for sql in OLD_LAYOUT + list(extra):
+        con.execute(sql)
+    con.close()
+
+
+def test_old_layout_is_migrated_on_open_and_dedup_state_loads_from_readings(tmp_path):
+    path = tmp_path / "old.duckdb"
+    _old_file(path)
+    db = Database(path)
+    try:
+        columns = [r[0] for r in db.query("SELECT column_name FROM duckdb_columns() WHERE table_name = 'sample_rows'")]
+        assert columns == ["ts", "device_id", "metric_id", "value", "quality"]
+        assert db.query("SELECT count(*), count(DISTINCT (device, seq)), sum(n_points), min(seq), max(seq) "
+                        "FROM readings") == [(100, 100, 300, 100, 149)]
+        assert db.query("SELECT ts, seq, n_points FROM readings WHERE device = 'pdu-b' ORDER BY ts LIMIT 1")[0][1:] == (100, 3)
+        assert db.query("SELECT count(*), sum(value) FROM samples")[0] == (300, pytest.approx(2 * (3 * 1225 + 50 * 0.3)))
+        dedup = SeqDeduper(window=64)
+        dedup.load(db.connection)
+        # the newest stored readings are duplicates now, the next one is new
+        outcome = dedup.check(["pdu-a", "pdu-a"], [149, 150], [1_767_225_600_000 + 49_000, 1_767_225_600_000 + 50_000])
+        assert outcome.keep.tolist() == [False, True]
+    finally:
+        db.close()
+    again = Database(path)  # idempotent: nothing left to migrate
+    try:
+        assert again.query("SELECT count(*) FROM readings") == [(100,)]
+    finally:
+        again.close()
+
+
+def test_failed_migration_is_a_clear_error_and_leaves_the_file_unchanged(tmp_path):
+    path = tmp_path / "old.duckdb"
+    _old_file(path, "CREATE TABLE reading_rows (something_else VARCHAR)")  # in the way: the INSERT fails
+    with pytest.raises(PodwatchError, match=r"cannot migrate .*old layout.*reading_rows.*file is unchanged"):
+        Database(path)
+    con = duckdb.connect(str(path), read_only=True)  # the failed open closed its connection
+    try:
+        assert con.execute("SELECT count(*), count(DISTINCT seq) FROM sample_rows").fetchone() == (300, 50)
+    finally:
+        con.close()
