@@ -54,22 +54,42 @@ class Rejected:
 
 @dataclass
 class DecodedBatch:
-    """Rows of the accepted messages plus the per-reading view the deduplicator needs."""
+    """Rows of the accepted messages plus the per-reading view the deduplicator needs.
 
-    rows: pl.DataFrame
+    The per-message columns are ready at once; the long rows (`rows`, `row_reading`) are built
+    on first use (numpy/polars, mostly without the GIL): the sink builds them in its write
+    thread, so the event loop is free to fetch and decode the next batch meanwhile."""
+
     # one entry per accepted message, in input order
     msg_index: np.ndarray  # int64: position in the input list
     devices: list[str]
     seqs: list[int]
     ts_ms: list[int]
     point_counts: np.ndarray  # int64
-    row_reading: np.ndarray  # int64: for each row, the index of its reading (into devices/seqs/...)
     rejected: list[Rejected] = field(default_factory=list)
     sites: set[str] = field(default_factory=set)
+    _row_parts: tuple | None = field(default=None, repr=False)
+    _rows: pl.DataFrame | None = field(default=None, repr=False)
+    _row_reading: np.ndarray | None = field(default=None, repr=False)
 
     @property
     def n_readings(self) -> int:
         return len(self.devices)
+
+    @property
+    def rows(self) -> pl.DataFrame:
+        """One row per point, ordered by (device, ts): ts, device, metric, value, quality, seq."""
+        if self._rows is None:
+            self._rows, self._row_reading = _build_rows(self, *self._row_parts)
+            self._row_parts = None
+        return self._rows
+
+    @property
+    def row_reading(self) -> np.ndarray:
+        """int64 per row: the index of its reading (into devices/seqs/ts_ms)."""
+        if self._row_reading is None:
+            self.rows  # noqa: B018 - builds both
+        return self._row_reading
 
 
 def empty_rows() -> pl.DataFrame:
@@ -290,12 +310,21 @@ def _decode_checked(values: list[bytes | None]) -> DecodedBatch:
 def _build_batch(devices: list[str], seqs: list[int], ts_ms: list[int], qualities: list[int], counts: list[int],
                  metric_codes: list[np.ndarray], value_series: pl.Series, overrides: list[tuple[int, tuple, dict]],
                  msg_index: np.ndarray, rejected: list[Rejected], sites: set[str]) -> DecodedBatch:
+    """The batch; its long rows are built later from these parts (`DecodedBatch.rows`). The
+    metric dictionary is captured now: it may be cleared before the rows are built."""
+    counts_np = np.asarray(counts, dtype=np.int64)
+    parts = (qualities, metric_codes, value_series, overrides, _metric_categories())
+    return DecodedBatch(msg_index, devices, seqs, ts_ms, counts_np, rejected, sites, parts)
+
+
+def _build_rows(batch: DecodedBatch, qualities: list[int], metric_codes: list[np.ndarray], value_series: pl.Series,
+                overrides: list[tuple[int, tuple, dict]], metric_categories: pl.Series) -> tuple[pl.DataFrame, np.ndarray]:
     """Long rows ordered by (device, ts) from per-message columns and the flat point values."""
+    devices, seqs, ts_ms, counts_np = batch.devices, batch.seqs, batch.ts_ms, batch.point_counts
     row = len(value_series)
     value_series = pl.Series("value", shortest_float32_decimals(value_series.to_numpy()), nan_to_null=True)
-    counts_np = np.asarray(counts, dtype=np.int64)
-    reading_of_row = np.repeat(np.arange(len(counts), dtype=np.int64), counts_np)
-    quality_rows = np.asarray(qualities, dtype=np.uint8)[reading_of_row] if len(counts) else np.empty(0, np.uint8)
+    reading_of_row = np.repeat(np.arange(len(counts_np), dtype=np.int64), counts_np)
+    quality_rows = np.asarray(qualities, dtype=np.uint8)[reading_of_row] if len(counts_np) else np.empty(0, np.uint8)
     if overrides:
         for first_row, names, pq in overrides:
             for j, name in enumerate(names):
@@ -323,14 +352,14 @@ def _build_batch(devices: list[str], seqs: list[int], ts_ms: list[int], qualitie
         {
             "ts": reading_frame["ts"].gather(reading_of_sorted_row).cast(pl.Datetime("ms")),
             "device": reading_frame["device"].gather(reading_of_sorted_row),
-            "metric": _metric_categories().gather(
+            "metric": metric_categories.gather(
                 (np.concatenate(metric_codes) if metric_codes else np.empty(0, np.uint32))[row_order]),
             "value": value_series.gather(row_order),
             "quality": pl.Series(quality_rows, dtype=pl.UInt8).gather(row_order),
             "seq": reading_frame["seq"].gather(reading_of_sorted_row),
         }
     )
-    return DecodedBatch(rows, msg_index, devices, seqs, ts_ms, counts_np, reading_of_sorted_row, rejected, sites)
+    return rows, reading_of_sorted_row
 
 
 def _decode_with_bad_values(values, rejected, msg_index) -> DecodedBatch:

@@ -441,7 +441,6 @@ class DuckDBSink:
             origins = [(tp, r.offset) for tp, records in parts for r in records]
             await self._send_dead_letters(batch, values, origins)
         outcome = self._dedup.check(batch.devices, batch.seqs, batch.ts_ms)
-        rows = select_readings(batch, outcome.keep) if batch.n_readings else batch.rows
         if outcome.duplicates or outcome.too_old:
             self.stats.duplicates += outcome.duplicates
             self.stats.too_old += outcome.too_old
@@ -457,25 +456,23 @@ class DuckDBSink:
         # One write at a time, in order: wait for the previous batch before starting this one.
         await self._drain_write()
         self._pending_write = asyncio.create_task(
-            self._write(rows, dedup_rows, next_offsets, int(outcome.keep.sum()), started, newest_ms))
+            self._write(batch, outcome.keep, dedup_rows, next_offsets, int(outcome.keep.sum()), started, newest_ms))
 
     async def _drain_write(self) -> None:
         task, self._pending_write = self._pending_write, None
         if task is not None:
             await task
 
-    async def _write(self, rows: pl.DataFrame, dedup_rows, next_offsets: dict[int, int], readings: int,
-                     started: float, newest_ms: dict[int, int] | None = None) -> None:
-        for partition, ts_ms in (newest_ms or {}).items():  # what this batch brings, noted before maintenance
+    async def _write(self, batch: DecodedBatch, keep: np.ndarray, dedup_rows, next_offsets: dict[int, int],
+                     readings: int, started: float, newest_ms: dict[int, int]) -> None:
+        for partition, ts_ms in newest_ms.items():  # what this batch brings, noted before maintenance
             self._partition_newest_ms[partition] = max(ts_ms, self._partition_newest_ms.get(partition, ts_ms))
         now = time.monotonic()
-        if now - self._last_maintain >= MAINTAIN_EVERY_S:
-            # Maintenance rides in the same worker-thread call, after the commit: the event loop
-            # keeps fetching and decoding the next batch instead of waiting for it.
+        maintain = now - self._last_maintain >= MAINTAIN_EVERY_S
+        if maintain:
             self._last_maintain = now
-            await asyncio.to_thread(self._write_then_maintain, rows, dedup_rows, next_offsets, now)
-        else:
-            await asyncio.to_thread(self._write_transaction, rows, dedup_rows, next_offsets)
+        rows = await asyncio.to_thread(self._write_batch, batch, keep, dedup_rows, next_offsets,
+                                       now if maintain else None)
         latency = time.perf_counter() - started
         self.stats.observe_latency(latency)
         self.stats.points += rows.height
@@ -634,9 +631,16 @@ class DuckDBSink:
         self._last_maintain = now
         await asyncio.to_thread(self._maintain, now)
 
-    def _write_then_maintain(self, rows: pl.DataFrame, dedup_rows, next_offsets: dict[int, int], now: float) -> None:
+    def _write_batch(self, batch: DecodedBatch, keep: np.ndarray, dedup_rows, next_offsets: dict[int, int],
+                     maintain_at: float | None) -> pl.DataFrame:
+        """The worker thread's part of a batch: build its long rows (numpy/polars, mostly without
+        the GIL), write them in one transaction with the offsets, then - when due - maintenance.
+        The event loop meanwhile fetches and decodes the next batch."""
+        rows = select_readings(batch, keep) if batch.n_readings else batch.rows
         self._write_transaction(rows, dedup_rows, next_offsets)
-        self._maintain(now)
+        if maintain_at is not None:
+            self._maintain(maintain_at)
+        return rows
 
     def _maintain(self, now: float) -> None:
         """Flush latest values, advance rollups when a bucket closed, apply retention every
