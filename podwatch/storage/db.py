@@ -27,6 +27,11 @@ from podwatch.storage.schema import configure_connection, ensure_schema
 
 T = TypeVar("T")
 
+# Block size of files this module creates (an existing file keeps its own). DuckDB's default
+# 256 KiB leaves ~10 % of the file as slack where a column segment does not fill its block;
+# 128 KiB measured -0.22 B per point (benchmarks/ingest.py), with the same query times.
+BLOCK_SIZE = 128 * 1024
+
 
 class DatabaseLocked(PodwatchError):
     """Another process holds the DuckDB file."""
@@ -72,7 +77,7 @@ class Database:
         self.path = str(path)
         self.read_only = read_only
         try:
-            self._con = duckdb.connect(self.path, read_only=read_only)
+            self._con = duckdb.connect(self.path, read_only=read_only, config={"default_block_size": str(BLOCK_SIZE)})
         except duckdb.Error as exc:
             if is_lock_error(exc):
                 raise DatabaseLocked(f"{self.path} is in use by another process: {exc}") from None
