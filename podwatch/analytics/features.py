@@ -296,7 +296,8 @@ def build_features(rows: pl.DataFrame, site: Site, *, step_s: int = DEFAULT_STEP
             "balance_error_c",
             "flow_per_kw", "design_flow_per_kw", "dt_design_c", "dt_ss_c", "cdu_supply_c", "facility_c",
             "setpoint_c", "approach_c", "design_approach_c", "pumps_running", "working_pumps", "reservoir_pct",
-            "supply_worst_c", "supply_settle_c", "cdu_heat_kw", "power_worst_kw", "flow_proj_lpm", *MODEL_FEATURES]
+            "supply_worst_c", "supply_settle_c", "cdu_heat_kw", "power_worst_kw", "flow_proj_lpm", "flow_trend_5m",
+            "supply_trend_5m", "power_trend_2m", *MODEL_FEATURES]
     seen: set[str] = set()
     keep = [c for c in keep if not (c in seen or seen.add(c))]
     # each row is stamped with the END of its bucket: the features use data up to that time only
