@@ -791,6 +791,7 @@ def _site_checks(spec: SiteSpec, source: Path | None) -> tuple[list[str], Site]:
     seen_ids: dict[str, str] = {}
     seen_addr: dict[tuple, str] = {}
     protocol_at: dict[tuple, tuple[str, str]] = {}  # (host, port) -> (protocol, first device path)
+    serial_lines: dict[str, tuple[SerialSettings, str]] = {}  # serial port -> (settings, first device path)
     for dev, path, entity, module, side in attached:
         if dev.id in seen_ids:
             errors.append(f"{path}.id: duplicate device id '{dev.id}' (also at {seen_ids[dev.id]})")
@@ -847,6 +848,14 @@ def _site_checks(spec: SiteSpec, source: Path | None) -> tuple[list[str], Site]:
                 continue
             if not 1 <= dev.unit_id <= 247:
                 errors.append(f"{path}.unit_id: RTU unit ids are 1..247, got {dev.unit_id}")
+            line = serial_lines.setdefault(dev.serial.port, (dev.serial, path))
+            if line[0] != dev.serial:  # one RS-485 line runs at one speed and framing
+                errors.append(f"{path}.serial: {dev.serial.port} is {_serial_text(dev.serial)} here but "
+                              f"{_serial_text(line[0])} at {line[1]}")
+            key = ("serial", dev.serial.port, dev.unit_id)
+            if key in seen_addr:
+                errors.append(f"{path}.unit_id: {dev.serial.port} unit {dev.unit_id} is already used by {seen_addr[key]}")
+            seen_addr[key] = path
         poll = dev.poll_interval_s or d.poll_interval_s
         timeout = dev.timeout_s or (gw.timeout_s if gw else d.timeout_s)
         if protocol != "mqtt" and timeout >= poll:
@@ -871,6 +880,10 @@ def _site_checks(spec: SiteSpec, source: Path | None) -> tuple[list[str], Site]:
             gateway=dev.gateway, poll_interval_s=poll, timeout_s=timeout, entity=entity, module=module, side=side,
             tag_path=tag_path, enabled=dev.enabled, path=path, max_registers_per_read=max_regs, max_gap=max_gap))
     return errors, site
+
+
+def _serial_text(serial: SerialSettings) -> str:
+    return f"{serial.baudrate} {serial.bytesize}{serial.parity}{serial.stopbits}"
 
 
 def _smallest(*limits: int | None) -> int | None:

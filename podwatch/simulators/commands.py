@@ -61,6 +61,9 @@ def register(app: typer.Typer) -> None:
         clock_origin: str = typer.Option(None, "--clock-origin",
                                          help="Share a clock with collectors: WALL_MS:SIM_MS (see podwatch.clock)"),
         tick: float = typer.Option(1.0, "--tick", help="Physics step in simulated seconds"),
+        serial: str = typer.Option("pty", "--serial", help="modbus-rtu serial devices: 'pty' (a socat pty pair per "
+                                                          "port; collectors open the site's port path), 'device' "
+                                                          "(serve on that real port) or 'off'"),
     ) -> None:
         """Serve every device of a site (Modbus servers per host:port, MQTT publishing) with live
         physics until Ctrl-C. `podwatch simulate history --help` for the Parquet history mode."""
@@ -70,6 +73,8 @@ def register(app: typer.Typer) -> None:
             raise ConfigError("podwatch simulate", ["--site: a site file is required (e.g. examples/sites/demo.yaml)"])
         if speed <= 0:
             raise ConfigError("--speed", [f"must be > 0, got {speed:g}"])
+        if serial not in ("pty", "device", "off"):
+            raise ConfigError("--serial", [f"must be pty, device or off, got {serial!r}"])
         from podwatch.clock import ScaledClock
         from podwatch.simulators.engine import Simulator
         from podwatch.simulators.scenario import Scenario
@@ -81,7 +86,7 @@ def register(app: typer.Typer) -> None:
             duration = the_scenario.duration_s
         clock = ScaledClock.from_spec(speed, clock_origin) if clock_origin else None
         mqtt_url = None if no_mqtt else (mqtt or the_site.spec.mqtt.url)
-        asyncio.run(_serve(the_site, the_scenario, seed, speed, clock, mqtt_url, duration, truth_out, tick))
+        asyncio.run(_serve(the_site, the_scenario, seed, speed, clock, mqtt_url, duration, truth_out, tick, serial))
 
     @sim.command("history")
     def history(
@@ -118,10 +123,10 @@ def register(app: typer.Typer) -> None:
                    f"{len(result.truth.breaches)} breaches ({out / 'truth.json'})")
 
 
-async def _serve(site, scenario, seed, speed, clock, mqtt_url, duration, truth_out, tick) -> None:
+async def _serve(site, scenario, seed, speed, clock, mqtt_url, duration, truth_out, tick, serial="pty") -> None:
     from podwatch.simulators.engine import Simulator
 
-    sim = Simulator(site, scenario, seed=seed, speed=speed, clock=clock, mqtt_url=mqtt_url, tick_s=tick)
+    sim = Simulator(site, scenario, seed=seed, speed=speed, clock=clock, mqtt_url=mqtt_url, tick_s=tick, serial=serial)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
