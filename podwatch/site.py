@@ -919,6 +919,10 @@ def shift_ports(site: Site, offset: int) -> Site:
     """A copy of `site` with every TCP device port shifted by `offset`."""
     import dataclasses
 
+    bad = [f"{d.path}: port {d.port} + offset {offset} = {d.port + offset} is outside 1..65535"
+           for d in site.devices if d.port and not 1 <= d.port + offset <= 65535]
+    if bad:
+        raise ConfigError("--port-offset", bad[:5] + ([f"... and {len(bad) - 5} more"] if len(bad) > 5 else []))
     spec = site.spec.model_copy(deep=True)
     for g in spec.gateways:
         g.port += offset

@@ -75,6 +75,10 @@ def register(app: typer.Typer) -> None:
             raise ConfigError("--speed", [f"must be > 0, got {speed:g}"])
         if serial not in ("pty", "device", "off"):
             raise ConfigError("--serial", [f"must be pty, device or off, got {serial!r}"])
+        if tick <= 0:
+            raise ConfigError("--tick", [f"must be > 0 simulated seconds, got {tick:g}"])
+        if duration is not None and duration <= 0:
+            raise ConfigError("--duration", [f"must be > 0 simulated seconds, got {duration:g}"])
         from podwatch.clock import ScaledClock
         from podwatch.simulators.engine import Simulator
         from podwatch.simulators.scenario import Scenario
@@ -84,7 +88,10 @@ def register(app: typer.Typer) -> None:
         the_scenario = Scenario.load(scenario, the_site) if scenario else None
         if duration is None and the_scenario is not None and the_scenario.duration_s:
             duration = the_scenario.duration_s
-        clock = ScaledClock.from_spec(speed, clock_origin) if clock_origin else None
+        try:
+            clock = ScaledClock.from_spec(speed, clock_origin) if clock_origin else None
+        except ValueError:
+            raise ConfigError("--clock-origin", [f"{clock_origin!r}: expected WALL_MS:SIM_MS (integers, ms)"]) from None
         mqtt_url = None if no_mqtt else (mqtt or the_site.spec.mqtt.url)
         asyncio.run(_serve(the_site, the_scenario, seed, speed, clock, mqtt_url, duration, truth_out, tick, serial))
 

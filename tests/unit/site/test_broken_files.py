@@ -186,3 +186,25 @@ def test_no_site_checks_print_an_empty_device_summary(tmp_path):
                     "modules: [{id: m, cdus: [{id: c, capacity_kw: 200, racks: [r]}], racks: [{id: r, rated_kw: 100, feeds: {a: a, b: b}}]}]\n")
     result = CliRunner().invoke(app, ["config", "validate", str(bare)])
     assert result.exit_code == 0 and "devices 0 (nothing to collect" in result.output
+
+
+# ------------------------------------------------------------------ flags that used to give tracebacks
+
+
+@pytest.mark.parametrize("args, expected", [
+    (["--tick", "0", "--duration", "2"], "--tick"),                # ZeroDivisionError in the physics loop
+    (["--duration", "-5"], "--duration"),                          # ran and stopped at t=0
+    (["--port-offset", "60000", "--duration", "1"], "75021 is outside 1..65535"),  # OverflowError in bind()
+    (["--clock-origin", "garbage", "--duration", "1"], "expected WALL_MS:SIM_MS"),  # ValueError
+])
+def test_simulate_flag_errors_are_config_errors(args, expected):
+    result = CliRunner().invoke(app, ["simulate", "--site", str(DEMO), "--no-mqtt", *args])
+    assert isinstance(result.exception, ConfigError), result.exception
+    assert result.exception.exit_code == 2
+    assert expected in str(result.exception)
+
+
+def test_collect_port_offset_out_of_range_is_a_config_error():
+    result = CliRunner().invoke(app, ["collect", "--site", str(DEMO), "--port-offset", "-20000", "--plan"])
+    assert isinstance(result.exception, ConfigError)
+    assert "port 15010 + offset -20000 = -4990 is outside 1..65535" in str(result.exception)
