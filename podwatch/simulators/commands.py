@@ -116,14 +116,24 @@ def register(app: typer.Typer) -> None:
         from podwatch.simulators.scenario import Scenario
         from podwatch.site import load_site
 
+        problems = []
         if days <= 0 or resolution <= 0:
-            raise ConfigError("podwatch simulate history", ["--days and --resolution must be > 0"])
+            problems.append("--days and --resolution must be > 0")
+        elif resolution > days * 86400:
+            problems.append(f"--resolution {resolution} s is longer than the history ({days * 86400:g} s): no samples")
+        if episodes_per_day < 0:
+            problems.append(f"--episodes-per-day must be >= 0, got {episodes_per_day:g}")
+        if out.exists() and not out.is_dir():
+            problems.append(f"--out {out} exists and is not a directory")
+        if problems:
+            raise ConfigError("podwatch simulate history", problems)
+        start_ms = _parse_start(start)  # before the progress bar: a bad --start is an error, not a half-drawn bar
         the_site = load_site(site)
         scenarios = [Scenario.load(p, the_site) for p in (scenario or [])]
         with Progress(TextColumn("simulating"), BarColumn(), TextColumn("{task.completed:.2f}/{task.total:g} days"),
                       TimeElapsedColumn()) as bar:
             task = bar.add_task("history", total=days)
-            result = generate_history(the_site, days, resolution, scenarios, seed, out, _parse_start(start),
+            result = generate_history(the_site, days, resolution, scenarios, seed, out, start_ms,
                                       episodes_per_day, progress=lambda done, total: bar.update(task, completed=done))
         typer.echo(f"wrote {result.rows:,} samples ({days:g} days at {resolution} s) to {result.samples_path} "
                    f"in {result.seconds:.1f} s; ground truth: {len(result.truth.faults)} faults, "

@@ -208,3 +208,23 @@ def test_collect_port_offset_out_of_range_is_a_config_error():
     result = CliRunner().invoke(app, ["collect", "--site", str(DEMO), "--port-offset", "-20000", "--plan"])
     assert isinstance(result.exception, ConfigError)
     assert "port 15010 + offset -20000 = -4990 is outside 1..65535" in str(result.exception)
+
+
+@pytest.mark.parametrize("args, expected", [
+    (["--days", "0.02", "--resolution", "100000"], "longer than the history"),  # wrote 0 samples, exit 0
+    (["--days", "0.01", "--episodes-per-day", "-1"], "--episodes-per-day must be >= 0"),  # silently ignored
+    (["--days", "0.01", "--start", "yesterday"], "'yesterday' is not an ISO date/time"),
+])
+def test_history_flag_errors(tmp_path, args, expected):
+    result = CliRunner().invoke(app, ["simulate", "history", "--site", str(DEMO), "--out", str(tmp_path / "h"), *args])
+    assert isinstance(result.exception, ConfigError), result.output
+    assert expected in str(result.exception)
+    assert not (tmp_path / "h").exists()
+
+
+def test_history_out_that_is_a_file_is_a_config_error(tmp_path):
+    out = tmp_path / "afile"
+    out.write_text("x")
+    result = CliRunner().invoke(app, ["simulate", "history", "--site", str(DEMO), "--days", "0.01", "--out", str(out)])
+    assert isinstance(result.exception, ConfigError)  # was FileExistsError from mkdir
+    assert "exists and is not a directory" in str(result.exception)
