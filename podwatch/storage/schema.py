@@ -370,6 +370,18 @@ def _migrate(con: duckdb.DuckDBPyConnection, what: str, statements: list[str]) -
             "export the file with the podwatch version that wrote it and start a new one") from None
 
 
+def pending_migrations(con: duckdb.DuckDBPyConnection) -> list[str]:
+    """What `migrate_old_layout` would change in this file (empty: current layout)."""
+    pending = []
+    if "seq" in _columns(con, "sample_rows"):
+        pending.append("sample_rows.seq -> reading_rows")
+    for name in ROLLUPS:
+        columns = _columns(con, name)
+        if "value_avg" in columns and columns["value_avg"] is None:
+            pending.append(f"{name}.value_avg -> generated")
+    return pending
+
+
 def migrate_old_layout(con: duckdb.DuckDBPyConnection) -> list[str]:
     """Bring a file written by an older podwatch to the current layout, one step per change,
     each in its own transaction. Returns what was migrated (empty: nothing to do). Raises
@@ -378,7 +390,9 @@ def migrate_old_layout(con: duckdb.DuckDBPyConnection) -> list[str]:
     - `seq` on every row of `sample_rows` -> one `reading_rows` row per (ts, device_id, seq);
     - a stored `value_avg` in the rollups -> the generated column (table rebuilt, rows kept).
     """
-    done = []
+    done: list[str] = []
+    if not pending_migrations(con):
+        return done
     if "seq" in _columns(con, "sample_rows"):
         con.execute(READINGS_DDL)
         _migrate(con, "sequence number on every sample row -> per-reading table reading_rows", [

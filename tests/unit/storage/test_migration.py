@@ -9,6 +9,7 @@ import duckdb
 import pytest
 
 from podwatch.errors import PodwatchError
+from podwatch.storage import db as db_module
 from podwatch.storage.db import Database
 from podwatch.storage.dedup import SeqDeduper
 
@@ -85,3 +86,32 @@ def test_failed_migration_is_a_clear_error_and_leaves_the_file_unchanged(tmp_pat
         assert con.execute("SELECT count(*), count(DISTINCT seq) FROM sample_rows").fetchone() == (300, 50)
     finally:
         con.close()
+
+
+def test_read_only_open_of_an_old_file_names_the_migration_command(tmp_path):
+    path = tmp_path / "old.duckdb"
+    _old_file(path)
+    with pytest.raises(PodwatchError, match=r"older podwatch .*sample_rows.seq -> reading_rows.*"
+                                            r"rollup_1m.value_avg -> generated.*python -m podwatch.storage.db migrate"):
+        Database(path, read_only=True)
+
+
+def test_migrate_command_migrates_once_and_reports_errors_without_traceback(tmp_path, capsys):
+    """`python -m podwatch.storage.db migrate FILE` (its `_main`, run in-process)."""
+    path = tmp_path / "old.duckdb"
+    _old_file(path)
+    assert db_module._main(["migrate", str(path)]) == 0
+    assert "sample_rows.seq -> reading_rows; rollup_1m.value_avg -> generated" in capsys.readouterr().out
+    assert db_module._main(["migrate", str(path)]) == 0
+    assert "already the current layout" in capsys.readouterr().out
+    db = Database(path, read_only=True)  # current layout: read-only opens work again
+    try:
+        assert db.query("SELECT count(*) FROM readings") == [(100,)]
+    finally:
+        db.close()
+    assert db_module._main(["migrate", str(tmp_path / "nope.duckdb")]) == 1
+    assert "no such DuckDB file" in capsys.readouterr().err
+    broken = tmp_path / "broken.duckdb"
+    _old_file(broken, "CREATE TABLE reading_rows (something_else VARCHAR)")
+    assert db_module._main(["migrate", str(broken)]) == 1
+    assert "error: cannot migrate this DuckDB file" in capsys.readouterr().err
