@@ -262,7 +262,11 @@ class SiteInfo(_Model):
         try:
             ZoneInfo(v)
         except (ZoneInfoNotFoundError, ValueError):
-            raise ValueError(f"unknown time zone '{v}'") from None
+            from zoneinfo import available_timezones
+
+            same = [z for z in available_timezones() if z.lower() == str(v).lower()]
+            hint = f"; did you mean '{same[0]}'?" if same else " (an IANA name such as Europe/Berlin or UTC)"
+            raise ValueError(f"unknown time zone '{v}'{hint}") from None
         return v
 
 
@@ -984,7 +988,29 @@ def read_yaml_file(path: str | Path, what: str = "file") -> Any:
         raise ConfigError(str(path), [f"invalid YAML: nested too deeply"]) from None
     if data is None:
         raise ConfigError(str(path), [f"<root>: the {what} holds only comments"])
+    if _too_big(data, MAX_YAML_VALUES):
+        # aliases of aliases ("billion laughs") load as shared objects but every walk over them is exponential
+        raise ConfigError(str(path), [f"<root>: the {what} expands to more than {MAX_YAML_VALUES:,} values "
+                                      "(YAML aliases nested in aliases?)"])
     return data
+
+
+MAX_YAML_VALUES = 2_000_000
+
+
+def _too_big(data: Any, budget: int) -> bool:
+    """True when the tree, with aliases expanded, holds more than `budget` values (stops early)."""
+    stack, seen = [data], 0
+    while stack:
+        node = stack.pop()
+        seen += 1
+        if seen > budget:
+            return True
+        if isinstance(node, dict):
+            stack.extend(node.values())
+        elif isinstance(node, list):
+            stack.extend(node)
+    return False
 
 
 def load_site(path: str | Path, port_offset: int = 0) -> Site:
