@@ -649,7 +649,7 @@ def pydantic_error_lines(exc: ValidationError, skip: tuple[str, ...] = (),
 
 def _site_checks(spec: SiteSpec, source: Path | None) -> tuple[list[str], Site]:
     """Cross-checks over the whole site; returns (errors, flattened site)."""
-    from podwatch.collectors.profiles import MqttProfile, available_profiles
+    from podwatch.collectors.profiles import MqttProfile, profiles_with_errors
 
     errors: list[str] = []
     site = Site(spec=spec, source=source)
@@ -765,11 +765,8 @@ def _site_checks(spec: SiteSpec, source: Path | None) -> tuple[list[str], Site]:
         if not profiles_dir.is_dir():
             errors.append(f"profiles_dir: '{spec.profiles_dir}' is not a directory")
             profiles_dir = None
-    try:
-        profiles = available_profiles(profiles_dir)
-    except ConfigError as exc:
-        errors.extend(f"profiles: {e}" for e in exc.errors)
-        profiles = {}
+    profiles, profile_errors = profiles_with_errors(profiles_dir)
+    errors.extend(f"profiles_dir: {e}" for e in profile_errors)
     gateways = {g.id: g for g in spec.gateways}
 
     attached: list[tuple[DeviceSpec, str, str, str | None, str | None]] = []  # (spec, path, entity, module, side)

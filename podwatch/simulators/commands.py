@@ -166,11 +166,14 @@ async def _serve(site, scenario, seed, speed, clock, mqtt_url, duration, truth_o
             host, port = first.address.rsplit(":", 1)
             unit, dev = next(iter(first.units.items()))
             profile = load_profile(site.device(dev).profile, site.profiles_dir)
-            point = next(p for p in profile.points if p.data_type == "float32")
-            table = 4 if point.register_type == "holding" else 3
-            order = " -B" if profile.order_of(point) == "ABCD" else ""
-            typer.echo(f"  try: mbpoll -m tcp -p {port} -a {unit} -0 -r {profile.wire_address(point)} -c 1 "
-                       f"-t {table}:float{order} -1 {host}   # {dev} {point.metric} (docs/devices.md)")
+            # mbpoll reads float32 as ABCD (-B) or CDAB only: pick a point it can show
+            point = next((p for p in profile.points if p.data_type == "float32" and profile.order_of(p) in ("ABCD", "CDAB")),
+                         None)
+            if point is not None:
+                table = 4 if point.register_type == "holding" else 3
+                order = " -B" if profile.order_of(point) == "ABCD" else ""
+                typer.echo(f"  try: mbpoll -m tcp -p {port} -a {unit} -0 -r {profile.wire_address(point)} -c 1 "
+                           f"-t {table}:float{order} -1 {host}   # {dev} {point.metric} (docs/devices.md)")
         serial_ep = next((e for e in sim.served() if e.protocol == "modbus-rtu"), None)
         if serial_ep is not None:
             unit, dev = next(iter(serial_ep.units.items()))
@@ -179,10 +182,11 @@ async def _serve(site, scenario, seed, speed, clock, mqtt_url, duration, truth_o
             from podwatch.collectors.profiles import load_profile
 
             profile = load_profile(site.device(dev).profile, site.profiles_dir)
-            point = next((p for p in profile.points if p.data_type == "float32"), profile.points[0])
+            point = next((p for p in profile.points if p.data_type == "float32" and profile.order_of(p) in ("ABCD", "CDAB")),
+                         profile.points[0])
             table = 4 if point.register_type == "holding" else 3
-            kind = ":float" if point.data_type == "float32" else ""
-            order = " -B" if point.data_type == "float32" and profile.order_of(point) == "ABCD" else ""
+            kind = ":float" if point.data_type == "float32" and profile.order_of(point) in ("ABCD", "CDAB") else ""
+            order = " -B" if kind and profile.order_of(point) == "ABCD" else ""
             typer.echo(f"  try: mbpoll -m rtu -b {line.baudrate} -P {parity} -a {unit} -0 -r {profile.wire_address(point)} "
                        f"-c 1 -t {table}{kind}{order} -1 {serial_ep.address}   # {dev} {point.metric} (docs/devices.md)")
         last_report = started = loop.time()

@@ -231,3 +231,36 @@ def test_history_out_that_is_a_file_is_a_config_error(tmp_path):
     result = CliRunner().invoke(app, ["simulate", "history", "--site", str(DEMO), "--days", "0.01", "--out", str(out)])
     assert isinstance(result.exception, ConfigError)  # was FileExistsError from mkdir
     assert "exists and is not a directory" in str(result.exception)
+
+
+def test_a_broken_profile_is_named_and_does_not_hide_the_good_ones(tmp_path):
+    """Was: one multi-line YAML error without the file name, then 'unknown profile ...; known: none'
+    for every device of the site."""
+    profiles = tmp_path / "profiles"
+    profiles.mkdir()
+    (profiles / "acme-pdu.yaml").write_text(
+        "id: acme-pdu\nkind: pdu\nvendor: ACME\nmodel: P1\naddress_base: 1\n"
+        "points:\n  - {metric: pdu.power_kw, address: 101, data_type: int32, scale: 0.01, unit: kW}\n")
+    (profiles / "broken.yaml").write_text("id: broken\nkind: pdu\npoints: [\n")
+    (profiles / "typo.yaml").write_text("id: typo\nkind: pdu\nvendr: x\nmodel: y\n"
+                                        "points: [{metric: pdu.power_kw, address: 1, data_type: float33}]\n")
+    site = tmp_path / "site.yaml"
+    site.write_text("site: {id: pf}\nprofiles_dir: profiles\n"
+                    "power: {transformers: [{id: t1, rating_kva: 500}], feeders: [{id: a, transformer: t1, side: a, rating_a: 400},"
+                    " {id: b, transformer: t1, side: b, rating_a: 400}]}\n"
+                    "modules: [{id: m, cdus: [{id: c, capacity_kw: 200, racks: [r]}], racks: [{id: r, rated_kw: 100,"
+                    " feeds: {a: a, b: b}, pdus: {a: {id: pa, profile: acme-pdu, host: 127.0.0.1, port: 23501}}}]}]\n")
+    with pytest.raises(ConfigError) as exc:
+        load_site(site)
+    assert exc.value.errors == [
+        "profiles_dir: broken.yaml: line 4, column 1: invalid YAML: expected the node content, but found '<stream end>'",
+        "profiles_dir: typo.yaml: vendor: required field is missing",
+        "profiles_dir: typo.yaml: points[0].data_type: Input should be 'int16', 'uint16', 'int32', 'uint32', 'float32', "
+        "'int64', 'uint64', 'float64' or 'bool', got 'float33'",
+        "profiles_dir: typo.yaml: vendr: unknown field; did you mean 'vendor'?"]
+    (profiles / "broken.yaml").unlink()
+    (profiles / "typo.yaml").unlink()
+    from podwatch.collectors.profiles import _load_dir
+
+    _load_dir.cache_clear()  # the directory's files changed within this process
+    assert load_site(site).device("pa").profile == "acme-pdu"
