@@ -262,7 +262,11 @@ class SiteInfo(_Model):
         try:
             ZoneInfo(v)
         except (ZoneInfoNotFoundError, ValueError):
-            raise ValueError(f"unknown time zone '{v}'") from None
+            from zoneinfo import available_timezones
+
+            same = [z for z in available_timezones() if z.lower() == str(v).lower()]
+            hint = f"; did you mean '{same[0]}'?" if same else " (an IANA name such as Europe/Berlin or UTC)"
+            raise ValueError(f"unknown time zone '{v}'{hint}") from None
         return v
 
 
@@ -645,7 +649,7 @@ def pydantic_error_lines(exc: ValidationError, skip: tuple[str, ...] = (),
 
 def _site_checks(spec: SiteSpec, source: Path | None) -> tuple[list[str], Site]:
     """Cross-checks over the whole site; returns (errors, flattened site)."""
-    from podwatch.collectors.profiles import MqttProfile, available_profiles
+    from podwatch.collectors.profiles import MqttProfile, profiles_with_errors
 
     errors: list[str] = []
     site = Site(spec=spec, source=source)
@@ -761,11 +765,8 @@ def _site_checks(spec: SiteSpec, source: Path | None) -> tuple[list[str], Site]:
         if not profiles_dir.is_dir():
             errors.append(f"profiles_dir: '{spec.profiles_dir}' is not a directory")
             profiles_dir = None
-    try:
-        profiles = available_profiles(profiles_dir)
-    except ConfigError as exc:
-        errors.extend(f"profiles: {e}" for e in exc.errors)
-        profiles = {}
+    profiles, profile_errors = profiles_with_errors(profiles_dir)
+    errors.extend(f"profiles_dir: {e}" for e in profile_errors)
     gateways = {g.id: g for g in spec.gateways}
 
     attached: list[tuple[DeviceSpec, str, str, str | None, str | None]] = []  # (spec, path, entity, module, side)
@@ -791,6 +792,7 @@ def _site_checks(spec: SiteSpec, source: Path | None) -> tuple[list[str], Site]:
     seen_ids: dict[str, str] = {}
     seen_addr: dict[tuple, str] = {}
     protocol_at: dict[tuple, tuple[str, str]] = {}  # (host, port) -> (protocol, first device path)
+    serial_lines: dict[str, tuple[SerialSettings, str]] = {}  # serial port -> (settings, first device path)
     for dev, path, entity, module, side in attached:
         if dev.id in seen_ids:
             errors.append(f"{path}.id: duplicate device id '{dev.id}' (also at {seen_ids[dev.id]})")
@@ -847,6 +849,14 @@ def _site_checks(spec: SiteSpec, source: Path | None) -> tuple[list[str], Site]:
                 continue
             if not 1 <= dev.unit_id <= 247:
                 errors.append(f"{path}.unit_id: RTU unit ids are 1..247, got {dev.unit_id}")
+            line = serial_lines.setdefault(dev.serial.port, (dev.serial, path))
+            if line[0] != dev.serial:  # one RS-485 line runs at one speed and framing
+                errors.append(f"{path}.serial: {dev.serial.port} is {_serial_text(dev.serial)} here but "
+                              f"{_serial_text(line[0])} at {line[1]}")
+            key = ("serial", dev.serial.port, dev.unit_id)
+            if key in seen_addr:
+                errors.append(f"{path}.unit_id: {dev.serial.port} unit {dev.unit_id} is already used by {seen_addr[key]}")
+            seen_addr[key] = path
         poll = dev.poll_interval_s or d.poll_interval_s
         timeout = dev.timeout_s or (gw.timeout_s if gw else d.timeout_s)
         if protocol != "mqtt" and timeout >= poll:
@@ -871,6 +881,10 @@ def _site_checks(spec: SiteSpec, source: Path | None) -> tuple[list[str], Site]:
             gateway=dev.gateway, poll_interval_s=poll, timeout_s=timeout, entity=entity, module=module, side=side,
             tag_path=tag_path, enabled=dev.enabled, path=path, max_registers_per_read=max_regs, max_gap=max_gap))
     return errors, site
+
+
+def _serial_text(serial: SerialSettings) -> str:
+    return f"{serial.baudrate} {serial.bytesize}{serial.parity}{serial.stopbits}"
 
 
 def _smallest(*limits: int | None) -> int | None:
@@ -906,6 +920,10 @@ def shift_ports(site: Site, offset: int) -> Site:
     """A copy of `site` with every TCP device port shifted by `offset`."""
     import dataclasses
 
+    bad = [f"{d.path}: port {d.port} + offset {offset} = {d.port + offset} is outside 1..65535"
+           for d in site.devices if d.port and not 1 <= d.port + offset <= 65535]
+    if bad:
+        raise ConfigError("--port-offset", bad[:5] + ([f"... and {len(bad) - 5} more"] if len(bad) > 5 else []))
     spec = site.spec.model_copy(deep=True)
     for g in spec.gateways:
         g.port += offset
@@ -967,7 +985,29 @@ def read_yaml_file(path: str | Path, what: str = "file") -> Any:
         raise ConfigError(str(path), [f"invalid YAML: nested too deeply"]) from None
     if data is None:
         raise ConfigError(str(path), [f"<root>: the {what} holds only comments"])
+    if _too_big(data, MAX_YAML_VALUES):
+        # aliases of aliases ("billion laughs") load as shared objects but every walk over them is exponential
+        raise ConfigError(str(path), [f"<root>: the {what} expands to more than {MAX_YAML_VALUES:,} values "
+                                      "(YAML aliases nested in aliases?)"])
     return data
+
+
+MAX_YAML_VALUES = 2_000_000
+
+
+def _too_big(data: Any, budget: int) -> bool:
+    """True when the tree, with aliases expanded, holds more than `budget` values (stops early)."""
+    stack, seen = [data], 0
+    while stack:
+        node = stack.pop()
+        seen += 1
+        if seen > budget:
+            return True
+        if isinstance(node, dict):
+            stack.extend(node.values())
+        elif isinstance(node, list):
+            stack.extend(node)
+    return False
 
 
 def load_site(path: str | Path, port_offset: int = 0) -> Site:

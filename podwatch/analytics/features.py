@@ -38,6 +38,10 @@ SLOPE_WINDOWS_S = {"30s": 30, "2m": 120, "5m": 300}
 SUPPLY_PIPE_TOLERANCE_K = 1.0
 PEAK_WINDOW_S = 600  # recent peaks of load and supply that the worst case assumes can recur
 SUSTAINED_WINDOW_S = 300  # a trend counts as sustained when it holds over both halves of this
+LOAD_SUSTAINED_WINDOW_S = 120  # ... for the load (ramps of a surge), a shorter window
+SUPPLY_LAG_WINDOW_S = 120  # the CDU supply follows its heat load with ~60 s lag: compare against this mean
+SATURATED_OVER_SETPOINT_K = 0.5  # CDU supply this far above setpoint = control saturated
+RACK_PEAK_OVER_RATED = 1.17  # GB300-class racks peak ~155 kW on 132 kW nominal (DOMAIN.md)
 RESERVOIR_LOW_PCT = 20.0  # below this CDU pumps start drawing air (flow falls)
 
 _RACK_METRICS = {"rack.liquid_supply_temp_c": "supply_c", "rack.liquid_return_temp_c": "return_c",
@@ -105,6 +109,33 @@ def _sustained(col: str, half_steps: int, step_s: int, over: str, *, rising: boo
     both = both.clip(lower_bound=0.0) if rising else both.clip(upper_bound=0.0)
     # min/max_horizontal skip nulls: without both halves there is no sustained trend
     return pl.when(recent.is_not_null() & before.is_not_null()).then(both).otherwise(None)
+
+
+def _with_saturated_supply(f: pl.DataFrame, step_s: int) -> pl.DataFrame:
+    """Add `supply_settle_c`: where a saturated CDU's supply settles at its present heat load.
+
+    While the CDU holds its setpoint the supply says nothing about its heat exchanger. Once it
+    cannot (supply above setpoint: valve wide open, fouled, warm facility water) the approach
+    (supply − facility water) grows with the heat it moves, ~ Q/UA. The supply follows the heat
+    with the facility loop's lag (about a minute), so the approach per kW is taken against the
+    heat of the last `SUPPLY_LAG_WINDOW_S`, and the supply settles at facility + that × the present
+    heat: a load surge on a saturated CDU shows before its supply has moved. Null otherwise."""
+    heat = (f.group_by("cdu", "ts").agg((pl.col("power_kw") * pl.col("heat_to_liquid")).sum().alias("cdu_heat_kw"),
+                                          pl.col("power_kw").null_count().alias("_missing"))
+            .sort("cdu", "ts"))
+    lag_steps = max(1, round(SUPPLY_LAG_WINDOW_S / step_s))
+    heat = heat.with_columns(
+        pl.when(pl.col("_missing") == 0).then(pl.col("cdu_heat_kw")).otherwise(None).alias("cdu_heat_kw"),
+    ).with_columns(pl.col("cdu_heat_kw").rolling_mean(lag_steps, min_samples=lag_steps).over("cdu")
+                   .alias("cdu_heat_lag_kw")).drop("_missing")
+    f = f.join(heat, on=["cdu", "ts"], how="left")
+    saturated = pl.col("cdu_supply_c") > pl.col("setpoint_c") + SATURATED_OVER_SETPOINT_K
+    approach_now = (pl.col("cdu_supply_c") - pl.col("facility_c")).clip(lower_bound=0.0)
+    ratio = (pl.col("cdu_heat_kw") / pl.col("cdu_heat_lag_kw").clip(lower_bound=1.0)).clip(upper_bound=3.0)
+    settle_cdu = pl.col("facility_c") + approach_now * ratio
+    return f.with_columns(
+        pl.when(saturated & (pl.col("cdu_heat_lag_kw") > 0))
+        .then(pl.col("supply_c") + settle_cdu - pl.col("cdu_supply_c")).otherwise(None).alias("supply_settle_c"))
 
 
 def build_features(rows: pl.DataFrame, site: Site, *, step_s: int = DEFAULT_STEP_S,
@@ -210,6 +241,10 @@ def build_features(rows: pl.DataFrame, site: Site, *, step_s: int = DEFAULT_STEP
         _sustained("supply_c", half, step_s, "rack", rising=True).alias("supply_trend_5m"),
         _sustained("flow_lpm", half, step_s, "rack", rising=False).alias("flow_trend_5m"),
         _sustained("margin_ss_c", half, step_s, "rack", rising=False).alias("margin_ss_trend_5m"),
+        # load ramps (a surge being rolled out) are judged over a shorter window: the load can
+        # reach its peak within minutes, and a ramp is bounded anyway by the rack's peak power
+        _sustained("power_kw", max(1, round(LOAD_SUSTAINED_WINDOW_S / 2 / step_s)), step_s, "rack", rising=True)
+        .alias("power_trend_2m"),
     )
     horizon_min = horizon_s / 60.0
     # the highest load and supply of the last 10 minutes: what happened lately can happen again
@@ -217,16 +252,23 @@ def build_features(rows: pl.DataFrame, site: Site, *, step_s: int = DEFAULT_STEP
     peak_steps = max(1, round(PEAK_WINDOW_S / step_s))
     f = f.with_columns(pl.col("power_kw").rolling_max(peak_steps, min_samples=1).over("rack").alias("power_peak_kw"),
                        pl.col("supply_c").rolling_max(peak_steps, min_samples=1).over("rack").alias("supply_peak_c"))
+    f = _with_saturated_supply(f, step_s)
     f = f.with_columns(
         # the flow at the horizon if a sustained fall goes on (a step is already in the level)
         (pl.col("flow_lpm") + pl.col("flow_trend_5m").fill_null(0.0) * horizon_min)
         .clip(lower_bound=1.0).alias("flow_proj_lpm"),
         # the supply at the horizon: its recent peak, or further on a sustained rise
         pl.max_horizontal(pl.col("supply_peak_c"),
-                          pl.col("supply_c") + pl.col("supply_trend_5m").fill_null(0.0) * horizon_min)
+                          pl.col("supply_c") + pl.col("supply_trend_5m").fill_null(0.0) * horizon_min,
+                          pl.col("supply_settle_c"))
         .alias("supply_worst_c"),
+        # the load at the horizon: its recent peak, or further on a sustained ramp, never above
+        # the rack's peak power
+        pl.max_horizontal(pl.col("power_peak_kw"),
+                          pl.min_horizontal(pl.col("power_kw") + pl.col("power_trend_2m").fill_null(0.0) * horizon_min,
+                                            pl.col("rated_kw") * RACK_PEAK_OVER_RATED)).alias("power_worst_kw"),
     ).with_columns(
-        (pl.col("power_peak_kw") * pl.col("heat_to_liquid")
+        (pl.col("power_worst_kw") * pl.col("heat_to_liquid")
          / (pl.col("flow_proj_lpm") * cp_per_lpm)).clip(upper_bound=200.0).alias("dt_ss_peak_c"))
     f = f.with_columns(
         # linear extrapolation of the return to the horizon (2-min trend, rises only)
@@ -254,7 +296,8 @@ def build_features(rows: pl.DataFrame, site: Site, *, step_s: int = DEFAULT_STEP
             "balance_error_c",
             "flow_per_kw", "design_flow_per_kw", "dt_design_c", "dt_ss_c", "cdu_supply_c", "facility_c",
             "setpoint_c", "approach_c", "design_approach_c", "pumps_running", "working_pumps", "reservoir_pct",
-            *MODEL_FEATURES]
+            "supply_worst_c", "supply_settle_c", "cdu_heat_kw", "power_worst_kw", "flow_proj_lpm", "flow_trend_5m",
+            "supply_trend_5m", "power_trend_2m", *MODEL_FEATURES]
     seen: set[str] = set()
     keep = [c for c in keep if not (c in seen or seen.add(c))]
     # each row is stamped with the END of its bucket: the features use data up to that time only

@@ -37,6 +37,8 @@ HORIZON_HOURS = {"24h": 24, "7d": 168}
 QUANTILES = (0.5, 0.95, 0.99)
 MODEL_VERSION = "hgb-quantile-cqr/1"
 NAIVE_VERSION = "seasonal-naive/1"
+DIRECT_VERSION = "gumbel-daily-peaks-conformal/1"
+MIN_DIRECT_CALIBRATION = 20  # rows with a known peak the direct Gumbel model needs for its conformal offsets
 WEEK_H = 168
 MIN_SCALE_KW = 1.0  # an idle node has no meaningful relative scale; below this use 1 kW
 
@@ -86,6 +88,10 @@ class ForecastConfig(BaseModel):
     normalise: Literal["none", "center", "scale"] = Field("scale", description="Model and calibrate z = (peak - last 7 days' peak) / recent spread of "
                                              "window peaks, so that one global model and one conformal offset fit "
                                              "steady rack feeds and fluctuating aggregates alike")
+    model: Literal["gbm", "gumbel"] = Field(
+        "gbm", description="gbm: quantile gradient boosting on the normalised features; gumbel: the direct "
+                           "order-statistics model only (Gumbel quantile of the window peak + conformal shift), "
+                           "which is also the fallback when the history is too short for gbm")
     random_state: int = 0
 
 
@@ -109,7 +115,8 @@ class FeatureTable:
         if normalise == "none":
             return self.matrix(rows), np.zeros(rows.height), np.ones(rows.height)
         base = rows["base"].to_numpy().astype(np.float64)
-        spread = np.maximum(np.nan_to_num(rows["spread"].to_numpy().astype(np.float64), nan=SPREAD_FLOOR), SPREAD_FLOOR)
+        spread = rows["spread"].to_numpy().astype(np.float64)
+        spread = np.maximum(np.nan_to_num(spread, nan=SPREAD_FLOOR), SPREAD_FLOOR)
         if normalise == "center":
             levels = rows.select(LEVEL_FEATURES).to_numpy().astype(np.float64)
             shape = rows.select(SHAPE_FEATURES).to_numpy().astype(np.float64)
@@ -255,6 +262,17 @@ def _non_crossing(q: np.ndarray) -> np.ndarray:
     return np.maximum.accumulate(q, axis=1)
 
 
+class _GumbelLevel:
+    """The τ-quantile of a standard Gumbel variable, in the normalised model's z units (base is the
+    Gumbel location of the window peak, spread its scale): the direct order-statistics model."""
+
+    def __init__(self, level: float):
+        self.level = level
+
+    def predict(self, x: np.ndarray) -> np.ndarray:
+        return np.full(len(x), -math.log(-math.log(self.level)))
+
+
 class PeakForecaster:
     """Global quantile model of the scaled window peak, calibrated by split conformal.
 
@@ -304,7 +322,19 @@ class PeakForecaster:
             mine = naive_res[(nodes == node) & np.isfinite(naive_res)]
             if len(mine) >= MIN_NODE_NAIVE_RESIDUALS:
                 self.naive_node_offsets[str(node)] = [_conformal_offset(mine, q) for q in cfg.quantiles]
-        if fit_rows.height < cfg.min_training_rows or cal_rows.height < 20:
+        direct = cfg.model == "gumbel" or fit_rows.height < cfg.min_training_rows or cal_rows.height < 20
+        if direct and cfg.normalise == "scale" and rows.height >= MIN_DIRECT_CALIBRATION:
+            # no (or too little) history for the boosted model: the Gumbel quantile of the window
+            # peak itself, z = -ln(-ln τ), conformally shifted on every row with a known peak
+            x_all, base_all, spread_all = table.design(rows, cfg.normalise)
+            z_all = (rows["target"].to_numpy() - base_all) / spread_all
+            self.models = [_GumbelLevel(q) for q in cfg.quantiles]
+            self.offsets = [_conformal_offset(z_all - m.predict(x_all), m.level) for m in self.models]
+            self.group_offsets = {}
+            self.method = DIRECT_VERSION
+            self.n_train, self.n_calibration = 0, rows.height
+            return self
+        if direct:
             self.method = NAIVE_VERSION
             self.models = []
             self.n_train, self.n_calibration = 0, rows.height
@@ -447,6 +477,9 @@ def forecast_peaks(hourly_peaks: pl.DataFrame, timezone: str = "UTC", config: Fo
         else:
             if forecaster.method == NAIVE_VERSION:
                 notes[horizon] = "seasonal naive: too few training rows for the model"
+            elif forecaster.method == DIRECT_VERSION and cfg.model == "gbm":
+                notes[horizon] = ("direct Gumbel model of the daily peaks (conformal): too few training rows for "
+                                  "the boosted model")
         last = table.frame.group_by("node").agg(pl.col("ts").max().alias("ts"))
         rows = table.frame.join(last, on=["node", "ts"], how="inner").sort("node")
         q = forecaster.predict(table, rows)

@@ -48,7 +48,9 @@ class StreamingSettings(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     score_every_s: float = Field(10.0, gt=0, description="Risk scoring period")
-    window_s: float = Field(420.0, gt=0, description="Recent samples kept for the features (>= 5 min slopes + a bucket)")
+    window_s: float = Field(660.0, gt=0, description="Recent samples kept for the features: the longest look-back "
+                            "(the 10-min peaks of load and supply of the worst case) + a bucket, so live scores "
+                            "see what the model was trained and evaluated on")
     max_buffer_rows: int = Field(2_000_000, gt=0, description="Cap of the recent window; overflow drops the oldest")
     checks: CheckSettings = Field(default_factory=CheckSettings)
 

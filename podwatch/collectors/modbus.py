@@ -166,6 +166,8 @@ class Endpoint:
             ok = await asyncio.wait_for(self.client.connect(), timeout=max(timeout_s, 0.05) + 0.5)
         except (asyncio.TimeoutError, OSError) as exc:
             ok, err = False, exc
+        except Exception as exc:  # noqa: BLE001 - a serial port raises termios.error / ValueError on bad settings
+            ok, err = False, exc   # (e.g. a pty refusing even parity): a failed connect, never a dead poll task
         else:
             err = None
         if not ok:
@@ -177,7 +179,7 @@ class Endpoint:
                 log.warning("Cannot connect to Modbus endpoint; retrying with back-off",
                             extra=fields(endpoint=self.key, error=err or "connect failed", retry_in_s=round(delay, 2)))
                 self.down_logged = True
-            raise ModbusReadError("connection", f"cannot connect to {self.key}")
+            raise ModbusReadError("connection", f"cannot connect to {self.key}" + (f": {err!r}" if err else ""))
         if len(self.timeouts) == 1:
             self.client.comm_params.timeout_connect = next(iter(self.timeouts))
         if self.down_logged:

@@ -61,6 +61,9 @@ def register(app: typer.Typer) -> None:
         clock_origin: str = typer.Option(None, "--clock-origin",
                                          help="Share a clock with collectors: WALL_MS:SIM_MS (see podwatch.clock)"),
         tick: float = typer.Option(1.0, "--tick", help="Physics step in simulated seconds"),
+        serial: str = typer.Option("pty", "--serial", help="modbus-rtu serial devices: 'pty' (a socat pty pair per "
+                                                          "port; collectors open the site's port path), 'device' "
+                                                          "(serve on that real port) or 'off'"),
     ) -> None:
         """Serve every device of a site (Modbus servers per host:port, MQTT publishing) with live
         physics until Ctrl-C. `podwatch simulate history --help` for the Parquet history mode."""
@@ -70,6 +73,12 @@ def register(app: typer.Typer) -> None:
             raise ConfigError("podwatch simulate", ["--site: a site file is required (e.g. examples/sites/demo.yaml)"])
         if speed <= 0:
             raise ConfigError("--speed", [f"must be > 0, got {speed:g}"])
+        if serial not in ("pty", "device", "off"):
+            raise ConfigError("--serial", [f"must be pty, device or off, got {serial!r}"])
+        if tick <= 0:
+            raise ConfigError("--tick", [f"must be > 0 simulated seconds, got {tick:g}"])
+        if duration is not None and duration <= 0:
+            raise ConfigError("--duration", [f"must be > 0 simulated seconds, got {duration:g}"])
         from podwatch.clock import ScaledClock
         from podwatch.simulators.engine import Simulator
         from podwatch.simulators.scenario import Scenario
@@ -79,9 +88,12 @@ def register(app: typer.Typer) -> None:
         the_scenario = Scenario.load(scenario, the_site) if scenario else None
         if duration is None and the_scenario is not None and the_scenario.duration_s:
             duration = the_scenario.duration_s
-        clock = ScaledClock.from_spec(speed, clock_origin) if clock_origin else None
+        try:
+            clock = ScaledClock.from_spec(speed, clock_origin) if clock_origin else None
+        except ValueError:
+            raise ConfigError("--clock-origin", [f"{clock_origin!r}: expected WALL_MS:SIM_MS (integers, ms)"]) from None
         mqtt_url = None if no_mqtt else (mqtt or the_site.spec.mqtt.url)
-        asyncio.run(_serve(the_site, the_scenario, seed, speed, clock, mqtt_url, duration, truth_out, tick))
+        asyncio.run(_serve(the_site, the_scenario, seed, speed, clock, mqtt_url, duration, truth_out, tick, serial))
 
     @sim.command("history")
     def history(
@@ -104,24 +116,34 @@ def register(app: typer.Typer) -> None:
         from podwatch.simulators.scenario import Scenario
         from podwatch.site import load_site
 
+        problems = []
         if days <= 0 or resolution <= 0:
-            raise ConfigError("podwatch simulate history", ["--days and --resolution must be > 0"])
+            problems.append("--days and --resolution must be > 0")
+        elif resolution > days * 86400:
+            problems.append(f"--resolution {resolution} s is longer than the history ({days * 86400:g} s): no samples")
+        if episodes_per_day < 0:
+            problems.append(f"--episodes-per-day must be >= 0, got {episodes_per_day:g}")
+        if out.exists() and not out.is_dir():
+            problems.append(f"--out {out} exists and is not a directory")
+        if problems:
+            raise ConfigError("podwatch simulate history", problems)
+        start_ms = _parse_start(start)  # before the progress bar: a bad --start is an error, not a half-drawn bar
         the_site = load_site(site)
         scenarios = [Scenario.load(p, the_site) for p in (scenario or [])]
         with Progress(TextColumn("simulating"), BarColumn(), TextColumn("{task.completed:.2f}/{task.total:g} days"),
                       TimeElapsedColumn()) as bar:
             task = bar.add_task("history", total=days)
-            result = generate_history(the_site, days, resolution, scenarios, seed, out, _parse_start(start),
+            result = generate_history(the_site, days, resolution, scenarios, seed, out, start_ms,
                                       episodes_per_day, progress=lambda done, total: bar.update(task, completed=done))
         typer.echo(f"wrote {result.rows:,} samples ({days:g} days at {resolution} s) to {result.samples_path} "
                    f"in {result.seconds:.1f} s; ground truth: {len(result.truth.faults)} faults, "
                    f"{len(result.truth.breaches)} breaches ({out / 'truth.json'})")
 
 
-async def _serve(site, scenario, seed, speed, clock, mqtt_url, duration, truth_out, tick) -> None:
+async def _serve(site, scenario, seed, speed, clock, mqtt_url, duration, truth_out, tick, serial="pty") -> None:
     from podwatch.simulators.engine import Simulator
 
-    sim = Simulator(site, scenario, seed=seed, speed=speed, clock=clock, mqtt_url=mqtt_url, tick_s=tick)
+    sim = Simulator(site, scenario, seed=seed, speed=speed, clock=clock, mqtt_url=mqtt_url, tick_s=tick, serial=serial)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
@@ -144,11 +166,29 @@ async def _serve(site, scenario, seed, speed, clock, mqtt_url, duration, truth_o
             host, port = first.address.rsplit(":", 1)
             unit, dev = next(iter(first.units.items()))
             profile = load_profile(site.device(dev).profile, site.profiles_dir)
-            point = next(p for p in profile.points if p.data_type == "float32")
+            # mbpoll reads float32 as ABCD (-B) or CDAB only: pick a point it can show
+            point = next((p for p in profile.points if p.data_type == "float32" and profile.order_of(p) in ("ABCD", "CDAB")),
+                         None)
+            if point is not None:
+                table = 4 if point.register_type == "holding" else 3
+                order = " -B" if profile.order_of(point) == "ABCD" else ""
+                typer.echo(f"  try: mbpoll -m tcp -p {port} -a {unit} -0 -r {profile.wire_address(point)} -c 1 "
+                           f"-t {table}:float{order} -1 {host}   # {dev} {point.metric} (docs/devices.md)")
+        serial_ep = next((e for e in sim.served() if e.protocol == "modbus-rtu"), None)
+        if serial_ep is not None:
+            unit, dev = next(iter(serial_ep.units.items()))
+            line = site.device(dev).serial
+            parity = {"N": "none", "E": "even", "O": "odd"}[line.parity if sim.serial == "device" else "N"]
+            from podwatch.collectors.profiles import load_profile
+
+            profile = load_profile(site.device(dev).profile, site.profiles_dir)
+            point = next((p for p in profile.points if p.data_type == "float32" and profile.order_of(p) in ("ABCD", "CDAB")),
+                         profile.points[0])
             table = 4 if point.register_type == "holding" else 3
-            order = " -B" if profile.order_of(point) == "ABCD" else ""
-            typer.echo(f"  try: mbpoll -m tcp -p {port} -a {unit} -0 -r {profile.wire_address(point)} -c 1 "
-                       f"-t {table}:float{order} -1 {host}   # {dev} {point.metric} (docs/devices.md)")
+            kind = ":float" if point.data_type == "float32" and profile.order_of(point) in ("ABCD", "CDAB") else ""
+            order = " -B" if kind and profile.order_of(point) == "ABCD" else ""
+            typer.echo(f"  try: mbpoll -m rtu -b {line.baudrate} -P {parity} -a {unit} -0 -r {profile.wire_address(point)} "
+                       f"-c 1 -t {table}{kind}{order} -1 {serial_ep.address}   # {dev} {point.metric} (docs/devices.md)")
         last_report = started = loop.time()
         mqtt_checked = sim.mqtt is None
         while not stop.is_set():

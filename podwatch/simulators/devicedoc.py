@@ -41,6 +41,17 @@ Conventions:
 mbpoll reminders (Debian `mbpoll` 1.4): `-0 -r N` = zero-based wire address N; `-t 4` holding, `-t 3` input
 registers; `:float` reads float32 and `-c` then counts floats; `-B` = big-endian word order (ABCD), without
 it mbpoll uses CDAB; `-1` = poll once. mbpoll has no 64-bit types: read those as `:hex` words.
+
+Other framings: a serial line of the site (`modbus-rtu`, served by the simulator on a socat pty pair at the
+port path the site names): `mbpoll -m rtu -b 38400 -P none -a 1 ... /tmp/podwatch-lab-rs485`
+(`examples/sites/serial-lab.yaml`). mbpoll has no RTU-over-TCP mode; bridge the gateway's port to a pty
+and read it as RTU: `socat pty,link=/tmp/rtu0,raw,echo=0 tcp:127.0.0.1:19031 &` then
+`mbpoll -m rtu -b 19200 -P none -a 47 -0 -r 12306 -c 1 -t 4:float -B -1 /tmp/rtu0`
+(`examples/sites/rtu-gateways.yaml`, gateway `moxa_A.1`; the baud rate of a pty is not used).
+
+Read limits: a device or gateway with `max_registers_per_read` / `max_gap` in the site file (real serial
+gateways forward fewer than 125 registers) answers a longer read with exception 03 and a read across more
+undefined registers than `max_gap` with exception 02; `podwatch collect --plan` shows the limited plan.
 """
 
 

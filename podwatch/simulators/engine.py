@@ -82,12 +82,20 @@ class Simulator:
     tick_s: physics step. mqtt_url: publish MQTT devices there (None: not at all).
     serve_modbus: start the Modbus servers in `start()`. host: bind every server to this host instead
     of the site's. max_update_hz: register/MQTT refreshes per wall second at most.
+    serial: how `modbus-rtu` devices (serial lines) are served: "pty" (default) starts a socat pty
+    pair per serial port, whose collector end appears at the port path the site file names (e.g.
+    /tmp/podwatch-rs485-1), and serves RTU on the other end; "device" serves on that path directly
+    (a real serial adapter wired to the collector's); "off" does not serve them.
     """
 
     def __init__(self, site: Site, scenario: Scenario | str | Path | None = None, seed: int = 0, speed: float = 1.0,
                  start_time: datetime | int | None = None, clock: WallClock | ScaledClock | None = None,
                  tick_s: float = 1.0, mqtt_url: str | None = None, serve_modbus: bool = True,
-                 max_update_hz: float = 10.0, host: str | None = None) -> None:
+                 max_update_hz: float = 10.0, host: str | None = None, serial: str = "pty") -> None:
+        if serial not in ("pty", "device", "off"):
+            raise ValueError(f"serial must be pty, device or off, got {serial!r}")
+        self.serial = serial
+        self._serial_links: list[SerialLink] = []
         if speed <= 0:
             raise ValueError("speed must be > 0")
         if isinstance(scenario, (str, Path)):
@@ -211,6 +219,39 @@ class Simulator:
             groups.setdefault((d.protocol, self.host or d.host, d.port), []).append(DeviceRegisters(d, profile))
         self.endpoints = [ModbusEndpoint(host, port, regs, framing=proto) for (proto, host, port), regs in groups.items()]
 
+    def _serial_groups(self) -> dict[str, list[DeviceRegisters]]:
+        groups: dict[str, list[DeviceRegisters]] = {}
+        for d in self.site.devices:
+            if d.enabled and d.protocol == "modbus-rtu" and d.serial is not None:
+                profile = load_profile(d.profile, self.site.profiles_dir)
+                assert isinstance(profile, ModbusProfile)
+                groups.setdefault(d.serial.port, []).append(DeviceRegisters(d, profile))
+        return groups
+
+    async def _start_serial(self) -> None:
+        """Serve every serial line of the site (see `serial` in the class docstring)."""
+        from podwatch.simulators.modbus_server import serve_serial
+
+        for port, regs in self._serial_groups().items():
+            settings = regs[0].device.serial
+            serve_on, parity = port, settings.parity
+            if self.serial == "pty":
+                link = SerialLink(port)
+                self._serial_links.append(link)
+                serve_on = await link.start()
+                # A pty carries bytes, not bits on a wire: parity cannot be checked there, and Linux
+                # refuses some termios parity settings on ptys (EINVAL). The simulator's end runs 8N1.
+                parity = "N"
+            try:
+                _, endpoint = await serve_serial(serve_on, regs, baudrate=settings.baudrate, parity=parity,
+                                                 stopbits=settings.stopbits, bytesize=settings.bytesize)
+            except Exception as exc:  # pyserial: no such port, permission, busy
+                from podwatch.errors import PodwatchError
+
+                raise PodwatchError(f"cannot serve Modbus RTU on serial port {serve_on}: {exc}") from None
+            endpoint.display = port
+            self.endpoints.append(endpoint)
+
     def served(self) -> list[ServedEndpoint]:
         """What the simulator serves (for printing)."""
         out = [ServedEndpoint(e.framing, e.address, {u: r.device.id for u, r in sorted(e.devices.items())})
@@ -239,6 +280,8 @@ class Simulator:
                 self._build_endpoints()
                 for e in self.endpoints:
                     await e.start()
+                if self.serial != "off":
+                    await self._start_serial()
             if self.mqtt_url:
                 from podwatch.simulators.mqtt_publisher import MqttPublisher
 
@@ -310,6 +353,9 @@ class Simulator:
         endpoints, self.endpoints = self.endpoints, []
         for e in endpoints:
             await e.stop()
+        links, self._serial_links = self._serial_links, []
+        for link in links:
+            link.stop()
         if self.mqtt is not None:
             mqtt, self.mqtt = self.mqtt, None
             await asyncio.to_thread(mqtt.stop)
@@ -320,3 +366,57 @@ class Simulator:
 
     async def __aexit__(self, *exc) -> None:
         await self.stop()
+
+
+class SerialLink:
+    """A socat pty pair standing in for an RS-485 line: the collector opens `collector_path` (the
+    port named in the site file, created as a symlink), the simulator serves the other end."""
+
+    def __init__(self, collector_path: str) -> None:
+        self.collector_path = Path(collector_path)
+        self.sim_path = Path(f"{collector_path}.sim")
+        self._proc = None
+
+    async def start(self) -> str:
+        import shutil
+        import subprocess
+
+        from podwatch.errors import PodwatchError
+
+        for path in (self.collector_path, self.sim_path):
+            if path.exists() and not path.is_symlink():
+                raise PodwatchError(f"serial port {path} exists and is not a pty link; to serve a real serial "
+                                    "port use --serial device")
+        if not self.collector_path.parent.is_dir():
+            raise PodwatchError(f"cannot create the serial pty link {self.collector_path}: "
+                                f"{self.collector_path.parent} is not a directory")
+        socat = shutil.which("socat")
+        if socat is None:
+            raise PodwatchError("socat is not installed (apt-get install socat); it provides the pty pair for "
+                                "serial devices (or use --serial off / --serial device)")
+        self._proc = subprocess.Popen([socat, f"pty,raw,echo=0,link={self.sim_path}",
+                                       f"pty,raw,echo=0,link={self.collector_path}"],
+                                      stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + 5.0
+        while not (self.sim_path.exists() and self.collector_path.exists()):  # socat creates both links
+            if self._proc.poll() is not None or loop.time() > deadline:
+                err = self._proc.stderr.read().decode(errors="replace").strip() if self._proc.poll() is not None else ""
+                self.stop()
+                raise PodwatchError(f"socat could not create the pty pair at {self.collector_path}: {err or 'timeout'}")
+            await asyncio.sleep(0.02)  # polling a file system condition, bounded by the deadline
+        return str(self.sim_path)
+
+    def stop(self) -> None:
+        """Stop socat (it removes its links). Safe to call twice."""
+        proc, self._proc = self._proc, None
+        if proc is None:
+            return
+        proc.terminate()
+        try:
+            proc.wait(5)
+        except Exception:
+            proc.kill()
+            proc.wait(5)
+        if proc.stderr is not None:
+            proc.stderr.close()

@@ -124,11 +124,14 @@ class ModbusEndpoint:
         self.silent_units: set[int] = set()
         self.requests = 0
         self.largest_read: dict[int, int] = {}  # unit -> longest read (registers) it was asked for
+        self.display: str | None = None  # serial: the port path the collector opens (the pty link)
         self.server: ModbusTcpServer | None = None
         self._writing = False  # our own async_setValues also passes the action hook: never fault it
 
     @property
     def address(self) -> str:
+        if self.framing == "modbus-rtu":
+            return self.display or self.host  # a serial port path
         return f"{self.host}:{self.port}"
 
     async def _action(self, unit: int, function_code, start_address, address, count, current_registers, set_values):

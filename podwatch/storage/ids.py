@@ -60,10 +60,11 @@ class IdMap:
 
 
 def reading_rows_table(ts: pl.Series, device_ids: np.ndarray, seqs: pl.Series) -> pa.Table:
-    """The `reading_rows` of a batch of sample rows (ts, device_id, seq, n_points): one row per
-    run of rows with the same (device_id, seq, ts). The points of one reading must be
-    contiguous, as the decoder emits them (rows ordered by (device, ts) at reading granularity);
-    a vectorised run scan instead of a GROUP BY keeps it ~free on the write path."""
+    """The `reading_rows` of a batch of sample rows (ts, device_id, seq, n_points), ordered by
+    (ts, device_id, seq): one row per run of rows with the same (device_id, seq, ts). The points
+    of one reading must be contiguous, as the decoder emits them (rows ordered by (device, ts)
+    at reading granularity); a vectorised run scan instead of a GROUP BY keeps it ~free on the
+    write path. `ts` must be ms precision (polars Datetime("ms"), as decoded)."""
     n = len(device_ids)
     if n == 0:
         return pa.table({"ts": pa.array([], pa.timestamp("ms")), "device_id": pa.array([], pa.uint32()),
@@ -77,7 +78,10 @@ def reading_rows_table(ts: pl.Series, device_ids: np.ndarray, seqs: pl.Series) -
     starts[1:] |= ts_i[1:] != ts_i[:-1]
     first = np.flatnonzero(starts)
     counts = np.diff(np.append(first, n)).astype(np.uint32)
-    return pa.table({"ts": ts.to_arrow().take(pa.array(first)), "device_id": pa.array(device_ids[first], pa.uint32()),
+    # time order (not the rows' device order): small ts deltas and long seq runs compress best
+    order = np.lexsort((seq_i[first], device_ids[first], ts_i[first]))
+    first, counts = first[order], counts[order]
+    return pa.table({"ts": pa.array(ts_i[first], pa.timestamp("ms")), "device_id": pa.array(device_ids[first], pa.uint32()),
                      "seq": pa.array(seq_i[first], pa.uint64()), "n_points": pa.array(counts, pa.uint32())})
 
 
@@ -107,6 +111,6 @@ def insert_named_samples(con: duckdb.DuckDBPyConnection, select_sql: str, params
         INSERT INTO reading_rows
         SELECT n.ts, d.device_id, n.seq, count(*)
         FROM _named_samples n JOIN device_ids d ON d.device = n.device
-        GROUP BY ALL ORDER BY d.device_id, n.ts""")
+        GROUP BY ALL ORDER BY n.ts, d.device_id, n.seq""")
     con.execute("DROP TABLE _named_samples")
     return n

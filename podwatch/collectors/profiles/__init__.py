@@ -217,38 +217,52 @@ def decode_point(profile: ModbusProfile, point: RegisterPoint, registers: list[i
 
 def parse_profile_file(path: Path) -> ModbusProfile | MqttProfile:
     """Load one profile YAML; raises ConfigError listing every problem with its field path."""
-    try:
-        data = yaml.safe_load(path.read_text())
-    except (OSError, yaml.YAMLError) as exc:
-        raise ConfigError(str(path), [f"cannot read profile: {exc}"]) from None
+    from podwatch.site import model_field_names, pydantic_error_lines, read_yaml_file
+
+    data = read_yaml_file(path, "profile")  # one-line errors with line/column, duplicate keys, UTF-8
     if isinstance(data, dict):
         data.setdefault("protocol", "modbus")  # Modbus is the default profile protocol
     try:
         return _ProfileFile.model_validate({"profile": data}).profile
     except ValidationError as exc:
-        raise ConfigError(str(path), [_format_error(e) for e in exc.errors()]) from None
-
-
-def _format_error(err: dict) -> str:
-    loc = [str(x) for x in err["loc"] if x not in ("profile", "modbus", "mqtt")]
-    path = "".join(f"[{x}]" if x.isdigit() else f".{x}" for x in loc).lstrip(".")
-    return f"{path or '<root>'}: {err['msg']}"
+        raise ConfigError(str(path), pydantic_error_lines(exc, skip=("profile", "modbus", "mqtt"),
+                                                          fields_hint="docs/devices.md shows the profile fields",
+                                                          known_fields=model_field_names(ModbusProfile, MqttProfile))) from None
 
 
 @lru_cache(maxsize=None)
-def _load_dir(directory: str) -> dict[str, ModbusProfile | MqttProfile]:
+def _load_dir(directory: str) -> tuple[dict[str, ModbusProfile | MqttProfile], tuple[str, ...]]:
+    """(profiles by id, one error line per problem, prefixed with the file name). A broken file does
+    not hide the good ones."""
     found: dict[str, ModbusProfile | MqttProfile] = {}
+    errors: list[str] = []
     for path in sorted(Path(directory).glob("*.yaml")):
-        profile = parse_profile_file(path)
+        try:
+            profile = parse_profile_file(path)
+        except ConfigError as exc:
+            errors.extend(f"{path.name}: {e}" for e in exc.errors)
+            continue
         found[profile.id] = profile
-    return found
+    return found, tuple(errors)
+
+
+def profiles_with_errors(extra_dir: Path | None = None) -> tuple[dict[str, ModbusProfile | MqttProfile], list[str]]:
+    """Built-in profiles, overridden/extended by the loadable files of a site's profiles directory,
+    and the errors of the files that could not be loaded."""
+    profiles, errors = dict(_load_dir(str(PROFILES_DIR))[0]), list(_load_dir(str(PROFILES_DIR))[1])
+    if extra_dir is not None:
+        extra, extra_errors = _load_dir(str(Path(extra_dir).resolve()))
+        profiles.update(extra)
+        errors.extend(extra_errors)
+    return profiles, errors
 
 
 def available_profiles(extra_dir: Path | None = None) -> dict[str, ModbusProfile | MqttProfile]:
-    """Built-in profiles, overridden/extended by a site's own profiles directory."""
-    profiles = dict(_load_dir(str(PROFILES_DIR)))
-    if extra_dir is not None:
-        profiles.update(_load_dir(str(Path(extra_dir).resolve())))
+    """Built-in profiles, overridden/extended by a site's own profiles directory (ConfigError if a
+    file there is broken)."""
+    profiles, errors = profiles_with_errors(extra_dir)
+    if errors:
+        raise ConfigError(str(extra_dir or PROFILES_DIR), errors)
     return profiles
 
 

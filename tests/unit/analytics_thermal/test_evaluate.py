@@ -90,3 +90,28 @@ def test_reference_detector_fires_near_the_limit():
     feats = pl.DataFrame({"rack": ["r"] * 2, "ts": [T0, T0 + timedelta(seconds=10)], "return_c": [40.0, 51.0],
                           "margin_c": [15.0, 4.0]})
     assert ReturnThresholdBaseline().score(feats)["probability"].to_list() == [0.0, 1.0]
+
+
+def test_per_kind_table_ceiling_and_unconfirmed_alarms():
+    # r1: slow fault, alarm from 60 s, breach at 300 s (onset 0) -> hit, predictable
+    # r2: pump trip at 250 s, breach at 300 s, alarm from 260 s -> miss, not predictable
+    # r3: alarm episode with no breach of r3 -> unconfirmed (a near miss, not a false alarm)
+    feats = pl.concat([frame("r1", [0.0] * 6 + [0.9] * 25), frame("r2", [0.0] * 26 + [0.9] * 5),
+                       frame("r3", [0.0] * 10 + [0.9] * 3 + [0.0] * 18)])
+    breaches = pl.DataFrame({"rack": ["r1", "r2"], "breach_ts": [T0 + timedelta(seconds=300)] * 2,
+                             "fault_kind": ["hx_fouling", "pump_failure"],
+                             "onset_ts": [T0, T0 + timedelta(seconds=250)]})
+    report = evaluate_runs(FixedScores(), [EvalRun("run", feats, breaches)])
+    assert report.recall_at_2min == 0.5
+    assert report.recall_ceiling_at_2min == 0.5  # only r1 breached >= 2 min after its onset
+    assert report.recall_predictable_at_2min == 1.0
+    kinds = {k.kind: k for k in report.by_kind}
+    assert kinds["hx_fouling"].breaches == 1 and kinds["hx_fouling"].recall_at_2min == 1.0
+    assert kinds["hx_fouling"].alarm_after_onset_median_s == 60.0
+    pump = kinds["pump_failure"]
+    assert (pump.breaches, pump.predictable, pump.onset_to_breach_min_s) == (1, 0, 50.0)
+    assert pump.recall_at_2min == 0.0 and pump.recall_predictable_at_2min is None
+    assert pump.alarm_after_onset_median_s == 10.0 and pump.median_lead_s == 40.0
+    assert (report.fault_run_alarms, report.unconfirmed_alarms) == (3, 1)
+    text = "\n".join(report.summary_lines())
+    assert "ceiling 0.500" in text and "pump_failure" in text and "1 not followed by a breach" in text

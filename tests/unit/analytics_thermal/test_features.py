@@ -108,3 +108,43 @@ def test_empty_input_gives_an_empty_frame_with_the_model_columns():
     empty = healthy_rows(SITE, 0, 1).clear()
     f = build_features(empty, SITE)
     assert f.is_empty() and set(MODEL_FEATURES) <= set(f.columns)
+
+
+def _flow(rows_override, seconds=661):
+    rows = healthy_rows(SITE, 0, seconds, load=0.9, noise=False, override=_rack_override("rack.liquid_flow_lpm", rows_override))
+    return build_features(rows, SITE, horizon_s=300).filter(pl.col("rack") == RACK).row(-1, named=True)
+
+
+def test_a_flow_step_is_not_extrapolated_but_a_sustained_fall_is():
+    # a step to 70 % at 500 s (a pump trip): already in the level, nothing more is projected
+    step = _flow(lambda t, v: v * 0.7 if t >= 500 else v)
+    assert step["flow_trend_5m"] == 0.0
+    assert step["flow_proj_lpm"] == pytest.approx(step["flow_lpm"])
+    # a fall of 3 L/min per minute over the last 8 min (a choking strainer) goes on to the horizon
+    ramp = _flow(lambda t, v: v - 3.0 * max(0, t - 180) / 60.0)
+    assert ramp["flow_trend_5m"] == pytest.approx(-3.0, rel=1e-3)
+    assert ramp["flow_proj_lpm"] == pytest.approx(ramp["flow_lpm"] - 15.0, rel=1e-3)
+    assert ramp["worst_margin_c"] < ramp["margin_ss_c"]
+
+
+def test_a_saturated_cdu_supply_follows_its_heat_load():
+    cdu = SITE.cdu(SITE.rack(RACK).cdu)
+
+    def override(t, kind, entity, metric, value):
+        if metric in ("rack.power_kw", "pdu.power_kw") and t >= 600:
+            return value * 1.3  # a module-wide load step 60 s ago, the supply has not moved yet
+        if metric in ("cdu.supply_temp_c", "rack.liquid_supply_temp_c") and saturated:
+            return value + 6.0  # supply 6 K above setpoint: the CDU cannot hold it
+        return value
+
+    saturated = True
+    row = build_features(healthy_rows(SITE, 0, 661, load=0.7, noise=False, override=override), SITE) \
+        .filter(pl.col("rack") == RACK).row(-1, named=True)
+    approach = cdu.supply_setpoint_c + 6.0 - cdu.facility_supply_c
+    # the heat of the last 2 min is half old (0.7) and half new (0.91) load: ratio 0.91 / 0.805
+    assert row["supply_settle_c"] == pytest.approx(row["supply_c"] + approach * (0.91 / 0.805 - 1.0), rel=1e-3)
+    assert row["supply_worst_c"] >= row["supply_settle_c"]
+    saturated = False
+    held = build_features(healthy_rows(SITE, 0, 661, load=0.7, noise=False, override=override), SITE) \
+        .filter(pl.col("rack") == RACK).row(-1, named=True)
+    assert held["supply_settle_c"] is None  # supply at setpoint: the exchanger has headroom, nothing to infer

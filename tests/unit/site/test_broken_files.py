@@ -63,6 +63,9 @@ EXPECTED: dict[str, list[str]] = {
         "power.feeders[0].meter.max_registers_per_read: meter.energy_kwh: int64 needs 4 registers",
         "modules[0].racks[0].sensors: max_registers_per_read / max_gap apply to Modbus devices, not MQTT"],
     "syntax-error.yaml": ["line 3, column 6: invalid YAML"],
+    "alias-bomb.yaml": ["<root>: the site file expands to more than 2,000,000 values"],
+    "recursive-alias.yaml": ["line 2, column 7: invalid YAML: found unconstructable recursive node"],
+    "timezone-case.yaml": ["site.timezone: unknown time zone 'europe/berlin'; did you mean 'Europe/Berlin'?"],
     "duplicate-key.yaml": ["line 3, column 1: invalid YAML: duplicate key 'site' (first at line 2)"],
     "empty.yaml": ["<root>: the site file is empty"],
     "only-comments.yaml": ["<root>: the site file holds only comments"],
@@ -186,3 +189,78 @@ def test_no_site_checks_print_an_empty_device_summary(tmp_path):
                     "modules: [{id: m, cdus: [{id: c, capacity_kw: 200, racks: [r]}], racks: [{id: r, rated_kw: 100, feeds: {a: a, b: b}}]}]\n")
     result = CliRunner().invoke(app, ["config", "validate", str(bare)])
     assert result.exit_code == 0 and "devices 0 (nothing to collect" in result.output
+
+
+# ------------------------------------------------------------------ flags that used to give tracebacks
+
+
+@pytest.mark.parametrize("args, expected", [
+    (["--tick", "0", "--duration", "2"], "--tick"),                # ZeroDivisionError in the physics loop
+    (["--duration", "-5"], "--duration"),                          # ran and stopped at t=0
+    (["--port-offset", "60000", "--duration", "1"], "75021 is outside 1..65535"),  # OverflowError in bind()
+    (["--clock-origin", "garbage", "--duration", "1"], "expected WALL_MS:SIM_MS"),  # ValueError
+])
+def test_simulate_flag_errors_are_config_errors(args, expected):
+    result = CliRunner().invoke(app, ["simulate", "--site", str(DEMO), "--no-mqtt", *args])
+    assert isinstance(result.exception, ConfigError), result.exception
+    assert result.exception.exit_code == 2
+    assert expected in str(result.exception)
+
+
+def test_collect_port_offset_out_of_range_is_a_config_error():
+    result = CliRunner().invoke(app, ["collect", "--site", str(DEMO), "--port-offset", "-20000", "--plan"])
+    assert isinstance(result.exception, ConfigError)
+    assert "port 15010 + offset -20000 = -4990 is outside 1..65535" in str(result.exception)
+
+
+@pytest.mark.parametrize("args, expected", [
+    (["--days", "0.02", "--resolution", "100000"], "longer than the history"),  # wrote 0 samples, exit 0
+    (["--days", "0.01", "--episodes-per-day", "-1"], "--episodes-per-day must be >= 0"),  # silently ignored
+    (["--days", "0.01", "--start", "yesterday"], "'yesterday' is not an ISO date/time"),
+])
+def test_history_flag_errors(tmp_path, args, expected):
+    result = CliRunner().invoke(app, ["simulate", "history", "--site", str(DEMO), "--out", str(tmp_path / "h"), *args])
+    assert isinstance(result.exception, ConfigError), result.output
+    assert expected in str(result.exception)
+    assert not (tmp_path / "h").exists()
+
+
+def test_history_out_that_is_a_file_is_a_config_error(tmp_path):
+    out = tmp_path / "afile"
+    out.write_text("x")
+    result = CliRunner().invoke(app, ["simulate", "history", "--site", str(DEMO), "--days", "0.01", "--out", str(out)])
+    assert isinstance(result.exception, ConfigError)  # was FileExistsError from mkdir
+    assert "exists and is not a directory" in str(result.exception)
+
+
+def test_a_broken_profile_is_named_and_does_not_hide_the_good_ones(tmp_path):
+    """Was: one multi-line YAML error without the file name, then 'unknown profile ...; known: none'
+    for every device of the site."""
+    profiles = tmp_path / "profiles"
+    profiles.mkdir()
+    (profiles / "acme-pdu.yaml").write_text(
+        "id: acme-pdu\nkind: pdu\nvendor: ACME\nmodel: P1\naddress_base: 1\n"
+        "points:\n  - {metric: pdu.power_kw, address: 101, data_type: int32, scale: 0.01, unit: kW}\n")
+    (profiles / "broken.yaml").write_text("id: broken\nkind: pdu\npoints: [\n")
+    (profiles / "typo.yaml").write_text("id: typo\nkind: pdu\nvendr: x\nmodel: y\n"
+                                        "points: [{metric: pdu.power_kw, address: 1, data_type: float33}]\n")
+    site = tmp_path / "site.yaml"
+    site.write_text("site: {id: pf}\nprofiles_dir: profiles\n"
+                    "power: {transformers: [{id: t1, rating_kva: 500}], feeders: [{id: a, transformer: t1, side: a, rating_a: 400},"
+                    " {id: b, transformer: t1, side: b, rating_a: 400}]}\n"
+                    "modules: [{id: m, cdus: [{id: c, capacity_kw: 200, racks: [r]}], racks: [{id: r, rated_kw: 100,"
+                    " feeds: {a: a, b: b}, pdus: {a: {id: pa, profile: acme-pdu, host: 127.0.0.1, port: 23501}}}]}]\n")
+    with pytest.raises(ConfigError) as exc:
+        load_site(site)
+    assert exc.value.errors == [
+        "profiles_dir: broken.yaml: line 4, column 1: invalid YAML: expected the node content, but found '<stream end>'",
+        "profiles_dir: typo.yaml: vendor: required field is missing",
+        "profiles_dir: typo.yaml: points[0].data_type: Input should be 'int16', 'uint16', 'int32', 'uint32', 'float32', "
+        "'int64', 'uint64', 'float64' or 'bool', got 'float33'",
+        "profiles_dir: typo.yaml: vendr: unknown field; did you mean 'vendor'?"]
+    (profiles / "broken.yaml").unlink()
+    (profiles / "typo.yaml").unlink()
+    from podwatch.collectors.profiles import _load_dir
+
+    _load_dir.cache_clear()  # the directory's files changed within this process
+    assert load_site(site).device("pa").profile == "acme-pdu"
