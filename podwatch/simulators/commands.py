@@ -93,6 +93,11 @@ def register(app: typer.Typer) -> None:
         except ValueError:
             raise ConfigError("--clock-origin", [f"{clock_origin!r}: expected WALL_MS:SIM_MS (integers, ms)"]) from None
         mqtt_url = None if no_mqtt else (mqtt or the_site.spec.mqtt.url)
+        if the_scenario is not None and duration is not None:
+            for i, f in enumerate(the_scenario.faults):
+                if f.onset_s >= duration:
+                    typer.echo(f"  warning: faults[{i}] ({f.id}) starts at {f.onset_s:g} s, after --duration "
+                               f"{duration:g} s: it will not happen in this run", err=True)
         asyncio.run(_serve(the_site, the_scenario, seed, speed, clock, mqtt_url, duration, truth_out, tick, serial))
 
     @sim.command("history")
@@ -130,6 +135,10 @@ def register(app: typer.Typer) -> None:
         start_ms = _parse_start(start)  # before the progress bar: a bad --start is an error, not a half-drawn bar
         the_site = load_site(site)
         scenarios = [Scenario.load(p, the_site) for p in (scenario or [])]
+        late = [f"{path}: faults[{i}] ({f.id}) starts at {f.onset_s:g} s, after the history's end ({days * 86400:g} s)"
+                for path, sc in zip(scenario or [], scenarios) for i, f in enumerate(sc.faults) if f.onset_s >= days * 86400]
+        if late:  # it would sit in the ground truth as a fault that never happened
+            raise ConfigError("podwatch simulate history", late)
         with Progress(TextColumn("simulating"), BarColumn(), TextColumn("{task.completed:.2f}/{task.total:g} days"),
                       TimeElapsedColumn()) as bar:
             task = bar.add_task("history", total=days)

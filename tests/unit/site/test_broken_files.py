@@ -264,3 +264,12 @@ def test_a_broken_profile_is_named_and_does_not_hide_the_good_ones(tmp_path):
 
     _load_dir.cache_clear()  # the directory's files changed within this process
     assert load_site(site).device("pa").profile == "acme-pdu"
+
+
+def test_history_rejects_a_fault_that_starts_after_its_end(tmp_path):
+    late = tmp_path / "late.yaml"
+    late.write_text("name: late\nfaults:\n  - {kind: pump_failure, target: cdu-m1, onset_s: 999999, pumps: [1, 2]}\n")
+    result = CliRunner().invoke(app, ["simulate", "history", "--site", str(DEMO), "--days", "0.05",
+                                      "--out", str(tmp_path / "h"), "--scenario", str(late)])
+    assert isinstance(result.exception, ConfigError)  # was: written to the truth as a fault that never happened
+    assert "faults[0] (pump_failure-0) starts at 999999 s, after the history's end (4320 s)" in str(result.exception)
