@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import inspect
 import logging
 import random
@@ -100,6 +101,12 @@ class SinkSettings(BaseModel):
     stuck_after_s: float = Field(30.0, gt=0, description="/healthz fails when lag > 0 and nothing committed this long")
     lag_limit_messages: int = Field(1_000_000, gt=0, description="/healthz fails when lag exceeds this and keeps growing")
     storage: StorageSettings = Field(default_factory=StorageSettings)
+    gc_gen0_threshold: int | None = Field(
+        50_000, gt=0,
+        description="On start, raise the interpreter's generation-0 GC threshold to this (process-wide; "
+                    "never lowered). A batch holds ~100k young objects (Kafka records, parsed dicts): at "
+                    "Python's default of 700 the collector walks them ~140 times per batch, ~20 % of the "
+                    "event loop's CPU. None: leave the interpreter's setting alone.")
 
 
 @dataclass
@@ -216,6 +223,10 @@ class DuckDBSink:
 
     async def start(self) -> None:
         s = self.settings
+        if s.gc_gen0_threshold is not None:
+            gen0, gen1, gen2 = gc.get_threshold()
+            if gen0 < s.gc_gen0_threshold:
+                gc.set_threshold(s.gc_gen0_threshold, gen1, gen2)
         self._write_cursor = self.db.cursor()
         write_retention_settings(self._write_cursor, s.storage)
         await asyncio.to_thread(self._dedup.load, self._write_cursor)

@@ -52,3 +52,26 @@ async def test_unreachable_broker_is_a_clear_error_after_retries(tmp_path, free_
     finally:
         await sink.stop()
         db.close()
+
+
+async def test_start_raises_the_gc_threshold_and_never_lowers_it(tmp_path, free_port):
+    import gc
+
+    import pytest
+
+    from podwatch.errors import PodwatchError
+
+    saved = gc.get_threshold()
+    db = Database(tmp_path / "g.duckdb")
+    try:
+        for configured, before, after in ((50_000, 700, 50_000), (None, 700, 700), (50_000, 80_000, 80_000)):
+            gc.set_threshold(before, saved[1], saved[2])
+            sink = DuckDBSink(db, SinkSettings(kafka=f"127.0.0.1:{free_port}", connect_timeout_s=0.2,
+                                               gc_gen0_threshold=configured))
+            with pytest.raises(PodwatchError):  # no broker: start fails after setting the threshold
+                await sink.start()
+            await sink.stop()
+            assert gc.get_threshold() == (after, saved[1], saved[2])
+    finally:
+        gc.set_threshold(*saved)
+        db.close()
