@@ -348,6 +348,7 @@ class DuckDBSink:
 
     async def _seek_assigned(self, tps: list[TopicPartition]) -> None:
         await self._drain_write()
+        self._keep_partition_state({tp.partition for tp in tps})
         stored = self._stored_offsets()
         for tp in tps:
             if tp.partition in stored:
@@ -664,6 +665,10 @@ class DuckDBSink:
         if now - self._last_retention >= storage.retention_every_s:
             self._last_retention = now
             apply_retention(cur, storage)
+
+    def _keep_partition_state(self, assigned: set[int]) -> None:
+        """Partitions another group member now reads must not hold rollups back."""
+        self._partition_newest_ms = {p: ts for p, ts in self._partition_newest_ms.items() if p in assigned}
 
     def _partition_skew_s(self) -> float:
         """How far the partitions still being caught up are behind the newest reading (s).

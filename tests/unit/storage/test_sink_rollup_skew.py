@@ -33,3 +33,16 @@ def test_skew_is_how_far_lagging_partitions_are_behind_the_newest(tmp_path):
         assert sink._partition_skew_s() == 0.0  # the lagging one is the newest
     finally:
         db.close()
+
+
+def test_partitions_no_longer_assigned_are_forgotten(tmp_path):
+    db = Database(tmp_path / "a.duckdb")
+    try:
+        sink = DuckDBSink(db, SinkSettings(kafka="127.0.0.1:1"))
+        sink._partition_newest_ms = {0: 1_000_000, 1: 700_000}
+        sink.stats.lag = {0: 0, 1: 9}  # partition 1's last lag, before a rebalance moved it away
+        sink._keep_partition_state({0})  # what _seek_assigned does with a new assignment
+        assert sink._partition_newest_ms == {0: 1_000_000}
+        assert sink._partition_skew_s() == 0.0
+    finally:
+        db.close()
