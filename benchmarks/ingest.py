@@ -7,7 +7,8 @@ p95 latency of the dashboard queries on a large table.
 3. The DuckDB sink (decode, dedup, one transaction per batch with the offsets, rollups) reads
    the same messages from the start into a fresh file (points/s, messages/s). Figure: the ratio.
 4. Bytes per stored point: file size after CHECKPOINT / points (everything in the file counted:
-   samples, rollups, latest values, offsets).
+   samples, readings, rollups, latest values, offsets), and where they go: bytes per point of
+   each column of the big tables (`column_bytes`, from `pragma_storage_info`).
 5. Dashboard queries (the API's own query functions) on `--big-samples` rows generated directly
    with SQL (1000 devices x 25 metrics at 1 s, sorted like the sink writes), rollups computed,
    each query run `--repeat` times: p50 / p95.
