@@ -1017,10 +1017,42 @@ def load_site(path: str | Path, port_offset: int = 0) -> Site:
     return parse_site(data, str(path), path, port_offset)
 
 
+_PLACEHOLDER_SCHEMA = {"type": "string", "pattern": r"\{[^{}]+\}",
+                       "description": "a template placeholder such as '{i+100}', rendered before validation"}
+
+
+def _accept_templates(node: Any) -> Any:
+    """Make a pydantic schema accept what the file may hold before templates are expanded: any list
+    item may be a template, and a number or an id may be a placeholder string ("{i}", "m{i}-r{j:02d}").
+    Without this an editor flagged every templated example site as invalid."""
+    if isinstance(node, list):
+        return [_accept_templates(x) for x in node]
+    if not isinstance(node, dict):
+        return node
+    node = {k: _accept_templates(v) for k, v in node.items()}
+    if node.get("type") == "array" and "items" in node:
+        node["items"] = {"anyOf": [node["items"], {"$ref": "#/$defs/Template"}]}
+    if node.get("type") in ("integer", "number") or (node.get("type") == "string" and "pattern" in node):
+        keep = {k: node.pop(k) for k in ("title", "description", "default") if k in node}
+        node = {**keep, "anyOf": [node, _PLACEHOLDER_SCHEMA]}
+    return node
+
+
 def site_json_schema() -> dict:
     """JSON Schema of the site file (templates are expanded before validation, so any list item may
     also be `{template: <item>, range: [first, last]}`)."""
-    schema = SiteSpec.model_json_schema()
+    schema = _accept_templates(SiteSpec.model_json_schema())
+    schema.setdefault("$defs", {})["Template"] = {
+        "type": "object", "required": ["template"], "additionalProperties": False,
+        "description": "A list item repeated per loop value: {template: <item>, range: [first, last]} (variable i) "
+                       "or {template: <item>, for: {name: [first, last], ...}}",
+        "properties": {
+            "template": {},
+            "range": {"type": "array", "items": {"type": "integer"}, "minItems": 2, "maxItems": 2},
+            "for": {"type": "object", "minProperties": 1,
+                    "additionalProperties": {"type": "array", "items": {"type": "integer"}, "minItems": 2, "maxItems": 2}},
+        },
+    }
     schema["$schema"] = "https://json-schema.org/draft/2020-12/schema"
     schema["title"] = "podwatch site"
     schema["description"] = ("One site: power path, modules, CDUs, racks and devices. Any list item may be a template "
