@@ -43,7 +43,7 @@ from aiokafka.admin import AIOKafkaAdminClient, NewTopic  # noqa: E402
 from podwatch import procs  # noqa: E402
 from podwatch.samples import Reading  # noqa: E402
 from podwatch.storage import queries  # noqa: E402
-from podwatch.storage.db import Database  # noqa: E402
+from podwatch.storage.db import BLOCK_SIZE, Database  # noqa: E402
 from podwatch.storage.ids import insert_named_samples  # noqa: E402
 from podwatch.storage.rollups import advance_rollups  # noqa: E402
 from podwatch.storage.sink import DuckDBSink, SinkSettings  # noqa: E402
@@ -303,7 +303,7 @@ def samples_only_bytes(path: Path) -> int:
     import duckdb
 
     copy = path.with_name("samples-only.duckdb")
-    con = duckdb.connect(str(copy))
+    con = duckdb.connect(str(copy), config={"default_block_size": str(BLOCK_SIZE)})  # as Database creates files
     con.execute(f"ATTACH '{path}' AS src (READ_ONLY)")
     con.execute("CREATE TABLE samples AS SELECT * FROM src.sample_rows")
     con.execute("CREATE TABLE readings AS SELECT * FROM src.reading_rows")
