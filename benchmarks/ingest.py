@@ -7,7 +7,8 @@ p95 latency of the dashboard queries on a large table.
 3. The DuckDB sink (decode, dedup, one transaction per batch with the offsets, rollups) reads
    the same messages from the start into a fresh file (points/s, messages/s). Figure: the ratio.
 4. Bytes per stored point: file size after CHECKPOINT / points (everything in the file counted:
-   samples, rollups, latest values, offsets).
+   samples, readings, rollups, latest values, offsets), and where they go: bytes per point of
+   each column of the big tables (`column_bytes`, from `pragma_storage_info`).
 5. Dashboard queries (the API's own query functions) on `--big-samples` rows generated directly
    with SQL (1000 devices x 25 metrics at 1 s, sorted like the sink writes), rollups computed,
    each query run `--repeat` times: p50 / p95.
@@ -42,7 +43,7 @@ from aiokafka.admin import AIOKafkaAdminClient, NewTopic  # noqa: E402
 from podwatch import procs  # noqa: E402
 from podwatch.samples import Reading  # noqa: E402
 from podwatch.storage import queries  # noqa: E402
-from podwatch.storage.db import Database  # noqa: E402
+from podwatch.storage.db import BLOCK_SIZE, Database  # noqa: E402
 from podwatch.storage.ids import insert_named_samples  # noqa: E402
 from podwatch.storage.rollups import advance_rollups  # noqa: E402
 from podwatch.storage.sink import DuckDBSink, SinkSettings  # noqa: E402
@@ -302,7 +303,7 @@ def samples_only_bytes(path: Path) -> int:
     import duckdb
 
     copy = path.with_name("samples-only.duckdb")
-    con = duckdb.connect(str(copy))
+    con = duckdb.connect(str(copy), config={"default_block_size": str(BLOCK_SIZE)})  # as Database creates files
     con.execute(f"ATTACH '{path}' AS src (READ_ONLY)")
     con.execute("CREATE TABLE samples AS SELECT * FROM src.sample_rows")
     con.execute("CREATE TABLE readings AS SELECT * FROM src.reading_rows")

@@ -24,8 +24,9 @@ from pathlib import Path
 import httpx
 import typer
 
+from podwatch.stream.config import kafka_option_callback
 from podwatch import procs
-from podwatch.errors import PodwatchError
+from podwatch.errors import PodwatchError, user_errors
 
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_SITE = ROOT / "examples" / "sites" / "demo.yaml"
@@ -82,10 +83,14 @@ def choose_port_offset(site, tries: int = 50) -> int:
 
 class Demo:
     def __init__(self, opts: DemoOptions) -> None:
+        from podwatch.simulators.scenario import Scenario
         from podwatch.site import load_site
 
         self.opts = opts
         self.site = load_site(opts.site)
+        # Checked against the site before any child starts: a broken scenario is a config error
+        # naming its field, not a simulator child that dies a few seconds into the demo.
+        self.scenario = Scenario.load(opts.scenario, self.site) if opts.scenario else None
         self.state = DemoState()
         self.data = opts.data_dir.resolve()
         self.logs = self.data / "logs"
@@ -206,16 +211,11 @@ class Demo:
             self._announce_faults()
 
     def _announce_faults(self) -> None:
-        import yaml
-
-        spec = yaml.safe_load(Path(self.opts.scenario).read_text()) or {}
-        self._pending_announcements = sorted(
-            ((float(f.get("onset_s", 0)), f"injecting {f.get('kind', 'fault').replace('_', ' ')} on {f.get('target')}")
-             for f in spec.get("faults", [])), key=lambda x: x[0])
-        self._pending_announcements += sorted(
-            ((float(f["onset_s"]) + float(f["duration_s"]), f"clearing {f.get('kind', 'fault').replace('_', ' ')} "
-              f"on {f.get('target')}") for f in spec.get("faults", []) if f.get("duration_s")), key=lambda x: x[0])
-        self._pending_announcements.sort(key=lambda x: x[0])
+        faults = self.scenario.faults if self.scenario else []
+        announcements = [(f.onset_s, f"injecting {f.kind.replace('_', ' ')} on {f.target}") for f in faults]
+        announcements += [(f.onset_s + f.duration_s, f"clearing {f.kind.replace('_', ' ')} on {f.target}")
+                          for f in faults if f.duration_s]
+        self._pending_announcements = sorted(announcements, key=lambda x: x[0])
 
     # ------------------------------------------------------------------ live view
     def poll_api(self, client: httpx.Client) -> dict:
@@ -363,12 +363,13 @@ class Demo:
 
 def register(app: typer.Typer) -> None:
     @app.command("demo")
+    @user_errors
     def demo(
         site: Path = typer.Option(DEFAULT_SITE, help="Site file"),
         scenario: Path = typer.Option(DEFAULT_SCENARIO, help="Fault scenario (default: pump failure at 60 s, repaired later)"),
         speed: float = typer.Option(1.0, help="Simulated seconds per wall second"),
         duration: float = typer.Option(None, help="Stop after this many simulated seconds (default: until Ctrl-C)"),
-        kafka: str = typer.Option(None, help="Use this Kafka instead of a local Tansu broker"),
+        kafka: str = typer.Option(None, help="Use this Kafka instead of a local Tansu broker", callback=kafka_option_callback),
         mqtt: str = typer.Option(None, help="Use this MQTT broker URL instead of a local one"),
         alertmanager: str = typer.Option(None, help="Alertmanager URL to send alerts to"),
         data_dir: Path = typer.Option(Path("data"), help="Where the DuckDB file, models, logs go"),

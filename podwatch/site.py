@@ -88,6 +88,17 @@ class DeviceSpec(_Model):
     timeout_s: float | None = Field(None, gt=0, description="Per-request timeout; default: gateway's or site default")
     tag_path: str | None = Field(None, description="MQTT (BMS): tag path in topics; default: <site>/<module>/<entity>")
     enabled: bool = True
+    @field_validator("tag_path")
+    @classmethod
+    def _tag_path(cls, v: str | None) -> str | None:
+        if v is None:
+            return v
+        if "+" in v or "#" in v:
+            raise ValueError(f"'{v}' contains an MQTT wildcard (+ or #); topics cannot")
+        if v.startswith("/") or v.endswith("/") or "//" in v or not v.strip():
+            raise ValueError(f"'{v}' has an empty topic level (leading, trailing or double '/')")
+        return v
+
     max_registers_per_read: int | None = Field(
         None, ge=1, le=125, description="Largest read this device answers; the plan uses the smallest of this, "
                                         "the gateway's and the profile's (or the collector's --max-registers)")
@@ -842,7 +853,7 @@ def _site_checks(spec: SiteSpec, source: Path | None) -> tuple[list[str], Site]:
             key = (host, port, dev.unit_id)
             if key in seen_addr:
                 errors.append(f"{path}.unit_id: {host}:{port} unit {dev.unit_id} is already used by {seen_addr[key]}")
-            seen_addr[key] = path
+            seen_addr.setdefault(key, path)
         elif protocol == "modbus-rtu":
             if dev.serial is None:
                 errors.append(f"{path}.serial: modbus-rtu needs serial settings (port, baudrate, parity)")
@@ -856,12 +867,18 @@ def _site_checks(spec: SiteSpec, source: Path | None) -> tuple[list[str], Site]:
             key = ("serial", dev.serial.port, dev.unit_id)
             if key in seen_addr:
                 errors.append(f"{path}.unit_id: {dev.serial.port} unit {dev.unit_id} is already used by {seen_addr[key]}")
-            seen_addr[key] = path
+            seen_addr.setdefault(key, path)
         poll = dev.poll_interval_s or d.poll_interval_s
         timeout = dev.timeout_s or (gw.timeout_s if gw else d.timeout_s)
         if protocol != "mqtt" and timeout >= poll:
             errors.append(f"{path}.timeout_s: timeout {timeout:g} s must be shorter than the poll interval {poll:g} s")
         tag_path = dev.tag_path or (f"{spec.site.id}/{module}/{entity}" if module else f"{spec.site.id}/{entity}")
+        if protocol == "mqtt":
+            key = ("mqtt", dev.profile, tag_path)  # the collector finds a BMS device by its tag path
+            if key in seen_addr:
+                errors.append(f"{path}.tag_path: '{tag_path}' is already used by {seen_addr[key]} (same profile): "
+                              "their messages could not be told apart")
+            seen_addr.setdefault(key, path)
         max_regs = _smallest(dev.max_registers_per_read, gw.max_registers_per_read if gw else None)
         max_gap = _smallest(dev.max_gap, gw.max_gap if gw else None)
         if protocol == "mqtt" and (dev.max_registers_per_read is not None or dev.max_gap is not None):
@@ -1017,10 +1034,42 @@ def load_site(path: str | Path, port_offset: int = 0) -> Site:
     return parse_site(data, str(path), path, port_offset)
 
 
+_PLACEHOLDER_SCHEMA = {"type": "string", "pattern": r"\{[^{}]+\}",
+                       "description": "a template placeholder such as '{i+100}', rendered before validation"}
+
+
+def _accept_templates(node: Any) -> Any:
+    """Make a pydantic schema accept what the file may hold before templates are expanded: any list
+    item may be a template, and a number or an id may be a placeholder string ("{i}", "m{i}-r{j:02d}").
+    Without this an editor flagged every templated example site as invalid."""
+    if isinstance(node, list):
+        return [_accept_templates(x) for x in node]
+    if not isinstance(node, dict):
+        return node
+    node = {k: _accept_templates(v) for k, v in node.items()}
+    if node.get("type") == "array" and "items" in node:
+        node["items"] = {"anyOf": [node["items"], {"$ref": "#/$defs/Template"}]}
+    if node.get("type") in ("integer", "number") or (node.get("type") == "string" and "pattern" in node):
+        keep = {k: node.pop(k) for k in ("title", "description", "default") if k in node}
+        node = {**keep, "anyOf": [node, _PLACEHOLDER_SCHEMA]}
+    return node
+
+
 def site_json_schema() -> dict:
     """JSON Schema of the site file (templates are expanded before validation, so any list item may
     also be `{template: <item>, range: [first, last]}`)."""
-    schema = SiteSpec.model_json_schema()
+    schema = _accept_templates(SiteSpec.model_json_schema())
+    schema.setdefault("$defs", {})["Template"] = {
+        "type": "object", "required": ["template"], "additionalProperties": False,
+        "description": "A list item repeated per loop value: {template: <item>, range: [first, last]} (variable i) "
+                       "or {template: <item>, for: {name: [first, last], ...}}",
+        "properties": {
+            "template": {},
+            "range": {"type": "array", "items": {"type": "integer"}, "minItems": 2, "maxItems": 2},
+            "for": {"type": "object", "minProperties": 1,
+                    "additionalProperties": {"type": "array", "items": {"type": "integer"}, "minItems": 2, "maxItems": 2}},
+        },
+    }
     schema["$schema"] = "https://json-schema.org/draft/2020-12/schema"
     schema["title"] = "podwatch site"
     schema["description"] = ("One site: power path, modules, CDUs, racks and devices. Any list item may be a template "

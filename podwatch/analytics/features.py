@@ -38,7 +38,7 @@ SLOPE_WINDOWS_S = {"30s": 30, "2m": 120, "5m": 300}
 SUPPLY_PIPE_TOLERANCE_K = 1.0
 PEAK_WINDOW_S = 600  # recent peaks of load and supply that the worst case assumes can recur
 SUSTAINED_WINDOW_S = 300  # a trend counts as sustained when it holds over both halves of this
-LOAD_SUSTAINED_WINDOW_S = 120  # ... for the load (ramps of a surge), a shorter window
+LOAD_SUSTAINED_WINDOW_S = 60  # ... for the load (ramps of a surge), a shorter window
 SUPPLY_LAG_WINDOW_S = 120  # the CDU supply follows its heat load with ~60 s lag: compare against this mean
 SATURATED_OVER_SETPOINT_K = 0.5  # CDU supply this far above setpoint = control saturated
 RACK_PEAK_OVER_RATED = 1.17  # GB300-class racks peak ~155 kW on 132 kW nominal (DOMAIN.md)
@@ -111,7 +111,7 @@ def _sustained(col: str, half_steps: int, step_s: int, over: str, *, rising: boo
     return pl.when(recent.is_not_null() & before.is_not_null()).then(both).otherwise(None)
 
 
-def _with_saturated_supply(f: pl.DataFrame, step_s: int) -> pl.DataFrame:
+def _with_saturated_supply(f: pl.DataFrame, step_s: int, horizon_s: int) -> pl.DataFrame:
     """Add `supply_settle_c`: where a saturated CDU's supply settles at its present heat load.
 
     While the CDU holds its setpoint the supply says nothing about its heat exchanger. Once it
@@ -121,17 +121,25 @@ def _with_saturated_supply(f: pl.DataFrame, step_s: int) -> pl.DataFrame:
     heat of the last `SUPPLY_LAG_WINDOW_S`, and the supply settles at facility + that × the present
     heat: a load surge on a saturated CDU shows before its supply has moved. Null otherwise."""
     heat = (f.group_by("cdu", "ts").agg((pl.col("power_kw") * pl.col("heat_to_liquid")).sum().alias("cdu_heat_kw"),
+                                          (pl.col("rated_kw") * pl.col("heat_to_liquid")).sum().alias("_peak_kw"),
                                           pl.col("power_kw").null_count().alias("_missing"))
             .sort("cdu", "ts"))
     lag_steps = max(1, round(SUPPLY_LAG_WINDOW_S / step_s))
+    ramp_half = max(1, round(LOAD_SUSTAINED_WINDOW_S / 2 / step_s))
     heat = heat.with_columns(
         pl.when(pl.col("_missing") == 0).then(pl.col("cdu_heat_kw")).otherwise(None).alias("cdu_heat_kw"),
-    ).with_columns(pl.col("cdu_heat_kw").rolling_mean(lag_steps, min_samples=lag_steps).over("cdu")
-                   .alias("cdu_heat_lag_kw")).drop("_missing")
+    ).with_columns(
+        pl.col("cdu_heat_kw").rolling_mean(lag_steps, min_samples=lag_steps).over("cdu").alias("cdu_heat_lag_kw"),
+        # a surge being rolled out over the CDU's racks goes on (to the racks' peak power at most)
+        pl.min_horizontal(pl.col("cdu_heat_kw") + _sustained("cdu_heat_kw", ramp_half, step_s, "cdu", rising=True)
+                          .fill_null(0.0) * horizon_s / 60.0, pl.col("_peak_kw") * RACK_PEAK_OVER_RATED)
+        .alias("cdu_heat_worst_kw"),
+    ).with_columns(pl.max_horizontal("cdu_heat_kw", "cdu_heat_worst_kw").alias("cdu_heat_worst_kw")
+                   ).drop("_missing", "_peak_kw")
     f = f.join(heat, on=["cdu", "ts"], how="left")
     saturated = pl.col("cdu_supply_c") > pl.col("setpoint_c") + SATURATED_OVER_SETPOINT_K
     approach_now = (pl.col("cdu_supply_c") - pl.col("facility_c")).clip(lower_bound=0.0)
-    ratio = (pl.col("cdu_heat_kw") / pl.col("cdu_heat_lag_kw").clip(lower_bound=1.0)).clip(upper_bound=3.0)
+    ratio = (pl.col("cdu_heat_worst_kw") / pl.col("cdu_heat_lag_kw").clip(lower_bound=1.0)).clip(upper_bound=3.0)
     settle_cdu = pl.col("facility_c") + approach_now * ratio
     return f.with_columns(
         pl.when(saturated & (pl.col("cdu_heat_lag_kw") > 0))
@@ -252,7 +260,7 @@ def build_features(rows: pl.DataFrame, site: Site, *, step_s: int = DEFAULT_STEP
     peak_steps = max(1, round(PEAK_WINDOW_S / step_s))
     f = f.with_columns(pl.col("power_kw").rolling_max(peak_steps, min_samples=1).over("rack").alias("power_peak_kw"),
                        pl.col("supply_c").rolling_max(peak_steps, min_samples=1).over("rack").alias("supply_peak_c"))
-    f = _with_saturated_supply(f, step_s)
+    f = _with_saturated_supply(f, step_s, horizon_s)
     f = f.with_columns(
         # the flow at the horizon if a sustained fall goes on (a step is already in the level)
         (pl.col("flow_lpm") + pl.col("flow_trend_5m").fill_null(0.0) * horizon_min)

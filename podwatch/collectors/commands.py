@@ -9,6 +9,7 @@ from pathlib import Path
 
 import typer
 
+from podwatch.stream.config import kafka_option_callback
 from podwatch.errors import ConfigError, PodwatchError
 
 log = logging.getLogger(__name__)
@@ -74,7 +75,7 @@ def register(app: typer.Typer) -> None:
     @app.command("collect")
     def collect(
         site_file: Path = typer.Option(..., "--site", help="Site file (YAML)."),
-        kafka: str | None = typer.Option(None, "--kafka", help="Kafka bootstrap servers HOST:PORT."),
+        kafka: str | None = typer.Option(None, "--kafka", help="Kafka bootstrap servers HOST:PORT.", callback=kafka_option_callback),
         mqtt: str | None = typer.Option(None, "--mqtt", help="MQTT broker URL (overrides the site's mqtt.url)."),
         no_mqtt: bool = typer.Option(False, "--no-mqtt", help="Do not run the MQTT collector."),
         port_offset: int = typer.Option(0, "--port-offset", help="Shift every Modbus TCP port by N."),

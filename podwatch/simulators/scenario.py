@@ -207,6 +207,13 @@ class Scenario(BaseModel):
                 errors.append(f"{here}.target: '{f.target}' is not a valid {f.kind} target "
                               f"({_target_help(f.kind)})")
                 continue
+            may_hit = {"load_surge": ("rack", "CDU", "module"), "leak": ("rack", "CDU")}.get(f.kind, ())
+            kinds_named = [name for name, ids in (("rack", racks), ("CDU", set(cdus)), ("module", modules))
+                           if name in may_hit and f.target in ids]
+            if len(kinds_named) > 1:  # ids are unique per kind only: the fault would silently pick one
+                errors.append(f"{here}.target: '{f.target}' is both a {' and a '.join(kinds_named)}; "
+                              "rename one in the site file")
+                continue
             if isinstance(f, PumpFailure):
                 installed = min(cdus[f.target].pumps, MAX_PUMPS)
                 bad = [p for p in f.pumps if not 1 <= p <= installed]

@@ -13,11 +13,12 @@ from typing import Optional
 
 import typer
 
+from podwatch.stream.config import kafka_option_callback
 from podwatch.errors import PodwatchError
 
 
 def _ingest(
-    kafka: str = typer.Option(..., "--kafka", help="Kafka bootstrap servers HOST:PORT"),
+    kafka: str = typer.Option(..., "--kafka", help="Kafka bootstrap servers HOST:PORT", callback=kafka_option_callback),
     db: str = typer.Option(..., "--db", help="DuckDB file (created if missing)"),
     site: Optional[str] = typer.Option(None, "--site", help="Site file: loads the topology tables"),
     group: str = typer.Option("podwatch-sink", "--group", help="Consumer group; 'none' assigns every partition directly"),
@@ -31,7 +32,7 @@ def _ingest(
 
 def _serve(
     db: str = typer.Option(..., "--db", help="DuckDB file (created if missing)"),
-    kafka: Optional[str] = typer.Option(None, "--kafka", help="Kafka bootstrap servers; without it: API only"),
+    kafka: Optional[str] = typer.Option(None, "--kafka", help="Kafka bootstrap servers; without it: API only", callback=kafka_option_callback),
     site: Optional[str] = typer.Option(None, "--site", help="Site file: topology tables, streaming checks, risk, headroom"),
     host: str = typer.Option("127.0.0.1", "--host"),
     port: int = typer.Option(8080, "--port", help="0 picks a free port"),

@@ -61,10 +61,11 @@ class IdMap:
 
 def reading_rows_table(ts: pl.Series, device_ids: np.ndarray, seqs: pl.Series) -> pa.Table:
     """The `reading_rows` of a batch of sample rows (ts, device_id, seq, n_points), ordered by
-    (ts, device_id, seq): one row per run of rows with the same (device_id, seq, ts). The points
-    of one reading must be contiguous, as the decoder emits them (rows ordered by (device, ts)
-    at reading granularity); a vectorised run scan instead of a GROUP BY keeps it ~free on the
-    write path. `ts` must be ms precision (polars Datetime("ms"), as decoded)."""
+    (ts, device_id, seq): one row per (device_id, seq, ts) with its number of rows. Vectorised
+    (no GROUP BY on the write path): runs of equal keys are found in one pass - the decoder
+    emits each reading's points together, so a run is a reading - and runs are then sorted,
+    and merged should a reading's points ever come in several runs. `ts` must have ms
+    precision (polars Datetime("ms"), as decoded)."""
     n = len(device_ids)
     if n == 0:
         return pa.table({"ts": pa.array([], pa.timestamp("ms")), "device_id": pa.array([], pa.uint32()),
@@ -81,6 +82,12 @@ def reading_rows_table(ts: pl.Series, device_ids: np.ndarray, seqs: pl.Series) -
     # time order (not the rows' device order): small ts deltas and long seq runs compress best
     order = np.lexsort((seq_i[first], device_ids[first], ts_i[first]))
     first, counts = first[order], counts[order]
+    if len(first) > 1:
+        same = ((ts_i[first[1:]] == ts_i[first[:-1]]) & (device_ids[first[1:]] == device_ids[first[:-1]])
+                & (seq_i[first[1:]] == seq_i[first[:-1]]))
+        if same.any():  # one reading's points in several runs: one row, counts added
+            keep = np.flatnonzero(np.concatenate(([True], ~same)))
+            first, counts = first[keep], np.add.reduceat(counts, keep).astype(np.uint32)
     return pa.table({"ts": pa.array(ts_i[first], pa.timestamp("ms")), "device_id": pa.array(device_ids[first], pa.uint32()),
                      "seq": pa.array(seq_i[first], pa.uint64()), "n_points": pa.array(counts, pa.uint32())})
 

@@ -10,6 +10,7 @@ import threading
 
 import typer
 
+from podwatch.stream.config import kafka_option_callback
 from podwatch.errors import PodwatchError
 from podwatch.stream.topics import ALL_TOPICS, DEFAULT_TELEMETRY_PARTITIONS, TELEMETRY_TOPIC
 
@@ -53,7 +54,7 @@ def register(app: typer.Typer) -> None:
     app.add_typer(topics_app, name="topics")
 
     @topics_app.command("create")
-    def create(kafka: str = typer.Option(..., "--kafka", help="Bootstrap servers host:port[,host:port]"),
+    def create(kafka: str = typer.Option(..., "--kafka", help="Bootstrap servers host:port[,host:port]", callback=kafka_option_callback),
                partitions: int = typer.Option(DEFAULT_TELEMETRY_PARTITIONS, "--partitions", min=1,
                                               help="Partitions of the telemetry topic"),
                replication_factor: int = typer.Option(1, "--replication-factor", min=1)) -> None:
@@ -65,7 +66,7 @@ def register(app: typer.Typer) -> None:
             typer.echo(f"{name}: {state}")
 
     @topics_app.command("list")
-    def list_topics(kafka: str = typer.Option(..., "--kafka", help="Bootstrap servers host:port")) -> None:
+    def list_topics(kafka: str = typer.Option(..., "--kafka", help="Bootstrap servers host:port", callback=kafka_option_callback)) -> None:
         """List the topics of a broker with their partition counts."""
 
         async def run() -> list[tuple[str, int]]:
@@ -85,7 +86,7 @@ def register(app: typer.Typer) -> None:
             typer.echo(f"{name}\t{count} partitions")
 
     @app.command("tail")
-    def tail(kafka: str = typer.Option(..., "--kafka", help="Bootstrap servers host:port"),
+    def tail(kafka: str = typer.Option(..., "--kafka", help="Bootstrap servers host:port", callback=kafka_option_callback),
              topic: str = typer.Option(TELEMETRY_TOPIC, "--topic", help="Topic to read"),
              count: int = typer.Option(10, "--count", "-n", min=1, help="Stop after this many messages"),
              follow: bool = typer.Option(False, "--follow", "-f", help="Only new messages (default: from the beginning)"),

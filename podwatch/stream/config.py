@@ -9,10 +9,41 @@ and correctness never depends on it: the sink drops duplicates by (device, seq).
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, model_validator
+
+
+_HOST = re.compile(r"^(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9_]([A-Za-z0-9_.-]*[A-Za-z0-9_])?)$")
+
+
+def bootstrap_problem(value: str) -> str | None:
+    """Why `value` is not a bootstrap list `host[:port][,host[:port]...]` (IPv6 in brackets),
+    or None. Checked up front: a malformed address would otherwise only show as a producer that
+    spools forever or a consumer that never connects."""
+    if not value.strip():
+        return "empty; expected host:port[,host:port]"
+    for entry in (e.strip() for e in value.split(",")):
+        host, sep, port = entry.rpartition(":") if not entry.endswith("]") else (entry, "", "")
+        if not sep:
+            host, port = entry, "9092"
+        if not _HOST.match(host or ""):
+            return f"{entry!r} is not host:port (IPv6 addresses go in brackets: [::1]:9092)"
+        if not port.isdigit() or not 1 <= int(port) <= 65535:
+            return f"{entry!r}: port {port!r} is not a number in 1..65535"
+    return None
+
+
+def _check_bootstrap(value: str) -> str:
+    problem = bootstrap_problem(value)
+    if problem:
+        raise ValueError(problem)
+    return value
+
+
+BootstrapServers = Annotated[str, AfterValidator(_check_bootstrap)]
 
 
 class KafkaSettings(BaseModel):
@@ -20,7 +51,7 @@ class KafkaSettings(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    bootstrap_servers: str = Field("127.0.0.1:9092", description="host:port[,host:port] of the brokers")
+    bootstrap_servers: BootstrapServers = Field("127.0.0.1:9092", description="host:port[,host:port] of the brokers")
     client_id: str = Field("podwatch", description="Client id shown in broker logs and quotas")
     acks: Literal["all", 1, 0] = Field("all", description="'all': a send is acked once every in-sync replica has it")
     enable_idempotence: bool = Field(
@@ -148,3 +179,16 @@ def load_kafka_settings(path: str | Path | None = None, **overrides) -> KafkaSet
             message = err["msg"].removeprefix("Value error, ")
             errors.extend(f"{where}: {m}" if where else m for m in message.split("; "))
         raise ConfigError(source, errors) from None
+
+
+def kafka_option_callback(value: str | None) -> str | None:
+    """typer callback of every `--kafka` option: a malformed bootstrap list is a usage error
+    (exit 2, naming the entry) before anything starts."""
+    if value is None:
+        return None
+    problem = bootstrap_problem(value)
+    if problem:
+        import typer
+
+        raise typer.BadParameter(problem)
+    return value

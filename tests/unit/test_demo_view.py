@@ -39,3 +39,26 @@ def test_view_shows_risk_reasons_headroom_and_firing_alerts_first():
     assert "1,234" in text and "flow 0.31 L/min/kW" in text
     assert "502 measured" in text and "591" in text
     assert text.index("pump_redundancy_lost") < text.index("delta_t_high")
+
+
+def test_demo_announces_the_scenario_faults_in_onset_order():
+    demo = Demo(DemoOptions(site=ROOT / "examples/sites/demo.yaml", scenario=ROOT / "examples/scenarios/demo.yaml",
+                            ui=True))
+    demo._announce_faults()
+    times = [t for t, _ in demo._pending_announcements]
+    assert times == sorted(times)
+    assert any(text.startswith("injecting pump failure on cdu-m1") for _, text in demo._pending_announcements)
+    assert any(text.startswith("clearing pump failure") for _, text in demo._pending_announcements)
+
+
+def test_a_broken_scenario_stops_the_demo_before_any_child_starts(tmp_path):
+    from typer.testing import CliRunner
+
+    from podwatch.cli import app
+
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("faults:\n  - kind: pump_failure\n    target: cdu-m1\n    onset_s: -5\n")
+    result = CliRunner().invoke(app, ["demo", "--no-ui", "--scenario", str(bad), "--data-dir", str(tmp_path / "d")])
+    assert result.exit_code == 2, result.output
+    assert "onset_s" in result.output and "Traceback" not in result.output
+    assert not (tmp_path / "d" / "logs").exists()  # nothing was started

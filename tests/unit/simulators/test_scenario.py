@@ -112,3 +112,20 @@ def test_random_scenario_is_reproducible_and_valid(demo):
     assert a.model_dump() == b.model_dump()
     assert 10 <= len(a.faults) <= 60
     assert a.check(demo) == []
+
+
+def test_a_target_that_names_two_kinds_of_thing_is_ambiguous():
+    from podwatch.site import parse_site
+
+    site = parse_site({
+        "site": {"id": "amb"},
+        "power": {"transformers": [{"id": "t", "rating_kva": 2000}],
+                  "feeders": [{"id": "a", "transformer": "t", "side": "a", "rating_a": 2000},
+                              {"id": "b", "transformer": "t", "side": "b", "rating_a": 2000}]},
+        "modules": [{"id": "x1", "cdus": [{"id": "c1", "capacity_kw": 500, "racks": ["x1"]}],
+                     "racks": [{"id": "x1", "rated_kw": 100, "feeds": {"a": "a", "b": "b"}}]}]})
+    with pytest.raises(ConfigError) as exc:
+        Scenario.parse({"faults": [{"kind": "load_surge", "target": "x1", "onset_s": 0, "magnitude": 1.2}]}, site=site)
+    assert exc.value.errors == ["faults[0].target: 'x1' is both a rack and a module; rename one in the site file"]
+    assert Scenario.parse({"faults": [{"kind": "flow_restriction", "target": "x1", "onset_s": 0, "magnitude": 0.5}]},
+                          site=site).faults  # only racks can be restricted: not ambiguous

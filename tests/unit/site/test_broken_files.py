@@ -63,6 +63,11 @@ EXPECTED: dict[str, list[str]] = {
         "power.feeders[0].meter.max_registers_per_read: meter.energy_kwh: int64 needs 4 registers",
         "modules[0].racks[0].sensors: max_registers_per_read / max_gap apply to Modbus devices, not MQTT"],
     "syntax-error.yaml": ["line 3, column 6: invalid YAML"],
+    "mqtt-tag-paths.yaml": [
+        "modules[0].racks[0].sensors.tag_path: 'DC1/+/r1' contains an MQTT wildcard",
+        "modules[0].racks[1].sensors.tag_path: 'DC1//r2' has an empty topic level"],
+    "duplicate-tag-path.yaml": [
+        "modules[0].racks[3].sensors.tag_path: 'DC1/row/r' is already used by modules[0].racks[2].sensors"],
     "alias-bomb.yaml": ["<root>: the site file expands to more than 2,000,000 values"],
     "recursive-alias.yaml": ["line 2, column 7: invalid YAML: found unconstructable recursive node"],
     "timezone-case.yaml": ["site.timezone: unknown time zone 'europe/berlin'; did you mean 'Europe/Berlin'?"],

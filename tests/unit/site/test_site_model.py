@@ -167,3 +167,18 @@ def test_schema_validates_the_shipped_examples_after_template_expansion():
     schema = site_json_schema()
     for path in EXAMPLES:
         jsonschema.validate(expand_templates(yaml.safe_load(path.read_text())), schema)
+
+
+@pytest.mark.parametrize("path", EXAMPLES, ids=[p.stem for p in EXAMPLES])
+def test_every_example_site_is_valid_against_the_published_json_schema(path):
+    """Editors validate against `podwatch config schema`: templates and placeholders must pass
+    (they did not: every templated example was flagged), misspelt keys must still fail."""
+    import jsonschema
+    import yaml
+
+    from podwatch.site import site_json_schema
+
+    validator = jsonschema.Draft202012Validator(site_json_schema())
+    assert list(validator.iter_errors(yaml.safe_load(path.read_text()))) == []
+    broken = yaml.safe_load((Path(__file__).parent / "broken" / "unknown-keys.yaml").read_text())
+    assert any("'gateway' was unexpected" in e.message for e in validator.iter_errors(broken))

@@ -191,8 +191,8 @@ def test_decode_never_accepts_what_the_envelope_validator_rejects(drawn):
 
 
 def test_reading_rows_of_decoded_rows_one_per_reading_with_point_counts():
-    """The sink stores seq once per reading: `reading_rows_table` finds each reading's run of
-    rows in the decoder's output (two readings of a device at the same ts stay apart by seq)."""
+    """The sink stores seq once per reading: `reading_rows_table` finds each reading's rows in
+    the decoder's output (two readings of a device at the same ts stay apart by seq)."""
     messages = [
         env("pdu-b", 1, 2_000_000_000_000),
         orjson.dumps(Reading("s1", "pdu-a", 7, 2_000_000_001_000, {"x_kw": 1.0, "y_kw": 2.0, "z_kw": None}).to_envelope()),
@@ -208,3 +208,8 @@ def test_reading_rows_of_decoded_rows_one_per_reading_with_point_counts():
                    (8, 1, 2, 2_000_000_000_000)]
     assert sum(table["n_points"].to_pylist()) == rows.height
     assert reading_rows_table(rows["ts"].head(0), device_ids[:0], rows["seq"].head(0)).num_rows == 0
+    # robust to a reading's points not being together (another row order): still one row each
+    shuffled = np.random.default_rng(3).permutation(rows.height)
+    again = reading_rows_table(rows["ts"].gather(shuffled), device_ids[shuffled], rows["seq"].gather(shuffled))
+    assert sorted(zip(again["device_id"].to_pylist(), again["seq"].to_pylist(), again["n_points"].to_pylist(),
+                      again["ts"].cast(pa.int64()).to_pylist())) == got

@@ -74,3 +74,47 @@ def test_load_reports_every_bad_field(tmp_path):
     path.write_text("[1, 2]")
     with pytest.raises(ConfigError, match="expected a mapping"):
         load_kafka_settings(path)
+
+
+@pytest.mark.parametrize("good", ["127.0.0.1:9092", "kafka-1.example:9093,kafka-2.example:9093", "[::1]:9092",
+                                  "broker", "b_1:1"])
+def test_bootstrap_lists_that_are_accepted(good):
+    assert KafkaSettings(bootstrap_servers=good).bootstrap_servers == good
+
+
+@pytest.mark.parametrize("bad, message", [
+    ("a:b:c", "is not host:port"),
+    ("127.0.0.1:0", "port '0'"),
+    ("127.0.0.1:70000", "port '70000'"),
+    ("127.0.0.1:", "port ''"),
+    ("host:9092,,other:9092", "is not host:port"),
+    ("", "empty"),
+    ("http://kafka:9092", "is not host:port"),
+])
+def test_a_malformed_bootstrap_list_is_a_config_error_naming_the_entry(bad, message):
+    from podwatch.errors import ConfigError
+    from podwatch.stream.config import load_kafka_settings
+
+    with pytest.raises(ConfigError) as info:
+        load_kafka_settings(bootstrap_servers=bad)
+    assert "bootstrap_servers" in str(info.value) and message in str(info.value)
+
+
+@pytest.mark.parametrize("command", [
+    ["collect", "--site", "examples/sites/demo.yaml"], ["ingest", "--db", "{tmp}/x.duckdb"],
+    ["serve", "--db", "{tmp}/x.duckdb"], ["topics", "create"], ["topics", "list"], ["tail"], ["demo", "--no-ui"],
+])
+def test_every_kafka_option_rejects_a_malformed_address_before_starting(command, tmp_path):
+    from pathlib import Path
+
+    from typer.testing import CliRunner
+
+    from podwatch.cli import app
+
+    root = Path(__file__).parents[3]
+    args = [a.replace("{tmp}", str(tmp_path)) for a in command]
+    args = [str(root / a) if a.startswith("examples/") else a for a in args]
+    result = CliRunner().invoke(app, [*args, "--kafka", "a:b:c"])
+    assert result.exit_code == 2, result.output
+    assert "'a:b:c' is not host:port" in result.output
+    assert not (tmp_path / "x.duckdb").exists()
