@@ -75,10 +75,14 @@ LATENCY_BUCKETS_S = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10
 
 # latest_values is a cache of the newest value per series: the sink keeps it in memory per
 # batch and flushes it every MAINTAIN_EVERY_S (an upsert per batch cost ~40 % of the write);
-# on start it is refreshed from the last minute of `samples`, so a crash loses nothing.
+# on start it is refreshed from the last minute of `samples`, so a crash loses nothing. The
+# newest value is taken together with its quality as one struct: arg_max(value, ts) alone skips
+# a NULL value (a bad point) and would pair an older value with the newest time.
 LATEST_UPSERT = """
 INSERT INTO latest_values
-SELECT device, metric, max(ts), arg_max(value, ts), arg_max(quality, ts) FROM {source} GROUP BY device, metric
+SELECT device, metric, ts, newest.v, newest.q FROM (
+    SELECT device, metric, max(ts) AS ts, arg_max({{'v': value, 'q': quality}}, ts) AS newest
+    FROM {source} GROUP BY device, metric)
 ON CONFLICT (device, metric) DO UPDATE SET ts = excluded.ts, value = excluded.value, quality = excluded.quality
 WHERE excluded.ts >= latest_values.ts
 """
@@ -202,12 +206,12 @@ class DuckDBSink:
         self._last_retention = 0.0
         self._last_maintain = 0.0
         self._known_sites: set[str] = set()
+        self._latest_pending: pl.DataFrame | None = None
+        self._latest_lock = threading.Lock()
         self._site_recorded: str | None = None  # the site stored in podwatch_meta by this sink
         self._partition_newest_ms: dict[int, int] = {}  # newest committed reading per partition
-        self._latest_pending: pl.DataFrame | None = None
         self._device_ids = IdMap("device")
         self._metric_ids = IdMap("metric")
-        self._latest_lock = threading.Lock()
 
     # ------------------------------------------------------------------ lifecycle
     def add_batch_listener(self, fn: BatchListener) -> None:
