@@ -7,19 +7,27 @@ This module owns the forecasting method; `headroom.py` turns its output into hea
 - Target at an origin hour t: the peak over hours t+1 .. t+H (H = 24 or 168) — the number
   headroom is about — divided by the node's scale (its mean load over the last 7 days), so one
   *global* model learns from every node at once whatever its size.
-- Features (all scaled the same way): the load now, peaks of the last 24 h and 7 days, the same
-  window one and two weeks ago (the seasonal-naive forecast and its predecessor), recent means
-  (trend), recent variability, and the calendar of the window start (local hour, day of week).
-  Missing lags are NaN, which the gradient boosting handles natively. The number of racks behind
-  the node (log) tells aggregates from single racks.
-- Model: scikit-learn `HistGradientBoostingRegressor(loss="quantile")`, one per quantile and horizon.
-- Calibration: split conformal (conformalised quantile regression, one-sided per quantile). The
-  latest part of the training origins is held out; for each quantile level τ the model's
-  quantile is shifted by the finite-sample τ-quantile of the held-out residuals, so P95 covers
-  ~95 % of peaks on exchangeable data (optionally per node kind: `mondrian`). Quantiles are then
-  made non-crossing.
+- Base and spread (order statistics of maxima): the peak of H/24 days is the max of H/24 daily
+  peaks. A Gumbel law is fitted to the node's daily peaks of the last 14 days by their median and
+  90th percentile (the upper half, so quiet weekends do not widen it); the max of n iid
+  Gumbel(mu, beta) is Gumbel(mu + beta ln n, beta). base = mu + beta ln(H/24), spread = beta.
+- Normalised target z = (peak − base) / spread: a steady rack feed clipped at its rating and a
+  busway whose peak is the coincidence of many bursts land on one scale, so one model and one
+  conformal offset serve both (the old un-normalised model, `normalise="none"`, was over-wide
+  for the first and too narrow for the second).
+- Features, in the same z units: load now, peaks of the last 24 h and 7 days, the same window
+  one and two weeks ago (seasonal naive), mean daily/weekly peaks, median/90th pct/max of the
+  daily peaks of the last 14 days, max of the last 4 weekly peaks, recent means (trend); plus
+  the spread, variability, local hour and day of week of the window start, log rack count.
+- Model: scikit-learn `HistGradientBoostingRegressor(loss="quantile")` on z, one per level and
+  horizon. With too little history for it, the direct model: z_τ = −ln(−ln τ) (the Gumbel
+  quantile itself), conformally shifted — it needs no training rows, only calibration rows.
+- Calibration: split conformal (one-sided per level) on the z residuals of the latest held-out
+  origins (all known rows for the direct model), so P95 covers ~95 % on exchangeable data.
+  Quantiles are then made non-crossing.
 - Baseline: seasonal naive — the peak of the same window one week earlier (24 h) or the last
-  7 days' peak (7 d) — with quantiles from its own empirical residuals on the same training rows.
+  7 days' peak (7 d) — plus empirical quantiles of each node's own naive residuals on the same
+  training rows (`predict_naive`; `pooled=True`: residuals of all nodes together, weaker).
 """
 
 from __future__ import annotations
@@ -35,7 +43,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 HORIZON_HOURS = {"24h": 24, "7d": 168}
 QUANTILES = (0.5, 0.95, 0.99)
-MODEL_VERSION = "hgb-quantile-cqr/1"
+MODEL_VERSION = "hgb-quantile-gumbel-normalised-cqr/2"
 NAIVE_VERSION = "seasonal-naive/1"
 DIRECT_VERSION = "gumbel-daily-peaks-conformal/1"
 MIN_DIRECT_CALIBRATION = 20  # rows with a known peak the direct Gumbel model needs for its conformal offsets
