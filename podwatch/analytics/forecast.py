@@ -54,7 +54,7 @@ FEATURES = ("now", "peak_24h", "peak_7d", "naive", "naive_2w", "daily_peak_mean_
             "mean_24h", "mean_7d_prev", "std_7d", "hour", "dow", "log_racks")
 # levels (scaled kW) that the normalised model sees relative to the base and in units of the spread
 LEVEL_FEATURES = ("now", "peak_24h", "naive", "naive_2w", "daily_peak_mean_7d", "weekly_peak_mean_4w", "mean_24h",
-                  "mean_7d_prev", "daily_peak_q50_28d", "daily_peak_q90_28d", "daily_peak_max_28d", "weekly_peak_max_4w")
+                  "mean_7d_prev", "daily_peak_q50_14d", "daily_peak_q90_14d", "daily_peak_max_14d", "weekly_peak_max_4w")
 SHAPE_FEATURES = ("spread", "peak_7d", "std_7d", "hour", "dow", "log_racks")
 DAILY_PEAKS_BACK = 14  # daily-window peaks summarised (2 weeks: every weekday twice; short enough to follow growth)
 _GUMBEL_Z = {p: -math.log(-math.log(p)) for p in (0.5, 0.9)}  # standard Gumbel quantiles
@@ -91,10 +91,10 @@ class ForecastConfig(BaseModel):
                               "(cheaper; loses on clipped, heteroscedastic peaks — see the backtest)")
     mondrian: bool = Field(False, description="Separate conformal offsets per node kind (rack feeds, busways, ...) "
                                               "when a kind has enough held-out rows. Off by default: on simulated "
-                                              "histories it evened out coverage per kind for 24 h but made 7-day "
-                                              "coverage worse (a 7-day window leaves few independent rows per kind)")
-    normalise: Literal["none", "center", "scale"] = Field("scale", description="Model and calibrate z = (peak - last 7 days' peak) / recent spread of "
-                                             "window peaks, so that one global model and one conformal offset fit "
+                                              "histories it made the 7-day P95 worse (a 7-day window leaves few "
+                                              "independent rows per kind); the normalised target evens kinds out instead")
+    normalise: Literal["none", "center", "scale"] = Field("scale", description="scale: model and calibrate z = (peak - Gumbel base) / Gumbel spread of the "
+                                             "recent daily peaks, so that one global model and one conformal offset fit "
                                              "steady rack feeds and fluctuating aggregates alike")
     model: Literal["gbm", "gumbel"] = Field(
         "gbm", description="gbm: quantile gradient boosting on the normalised features; gumbel: the direct "
@@ -115,10 +115,10 @@ class FeatureTable:
 
     def design(self, rows: pl.DataFrame | None = None, normalise: str = "scale"
                ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """(features, base, spread) of `rows` (scaled units). Normalised: the model works in
-        z = (value − base) / spread, base = the last 7 days' peak, spread = how much recent window
-        peaks moved; features are levels in the same units plus shape/calendar columns. Not
-        normalised: the raw scaled FEATURES with base 0 and spread 1."""
+        """(features, base, spread) of `rows` (scaled units). "scale": the model works in
+        z = (value − base) / spread, base and spread from the Gumbel fit to recent daily peaks
+        (module docstring); features are levels in the same units plus shape/calendar columns.
+        "center": value − base, spread 1. "none": the raw scaled FEATURES, base 0, spread 1."""
         rows = self.frame if rows is None else rows
         if normalise == "none":
             return self.matrix(rows), np.zeros(rows.height), np.ones(rows.height)
@@ -235,8 +235,8 @@ def build_features(hourly_peaks: pl.DataFrame, horizon_h: int, timezone: str = "
         cols = {
             "now": y, "peak_24h": peak_24h, "peak_7d": peak_7d, "naive": naive, "naive_2w": naive_2w,
             "daily_peak_mean_7d": daily_peak_mean, "weekly_peak_mean_4w": weekly_peak_mean, "mean_24h": _window_mean(y, 24), "mean_7d_prev": _shift(mean_7d, WEEK_H),
-            "std_7d": _window_std(y, WEEK_H), "daily_peak_q50_28d": daily_q50, "daily_peak_q90_28d": daily_q90,
-            "daily_peak_max_28d": daily_max, "weekly_peak_max_4w": weekly_max, "spread": spread, "base": base,
+            "std_7d": _window_std(y, WEEK_H), "daily_peak_q50_14d": daily_q50, "daily_peak_q90_14d": daily_q90,
+            "daily_peak_max_14d": daily_max, "weekly_peak_max_4w": weekly_max, "spread": spread, "base": base,
         }
         frame = {"ts": ts, "node": [node] * len(y)}
         for name, arr in cols.items():
