@@ -7,19 +7,27 @@ This module owns the forecasting method; `headroom.py` turns its output into hea
 - Target at an origin hour t: the peak over hours t+1 .. t+H (H = 24 or 168) — the number
   headroom is about — divided by the node's scale (its mean load over the last 7 days), so one
   *global* model learns from every node at once whatever its size.
-- Features (all scaled the same way): the load now, peaks of the last 24 h and 7 days, the same
-  window one and two weeks ago (the seasonal-naive forecast and its predecessor), recent means
-  (trend), recent variability, and the calendar of the window start (local hour, day of week).
-  Missing lags are NaN, which the gradient boosting handles natively. The number of racks behind
-  the node (log) tells aggregates from single racks.
-- Model: scikit-learn `HistGradientBoostingRegressor(loss="quantile")`, one per quantile and horizon.
-- Calibration: split conformal (conformalised quantile regression, one-sided per quantile). The
-  latest part of the training origins is held out; for each quantile level τ the model's
-  quantile is shifted by the finite-sample τ-quantile of the held-out residuals, so P95 covers
-  ~95 % of peaks on exchangeable data (optionally per node kind: `mondrian`). Quantiles are then
-  made non-crossing.
+- Base and spread (order statistics of maxima): the peak of H/24 days is the max of H/24 daily
+  peaks. A Gumbel law is fitted to the node's daily peaks of the last 14 days by their median and
+  90th percentile (the upper half, so quiet weekends do not widen it); the max of n iid
+  Gumbel(mu, beta) is Gumbel(mu + beta ln n, beta). base = mu + beta ln(H/24), spread = beta.
+- Normalised target z = (peak − base) / spread: a steady rack feed clipped at its rating and a
+  busway whose peak is the coincidence of many bursts land on one scale, so one model and one
+  conformal offset serve both (the old un-normalised model, `normalise="none"`, was over-wide
+  for the first and too narrow for the second).
+- Features, in the same z units: load now, peaks of the last 24 h and 7 days, the same window
+  one and two weeks ago (seasonal naive), mean daily/weekly peaks, median/90th pct/max of the
+  daily peaks of the last 14 days, max of the last 4 weekly peaks, recent means (trend); plus
+  the spread, variability, local hour and day of week of the window start, log rack count.
+- Model: scikit-learn `HistGradientBoostingRegressor(loss="quantile")` on z, one per level and
+  horizon. With too little history for it, the direct model: z_τ = −ln(−ln τ) (the Gumbel
+  quantile itself), conformally shifted — it needs no training rows, only calibration rows.
+- Calibration: split conformal (one-sided per level) on the z residuals of the latest held-out
+  origins (all known rows for the direct model), so P95 covers ~95 % on exchangeable data.
+  Quantiles are then made non-crossing.
 - Baseline: seasonal naive — the peak of the same window one week earlier (24 h) or the last
-  7 days' peak (7 d) — with quantiles from its own empirical residuals on the same training rows.
+  7 days' peak (7 d) — plus empirical quantiles of each node's own naive residuals on the same
+  training rows (`predict_naive`; `pooled=True`: residuals of all nodes together, weaker).
 """
 
 from __future__ import annotations
@@ -35,7 +43,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 HORIZON_HOURS = {"24h": 24, "7d": 168}
 QUANTILES = (0.5, 0.95, 0.99)
-MODEL_VERSION = "hgb-quantile-cqr/1"
+MODEL_VERSION = "hgb-quantile-gumbel-normalised-cqr/2"
 NAIVE_VERSION = "seasonal-naive/1"
 DIRECT_VERSION = "gumbel-daily-peaks-conformal/1"
 MIN_DIRECT_CALIBRATION = 20  # rows with a known peak the direct Gumbel model needs for its conformal offsets
@@ -46,7 +54,7 @@ FEATURES = ("now", "peak_24h", "peak_7d", "naive", "naive_2w", "daily_peak_mean_
             "mean_24h", "mean_7d_prev", "std_7d", "hour", "dow", "log_racks")
 # levels (scaled kW) that the normalised model sees relative to the base and in units of the spread
 LEVEL_FEATURES = ("now", "peak_24h", "naive", "naive_2w", "daily_peak_mean_7d", "weekly_peak_mean_4w", "mean_24h",
-                  "mean_7d_prev", "daily_peak_q50_28d", "daily_peak_q90_28d", "daily_peak_max_28d", "weekly_peak_max_4w")
+                  "mean_7d_prev", "daily_peak_q50_14d", "daily_peak_q90_14d", "daily_peak_max_14d", "weekly_peak_max_4w")
 SHAPE_FEATURES = ("spread", "peak_7d", "std_7d", "hour", "dow", "log_racks")
 DAILY_PEAKS_BACK = 14  # daily-window peaks summarised (2 weeks: every weekday twice; short enough to follow growth)
 _GUMBEL_Z = {p: -math.log(-math.log(p)) for p in (0.5, 0.9)}  # standard Gumbel quantiles
@@ -83,10 +91,10 @@ class ForecastConfig(BaseModel):
                               "(cheaper; loses on clipped, heteroscedastic peaks — see the backtest)")
     mondrian: bool = Field(False, description="Separate conformal offsets per node kind (rack feeds, busways, ...) "
                                               "when a kind has enough held-out rows. Off by default: on simulated "
-                                              "histories it evened out coverage per kind for 24 h but made 7-day "
-                                              "coverage worse (a 7-day window leaves few independent rows per kind)")
-    normalise: Literal["none", "center", "scale"] = Field("scale", description="Model and calibrate z = (peak - last 7 days' peak) / recent spread of "
-                                             "window peaks, so that one global model and one conformal offset fit "
+                                              "histories it made the 7-day P95 worse (a 7-day window leaves few "
+                                              "independent rows per kind); the normalised target evens kinds out instead")
+    normalise: Literal["none", "center", "scale"] = Field("scale", description="scale: model and calibrate z = (peak - Gumbel base) / Gumbel spread of the "
+                                             "recent daily peaks, so that one global model and one conformal offset fit "
                                              "steady rack feeds and fluctuating aggregates alike")
     model: Literal["gbm", "gumbel"] = Field(
         "gbm", description="gbm: quantile gradient boosting on the normalised features; gumbel: the direct "
@@ -107,10 +115,10 @@ class FeatureTable:
 
     def design(self, rows: pl.DataFrame | None = None, normalise: str = "scale"
                ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """(features, base, spread) of `rows` (scaled units). Normalised: the model works in
-        z = (value − base) / spread, base = the last 7 days' peak, spread = how much recent window
-        peaks moved; features are levels in the same units plus shape/calendar columns. Not
-        normalised: the raw scaled FEATURES with base 0 and spread 1."""
+        """(features, base, spread) of `rows` (scaled units). "scale": the model works in
+        z = (value − base) / spread, base and spread from the Gumbel fit to recent daily peaks
+        (module docstring); features are levels in the same units plus shape/calendar columns.
+        "center": value − base, spread 1. "none": the raw scaled FEATURES, base 0, spread 1."""
         rows = self.frame if rows is None else rows
         if normalise == "none":
             return self.matrix(rows), np.zeros(rows.height), np.ones(rows.height)
@@ -227,8 +235,8 @@ def build_features(hourly_peaks: pl.DataFrame, horizon_h: int, timezone: str = "
         cols = {
             "now": y, "peak_24h": peak_24h, "peak_7d": peak_7d, "naive": naive, "naive_2w": naive_2w,
             "daily_peak_mean_7d": daily_peak_mean, "weekly_peak_mean_4w": weekly_peak_mean, "mean_24h": _window_mean(y, 24), "mean_7d_prev": _shift(mean_7d, WEEK_H),
-            "std_7d": _window_std(y, WEEK_H), "daily_peak_q50_28d": daily_q50, "daily_peak_q90_28d": daily_q90,
-            "daily_peak_max_28d": daily_max, "weekly_peak_max_4w": weekly_max, "spread": spread, "base": base,
+            "std_7d": _window_std(y, WEEK_H), "daily_peak_q50_14d": daily_q50, "daily_peak_q90_14d": daily_q90,
+            "daily_peak_max_14d": daily_max, "weekly_peak_max_4w": weekly_max, "spread": spread, "base": base,
         }
         frame = {"ts": ts, "node": [node] * len(y)}
         for name, arr in cols.items():

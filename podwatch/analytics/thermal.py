@@ -164,6 +164,24 @@ def explain(row: dict[str, Any], max_reasons: int = 3) -> list[str]:
                  else f"far above the limit (> {limit + 25:.0f} °C)")
         cands.append(((2.0 - mss) / 2.0 + 1.0,
                       f"at this flow and load the return settles {where} (limit {limit:.0f} °C)"))
+    worst = g("worst_margin_c")
+    if worst is not None and limit is not None and worst < 1.0 and (mss is None or worst < mss - 1.0):
+        # the worst case differs from the present settled state: say which input drives it
+        drivers = []
+        sup_w, sup = g("supply_worst_c"), g("supply_c")
+        if sup_w is not None and sup is not None and sup_w > sup + 0.5:
+            drivers.append(f"supply up to {sup_w:.1f} °C")
+        pw_w, pw = g("power_worst_kw"), g("power_kw")
+        if pw_w is not None and pw is not None and pw_w > pw * 1.05:
+            drivers.append(f"load up to {pw_w:.0f} kW")
+        fl_w, fl = g("flow_proj_lpm"), g("flow_lpm")
+        if fl_w is not None and fl is not None and fl_w < fl * 0.95:
+            drivers.append(f"flow down to {fl_w:.0f} L/min")
+        settle_c = limit - worst
+        where = f"near {settle_c:.0f} °C" if settle_c <= limit + 25 else f"far above the limit (> {limit + 25:.0f} °C)"
+        cands.append(((1.0 - worst) / 1.0 + 1.0,
+                      f"within the horizon the return may settle {where} (limit {limit:.0f} °C)"
+                      + (f": {', '.join(drivers)}" if drivers else "")))
     over, cdu_supply = g("supply_over_setpoint_c"), g("cdu_supply_c")
     if over is not None and cdu_supply is not None and over > 1.0:
         sslope = g("supply_slope_5m")

@@ -101,10 +101,12 @@ def test_eval_prints_figures_and_goals(model_dir, tmp_path):
                        "--json", str(tmp_path / "report.json"))
     assert code == 0, out
     for text in ("recall at >= 2 min lead", "median lead", "false alarms on fault-free runs", "goals:",
-                 "per rack-day"):
+                 "per rack-day", "over all breaches (ceiling", "per fault kind:", "alarms on fault runs:"):
         assert text in out
+    assert "simulating 10 held-out runs" in out  # 6 kinds + 1 fault-free + 3 compound on one site
     meta = json.loads((model_dir / "thermal.json").read_text())
     assert "false_alarms_per_rack_day" in meta["scores"]
+    assert {"recall_ceiling_at_2min", "unconfirmed_alarms", "by_kind"} <= set(meta["scores"])
     assert json.loads((tmp_path / "report.json").read_text())["goals"]
 
 

@@ -25,9 +25,13 @@ def test_backtest_scores_and_figures(tmp_path):
     assert scores.first_origin >= load.loads["ts"].min()
     for q in (0.5, 0.95, 0.99):
         assert 0 <= scores.coverage_model[q] <= 1 and scores.pinball_model[q] > 0 and scores.pinball_naive[q] > 0
+        assert scores.pinball_naive_pooled[q] > 0 and 0 <= scores.coverage_naive_pooled[q] <= 1
     assert scores.coverage_model[0.99] >= scores.coverage_model[0.5]
     lines = result.summary_lines()
     assert any("P95: pinball model" in line and "seasonal-naive" in line and "coverage" in line for line in lines)
+    assert any("pooled over nodes" in line for line in lines)
+    assert scores.improvement_pooled(0.95) == pytest.approx(
+        1 - scores.pinball_model[0.95] / scores.pinball_naive_pooled[0.95])
     paths = backtest_figures(result, tmp_path)
     assert [p.name for p in paths] == ["backtest_scores.png", "backtest_node.png"]
     for p in paths:

@@ -8,7 +8,7 @@ import numpy as np
 import polars as pl
 import pytest
 
-from podwatch.analytics.forecast import (ForecastConfig, PeakForecaster, _conformal_offset, build_features, coverage,
+from podwatch.analytics.forecast import (DIRECT_VERSION, ForecastConfig, PeakForecaster, _conformal_offset, build_features, coverage,
                                          forecast_peaks, pinball_loss)
 
 
@@ -136,6 +136,30 @@ def test_short_history_falls_back_and_says_why():
     assert "7d" in notes and "naive" in notes["7d"]
     for f in forecasts:
         assert f.p50_kw <= f.p95_kw <= f.p99_kw
+
+
+def test_direct_gumbel_model_before_the_boosted_model_has_history():
+    """~3 weeks: too few 7-day rows to fit the boosting, enough to calibrate the direct model."""
+    forecasts, notes = forecast_peaks(synthetic_hourly(days=22, nodes=3), config=ForecastConfig(max_iter=20))
+    assert "Gumbel" in notes["7d"] and "24h" not in notes
+    week = [f for f in forecasts if f.horizon == "7d"]
+    assert len(week) == 3 and all(f.method.startswith(DIRECT_VERSION) for f in week)
+    assert all(0 < f.p50_kw <= f.p95_kw <= f.p99_kw for f in week)
+
+
+def test_direct_model_quantile_is_the_gumbel_quantile_plus_conformal_shift():
+    hourly = mixed_hourly(days=30)
+    table = build_features(hourly, 168)
+    model = PeakForecaster(ForecastConfig(model="gumbel")).fit(table)
+    assert model.method == DIRECT_VERSION and model.offsets
+    rows = table.frame.filter(pl.col("target").is_not_nan())
+    q = model.predict(table, rows)
+    _, base, spread = table.design(rows)
+    levels = [(base + spread * (-np.log(-np.log(t)) + o)) * rows["scale"].to_numpy()
+              for t, o in zip((0.5, 0.95, 0.99), model.offsets)]
+    assert np.allclose(q, np.maximum.accumulate(np.column_stack(levels), axis=1))
+    # split conformal on every known row: in-sample coverage of P95 is at least 95 %
+    assert coverage(rows["target"].to_numpy() * rows["scale"].to_numpy(), q[:, 1]) >= 0.95
 
 
 def test_too_short_history_skips_horizon():

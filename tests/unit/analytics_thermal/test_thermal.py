@@ -136,3 +136,12 @@ def test_physics_only_risk_rises_before_the_breach_without_training():
     assert early["probability"].max() < 0.2
     assert late["probability"].min() >= 0.5
     assert scores.filter(pl.col("ts") >= breach)["probability"].max() == 1.0
+
+
+def test_explain_names_what_drives_the_worst_case():
+    row = {"return_c": 48.0, "limit_c": 55.0, "margin_c": 7.0, "margin_ss_c": 4.0, "worst_margin_c": -1.5,
+           "supply_c": 40.0, "supply_worst_c": 43.2, "power_kw": 100.0, "power_worst_kw": 130.0,
+           "flow_lpm": 150.0, "flow_proj_lpm": 149.0}
+    text = " ".join(explain(row))
+    assert "within the horizon the return may settle near 56 °C (limit 55 °C)" in text
+    assert "supply up to 43.2 °C" in text and "load up to 130 kW" in text and "flow down" not in text
