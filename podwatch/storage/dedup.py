@@ -27,6 +27,7 @@ from podwatch.logs import fields
 log = logging.getLogger(__name__)
 
 DEFAULT_WINDOW = 4096  # readings per device (~68 min at 1 Hz)
+EMPTY_TS = -1  # ring slot never written (seqs span all of uint64, so the ts marks emptiness)
 
 
 @dataclass(slots=True)
@@ -59,7 +60,9 @@ class SeqDeduper:
         return len(self._devices)
 
     def _new_device(self, seq: int, ts_ms: int) -> _DeviceSeqs:
-        state = _DeviceSeqs(seq, ts_ms, np.full(self.window, -1, dtype=np.int64), np.zeros(self.window, dtype=np.int64))
+        # uint64: the envelope allows any seq in [0, 2^64); an int64 ring overflowed on seq >= 2^63
+        state = _DeviceSeqs(seq, ts_ms, np.zeros(self.window, dtype=np.uint64),
+                            np.full(self.window, EMPTY_TS, dtype=np.int64))
         return state
 
     def _remember(self, state: _DeviceSeqs, seq: int, ts_ms: int) -> None:
@@ -85,7 +88,7 @@ class SeqDeduper:
                 state = states[device] = self._new_device(seq, ts)
             elif seq > state.max_seq - window:
                 slot = seq % window
-                if state.ring_seq[slot] == seq:
+                if state.ring_ts[slot] != EMPTY_TS and int(state.ring_seq[slot]) == seq:
                     if state.ring_ts[slot] == ts:
                         keep[i] = False
                         outcome.duplicates += 1

@@ -148,3 +148,32 @@ async def test_rollups_follow_ingest_and_late_samples(tansu_broker, tmp_path):
         assert db.query("SELECT n FROM rollup_1m WHERE metric = 'pdu.l0.power_kw' ORDER BY ts LIMIT 1") == [(60,)]
     finally:
         db.close()
+
+
+@pytest.mark.timeout(60)
+async def test_sequence_numbers_beyond_int64_are_stored_and_deduplicated(tansu_broker, tmp_path):
+    """seq is uint64 in the envelope: values >= 2^63 are stored, a retry of one is dropped, and
+    a restarted sink rebuilds its dedup state from them."""
+    topic, dl_topic = f"t.u64.{uuid.uuid4().hex[:8]}", f"t.u64.dl.{uuid.uuid4().hex[:8]}"
+    await create_topics(tansu_broker, (topic, 1), (dl_topic, 1))
+    seqs = [2**63 - 1, 2**63, 2**64 - 2, 2**64 - 1]
+    envs = []
+    for i, seq in enumerate(seqs):
+        env = reading(1, i).to_envelope() | {"seq": seq}
+        envs.append(orjson.dumps(env))
+    await produce(tansu_broker, topic, [(b"pdu-001", v) for v in envs + envs[1:2]])  # one retry
+
+    db_path = tmp_path / "u64.duckdb"
+    for run in range(2):  # the second run re-reads nothing new but must load state with huge seqs
+        db = Database(db_path)
+        sink = DuckDBSink(db, _settings(tansu_broker, topic, dl_topic))
+        await sink.start()
+        if run == 0:
+            await _run_until(sink, lambda: sink.stats.messages == 5 and sink._pending_write is None, "all handled")
+        else:
+            await sink.stop()
+        try:
+            assert sorted(int(s) for (s,) in db.query("SELECT seq FROM readings")) == seqs
+            assert sink.stats.dead_letters == 0
+        finally:
+            db.close()

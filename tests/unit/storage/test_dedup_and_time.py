@@ -19,6 +19,25 @@ def test_duplicates_dropped_out_of_order_accepted():
     assert second.keep.tolist() == [True, True, False]
 
 
+@pytest.mark.parametrize("top", [2**63 - 2, 2**63, 2**64 - 4])
+def test_sequences_across_the_whole_uint64_range(top):
+    # The envelope allows seq up to 2^64 - 1; an int64 ring used to overflow on seq >= 2^63 and
+    # stop the sink on a valid message (which it re-read and crashed on again after restart).
+    d = SeqDeduper(window=8)
+    seqs = [top, top + 1, top + 2, top + 3]
+    first = d.check(["a"] * 4, seqs, [10, 20, 30, 40])
+    assert first.keep.tolist() == [True] * 4
+    again = d.check(["a", "a"], [top + 1, top + 3], [20, 40])
+    assert again.keep.tolist() == [False, False] and again.duplicates == 2
+
+
+def test_seq_zero_on_a_fresh_ring_slot_is_not_mistaken_for_a_stored_reading():
+    d = SeqDeduper(window=4)
+    d.check(["a"], [3], [30])
+    out = d.check(["a"], [0], [5])  # slot 0 was never written: no restart, just an older reading
+    assert out.keep.tolist() == [True] and out.resets == 0
+
+
 def test_counter_restart_is_accepted_and_too_old_is_dropped():
     d = SeqDeduper(window=4)
     d.check(["a"] * 10, list(range(10)), [t * 10 for t in range(10)])
