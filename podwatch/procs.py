@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import random
 import shutil
 import signal
 import socket
@@ -22,8 +23,27 @@ from pathlib import Path
 from podwatch.errors import PodwatchError
 
 
+_PORT_PICKER = random.Random(int.from_bytes(os.urandom(8), "big"))  # independent of tests seeding `random`
+
+
+def _ephemeral_low() -> int:
+    try:
+        return int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 32768
+
+
 def free_port(host: str = "127.0.0.1") -> int:
-    """A TCP port that was free a moment ago on `host`."""
+    """A TCP port that was free a moment ago on `host`, chosen below the kernel's ephemeral range:
+    a port the kernel handed out (bind to 0) can be given again to any outgoing connection
+    between this call and the server's bind, which made servers fail with EADDRINUSE on a busy
+    machine. Below the range only listeners compete, and the bind check sees them."""
+    low = _ephemeral_low()
+    if low > 11024:
+        for _ in range(100):
+            port = _PORT_PICKER.randrange(max(1025, low - 10000), low)
+            if port_free(port, host):
+                return port
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind((host, 0))
         return s.getsockname()[1]

@@ -39,6 +39,7 @@ from operator import attrgetter
 from typing import Any, Awaitable, Callable
 
 import numpy as np
+import orjson
 import polars as pl
 import pyarrow as pa
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
@@ -50,7 +51,7 @@ from podwatch.errors import PodwatchError
 from podwatch.health import REGISTRY, ComponentHealth
 from podwatch.logs import fields
 from podwatch.storage.db import Database
-from podwatch.storage.decode import DecodedBatch, decode_messages, select_readings
+from podwatch.storage.decode import DecodedBatch, Rejected, decode_messages, select_readings
 from podwatch.storage.dedup import DEFAULT_WINDOW, SeqDeduper
 from podwatch.storage.ids import IdMap, reading_rows_table
 from podwatch.storage.rollups import (
@@ -205,7 +206,9 @@ class DuckDBSink:
         self._rollup_marks: dict[str, datetime | None] = {}
         self._last_retention = 0.0
         self._last_maintain = 0.0
-        self._known_sites: set[str] = set()
+        # The one site this file holds: from the site file (topology) or the file's first
+        # readings. Readings of any other site are dead letters (see `_drop_foreign_sites`).
+        self._own_site: str | None = None
         self._latest_pending: pl.DataFrame | None = None
         self._latest_lock = threading.Lock()
         self._site_recorded: str | None = None  # the site stored in podwatch_meta by this sink
@@ -240,7 +243,7 @@ class DuckDBSink:
         await asyncio.to_thread(self._refresh_latest_from_samples, self._write_cursor)
         site = self._write_cursor.execute("SELECT value FROM podwatch_meta WHERE key = 'site'").fetchone()
         if site:
-            self._known_sites.add(site[0])
+            self._own_site = self._site_recorded = site[0]
         self._producer, self._consumer = self._make_clients()
         await self._start_kafka_clients()
         if s.group_id is not None:
@@ -334,7 +337,7 @@ class DuckDBSink:
 
     @property
     def _site_to_record(self) -> str | None:
-        return min(self._known_sites) if len(self._known_sites) == 1 else None
+        return self._own_site
 
     @property
     def running(self) -> bool:
@@ -452,6 +455,8 @@ class DuckDBSink:
         self.stats.messages += len(values)
         self.health.inc("received", len(values))
         batch = decode_messages(values)
+        if batch.sites and (self._own_site is None or not batch.sites <= {self._own_site}):
+            batch = self._drop_foreign_sites(values, batch)
         if batch.rejected:
             # (partition, offset) per message is needed only for dead letters
             origins = [(tp, r.offset) for tp, records in parts for r in records]
@@ -462,17 +467,40 @@ class DuckDBSink:
             self.stats.too_old += outcome.too_old
             self.health.inc("dropped", outcome.duplicates + outcome.too_old)
         dedup_rows = self._dedup.state_rows(outcome.changed_devices)
-        new_sites = batch.sites - self._known_sites
-        if new_sites:
-            self._known_sites |= new_sites
-            if len(self._known_sites) > 1:
-                log.warning("readings of several sites in one DuckDB file; the export labels them with the first",
-                            extra=fields(sites=sorted(self._known_sites)))
         newest_ms = _newest_per_partition(parts, batch.msg_index, batch.ts_ms)
         # One write at a time, in order: wait for the previous batch before starting this one.
         await self._drain_write()
         self._pending_write = asyncio.create_task(
             self._write(batch, outcome.keep, dedup_rows, next_offsets, int(outcome.keep.sum()), started, newest_ms))
+
+    def _drop_foreign_sites(self, values: list, batch: DecodedBatch) -> DecodedBatch:
+        """One DuckDB file holds one site: device ids repeat across sites (`cdu-m1` exists in
+        many), so another site's readings would merge into this site's series. They become dead
+        letters naming both sites. Without a site file the first reading's site claims the file.
+        Slow path (parses the accepted messages once more): only when a batch carries a site
+        other than this file's, which is a deployment mistake to fix, not a steady state."""
+        accepted = batch.msg_index.tolist()
+        msg_sites = [orjson.loads(values[i]).get("site") for i in accepted]
+        if self._own_site is None:
+            self._own_site = msg_sites[0]
+            log.info("this DuckDB file holds site %s (its first readings)", self._own_site)
+        own = self._own_site
+        keep = [i for i, site in zip(accepted, msg_sites) if site == own]
+        foreign = [(i, site) for i, site in zip(accepted, msg_sites) if site != own]
+        if not foreign:
+            return batch
+        log.warning("readings of another site in this site's topic: sent to dead letters; give each site its own "
+                    "topic (or consumer) and DuckDB file", extra=fields(site=own, other_sites=sorted(
+                        {str(site) for _, site in foreign}), messages=len(foreign)))
+        positions = np.asarray(keep, dtype=np.int64)
+        kept = decode_messages([values[i] for i in keep])
+        kept.msg_index = positions[kept.msg_index] if len(kept.msg_index) else kept.msg_index
+        rejected = list(batch.rejected) + [Rejected(int(positions[r.index]), r.reason) for r in kept.rejected]
+        rejected += [Rejected(i, f"site {site!r} is not the site of this DuckDB file ({own!r}); one file holds one "
+                                 f"site") for i, site in foreign]
+        kept.rejected = sorted(rejected, key=attrgetter("index"))
+        kept.sites = kept.sites & {own}
+        return kept
 
     async def _drain_write(self) -> None:
         task, self._pending_write = self._pending_write, None

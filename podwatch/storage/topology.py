@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import duckdb
 
+from podwatch.errors import PodwatchError
 from podwatch.site import Site, load_site
 
 
@@ -30,6 +31,11 @@ def load_topology(con: duckdb.DuckDBPyConnection, site: Site) -> dict[str, int]:
              ",".join(r.id for r in site.racks_of_cdu(c.id))) for c in site.cdus]
     con.execute("BEGIN TRANSACTION")
     try:
+        stored = con.execute("SELECT value FROM podwatch_meta WHERE key = 'site'").fetchone()
+        if stored and stored[0] != site.id:
+            raise PodwatchError(f"this DuckDB file holds site {stored[0]!r}, the site file describes site "
+                                f"{site.id!r}: one file holds one site (use another --db for {site.id!r})")
+        con.execute("INSERT OR IGNORE INTO podwatch_meta VALUES ('site', ?)", [site.id])
         for table, rows, width in (("topo_racks", racks, 9), ("topo_devices", devices, 11), ("topo_power", power, 7),
                                    ("topo_cdus", cdus, 6)):
             con.execute(f"DELETE FROM {table}")

@@ -177,3 +177,48 @@ async def test_sequence_numbers_beyond_int64_are_stored_and_deduplicated(tansu_b
             assert sink.stats.dead_letters == 0
         finally:
             db.close()
+
+
+@pytest.mark.timeout(60)
+async def test_readings_of_another_site_are_dead_letters_not_merged(tansu_broker, tmp_path):
+    """Device ids repeat across sites; one file holds one site. The first readings claim the file
+    (no site file given); another site's readings go to dead letters naming both sites."""
+    topic, dl_topic = f"t.site.{uuid.uuid4().hex[:8]}", f"t.site.dl.{uuid.uuid4().hex[:8]}"
+    await create_topics(tansu_broker, (topic, 1), (dl_topic, 1))
+    ours = [envelope_bytes(reading(1, seq)) for seq in range(6)]
+    theirs = [orjson.dumps(reading(1, seq).to_envelope() | {"site": "edge5"}) for seq in range(100, 104)]
+    mixed = [ours[0], theirs[0], ours[1], theirs[1], ours[2], ours[3], theirs[2], theirs[3], ours[4], ours[5]]
+    await produce(tansu_broker, topic, [(b"pdu-001", v) for v in mixed])
+
+    db = Database(tmp_path / "site.duckdb")
+    sink = DuckDBSink(db, _settings(tansu_broker, topic, dl_topic))
+    await sink.start()
+    await _run_until(sink, lambda: sink.stats.messages == len(mixed) and sink._pending_write is None, "all handled")
+    try:
+        assert sorted(s for (s,) in db.query("SELECT seq FROM readings")) == list(range(6))
+        assert db.query("SELECT value FROM podwatch_meta WHERE key = 'site'") == [("test",)]
+        assert sink.stats.dead_letters == 4
+        letters = [orjson.loads(r.value) for r in await read_all(tansu_broker, dl_topic, 4)]
+        assert sorted(letter["offset"] for letter in letters) == [1, 3, 6, 7]
+        assert all("site 'edge5' is not the site of this DuckDB file ('test')" in letter["reason"]
+                   for letter in letters)
+    finally:
+        db.close()
+
+
+def test_a_file_holds_one_site_file(tmp_path):
+    from pathlib import Path
+
+    from podwatch.errors import PodwatchError
+    from podwatch.storage.topology import load_topology_file
+
+    root = Path(__file__).parents[3]
+    db = Database(tmp_path / "one.duckdb")
+    try:
+        load_topology_file(db.connection, str(root / "examples/sites/demo.yaml"))
+        load_topology_file(db.connection, str(root / "examples/sites/demo.yaml"))  # reloading the same site is fine
+        with pytest.raises(PodwatchError, match="holds site 'demo'.*describes site"):
+            load_topology_file(db.connection, str(root / "examples/sites/edge-5mw.yaml"))
+        assert db.query("SELECT count(*) FROM topo_racks")[0][0] == 16  # the failed load changed nothing
+    finally:
+        db.close()
