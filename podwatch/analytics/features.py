@@ -119,7 +119,10 @@ def _with_saturated_supply(f: pl.DataFrame, step_s: int, horizon_s: int) -> pl.D
     (supply − facility water) grows with the heat it moves, ~ Q/UA. The supply follows the heat
     with the facility loop's lag (about a minute), so the approach per kW is taken against the
     heat of the last `SUPPLY_LAG_WINDOW_S`, and the supply settles at facility + that × the present
-    heat: a load surge on a saturated CDU shows before its supply has moved. Null otherwise."""
+    heat: a load surge on a saturated CDU shows before its supply has moved. The heat is the
+    worst of the present heat, its sustained ramp carried to the horizon and its 10-minute peak —
+    the same "what happened lately can happen again" as the racks' load peaks: a CDU whose racks
+    peaked together minutes ago can see that heat again within the horizon. Null otherwise."""
     heat = (f.group_by("cdu", "ts").agg((pl.col("power_kw") * pl.col("heat_to_liquid")).sum().alias("cdu_heat_kw"),
                                           (pl.col("rated_kw") * pl.col("heat_to_liquid")).sum().alias("_peak_kw"),
                                           pl.col("power_kw").null_count().alias("_missing"))
@@ -134,7 +137,10 @@ def _with_saturated_supply(f: pl.DataFrame, step_s: int, horizon_s: int) -> pl.D
         pl.min_horizontal(pl.col("cdu_heat_kw") + _sustained("cdu_heat_kw", ramp_half, step_s, "cdu", rising=True)
                           .fill_null(0.0) * horizon_s / 60.0, pl.col("_peak_kw") * RACK_PEAK_OVER_RATED)
         .alias("cdu_heat_worst_kw"),
-    ).with_columns(pl.max_horizontal("cdu_heat_kw", "cdu_heat_worst_kw").alias("cdu_heat_worst_kw")
+    ).with_columns(pl.max_horizontal("cdu_heat_kw", "cdu_heat_worst_kw",
+                                     # the CDU's recent peak heat, like the racks' recent peak load
+                                     pl.col("cdu_heat_kw").rolling_max(max(1, round(PEAK_WINDOW_S / step_s)), min_samples=1)
+                                     .over("cdu")).alias("cdu_heat_worst_kw")
                    ).drop("_missing", "_peak_kw")
     f = f.join(heat, on=["cdu", "ts"], how="left")
     saturated = pl.col("cdu_supply_c") > pl.col("setpoint_c") + SATURATED_OVER_SETPOINT_K

@@ -148,3 +148,48 @@ def test_a_saturated_cdu_supply_follows_its_heat_load():
     held = build_features(healthy_rows(SITE, 0, 661, load=0.7, noise=False, override=override), SITE) \
         .filter(pl.col("rack") == RACK).row(-1, named=True)
     assert held["supply_settle_c"] is None  # supply at setpoint: the exchanger has headroom, nothing to infer
+
+
+def test_a_saturated_cdu_supply_settles_at_its_recent_peak_heat():
+    # like the rack's load, the CDU's heat of the last 10 minutes can come back within the horizon:
+    # a saturated CDU's supply settles at the approach of that peak heat, not only of the present one
+    cdu = SITE.cdu(SITE.rack(RACK).cdu)
+
+    def override(t, kind, entity, metric, value):
+        if metric in ("rack.power_kw", "pdu.power_kw") and 200 <= t < 400:
+            return value * 1.3  # a module-wide burst 5-8 min ago, over now
+        if metric in ("cdu.supply_temp_c", "rack.liquid_supply_temp_c"):
+            return value + 6.0  # supply 6 K above setpoint: the CDU cannot hold it
+        return value
+
+    row = build_features(healthy_rows(SITE, 0, 661, load=0.7, noise=False, override=override), SITE) \
+        .filter(pl.col("rack") == RACK).row(-1, named=True)
+    approach = cdu.supply_setpoint_c + 6.0 - cdu.facility_supply_c
+    # the present heat equals the heat of the last 2 minutes (ratio 1); the burst's was 1.3x
+    assert row["supply_settle_c"] == pytest.approx(row["supply_c"] + approach * 0.3, rel=1e-3)
+    # 11 minutes after the burst it is out of the window and the supply settles where it is
+    late = build_features(healthy_rows(SITE, 0, 1061, load=0.7, noise=False, override=override), SITE) \
+        .filter(pl.col("rack") == RACK).row(-1, named=True)
+    assert late["supply_settle_c"] == pytest.approx(late["supply_c"], abs=1e-6)
+
+
+def test_a_load_step_on_a_restricted_rack_is_in_the_worst_case_at_the_next_row():
+    # a step is not extrapolated as a ramp, but the new load is in the settled and worst-case
+    # margins at once: the return settles at supply + P·f/(ṁ·c_p) of the load now measured
+    def override(t, kind, entity, metric, value):
+        if entity != RACK:
+            return value
+        if metric == "rack.liquid_flow_lpm":
+            return value * 0.5  # a half-clogged strainer for the whole history
+        if metric in ("rack.power_kw", "pdu.power_kw") and t >= 600:
+            return value * 1.6  # the load steps up at 600 s
+        return value
+
+    f = build_features(healthy_rows(SITE, 0, 621, load=0.7, noise=False, override=override), SITE) \
+        .filter(pl.col("rack") == RACK).sort("ts")
+    before = f.filter(pl.col("ts") == T0 + timedelta(seconds=590)).row(0, named=True)
+    after = f.filter(pl.col("ts") == T0 + timedelta(seconds=610)).row(0, named=True)
+    assert before["worst_margin_c"] > 1.0
+    assert after["power_trend_2m"] == 0.0  # not a sustained ramp ...
+    assert after["margin_ss_c"] < 0.0  # ... but the present load already settles above the limit
+    assert after["worst_margin_c"] <= after["margin_ss_c"]
