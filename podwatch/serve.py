@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from podwatch.logs import fields
+from podwatch.stream.topics import TELEMETRY_TOPIC
 
 log = logging.getLogger(__name__)
 
@@ -38,6 +39,7 @@ class ServeOptions:
     headroom_every_s: float = 600.0
     analytics: bool = True
     speed: float = 1.0  # accelerated runs: periodic analytics keep pace with simulated time
+    topic: str = TELEMETRY_TOPIC
 
 
 class ServeProcess:
@@ -48,7 +50,7 @@ class ServeProcess:
 
         self.opts = opts
         self.service = Service(ServiceSettings(db=opts.db, kafka=opts.kafka, site=opts.site, host=opts.host,
-                                               port=opts.port, token=opts.token))
+                                               port=opts.port, token=opts.token, topic=opts.topic))
         self.site = None
         self.producer = None
         self.alerting = None

@@ -20,7 +20,7 @@ def default_spool_dir(site_id: str) -> Path:
     return Path(".podwatch") / "spool" / site_id
 
 
-def _make_producer(kafka: str, site_id: str, spool_dir: Path | None):
+def _make_producer(kafka: str, site_id: str, spool_dir: Path | None, topic: str | None = None):
     """The stream stage's TelemetryProducer, imported lazily (the collectors do not depend on it)."""
     try:
         from podwatch.stream.config import KafkaSettings
@@ -32,17 +32,22 @@ def _make_producer(kafka: str, site_id: str, spool_dir: Path | None):
         settings = KafkaSettings(bootstrap_servers=kafka)
     except ValueError as exc:
         raise ConfigError("--kafka", [str(exc)]) from None
-    return TelemetryProducer(settings, spool_dir or default_spool_dir(site_id), site=site_id)
+    extra = {"telemetry_topic": topic} if topic else {}
+    return TelemetryProducer(settings, spool_dir or default_spool_dir(site_id), site=site_id, **extra)
 
 
-async def _ensure_topics(kafka: str) -> None:
-    """Create the podwatch topics when Kafka answers; an unreachable Kafka is not fatal (we spool)."""
+async def _ensure_topics(kafka: str, telemetry_topic: str | None = None) -> None:
+    """Create the podwatch topics when Kafka answers; an unreachable Kafka is not fatal (we spool).
+    `telemetry_topic` replaces podwatch.telemetry.v1 (one topic per site on a shared cluster)."""
     try:
-        from podwatch.stream.topics import ensure_topics
+        from podwatch.stream.topics import TELEMETRY_TOPIC, ensure_topics, topic_partitions
     except ModuleNotFoundError:
         return
+    wanted = topic_partitions()
+    if telemetry_topic and telemetry_topic != TELEMETRY_TOPIC:
+        wanted[telemetry_topic] = wanted.pop(TELEMETRY_TOPIC)
     try:
-        await ensure_topics(kafka, timeout_s=5.0)
+        await ensure_topics(kafka, topics=wanted, timeout_s=5.0)
     except PodwatchError as exc:
         log.warning("Could not create the Kafka topics now; readings are spooled until Kafka answers",
                     extra={"fields": {"error": exc}})
@@ -53,7 +58,7 @@ async def _run_collect(site, sink, modbus_settings, mqtt_settings, enable_mqtt: 
     from podwatch.collectors.runner import CollectorRunner
 
     if producer is not None:
-        await _ensure_topics(producer.settings.bootstrap_servers)
+        await _ensure_topics(producer.settings.bootstrap_servers, getattr(producer, "telemetry_topic", None))
         await producer.start()
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -78,6 +83,8 @@ def register(app: typer.Typer) -> None:
         kafka: str | None = typer.Option(None, "--kafka", help="Kafka bootstrap servers HOST:PORT.", callback=kafka_option_callback),
         mqtt: str | None = typer.Option(None, "--mqtt", help="MQTT broker URL (overrides the site's mqtt.url)."),
         no_mqtt: bool = typer.Option(False, "--no-mqtt", help="Do not run the MQTT collector."),
+        topic: str = typer.Option("podwatch.telemetry.v1", "--topic",
+                                  help="Telemetry topic (one per site when sites share a Kafka cluster)."),
         port_offset: int = typer.Option(0, "--port-offset", help="Shift every Modbus TCP port by N."),
         spool_dir: Path | None = typer.Option(None, "--spool-dir",
                                               help="Producer spool directory for Kafka outages (default .podwatch/spool/<site>)."),
@@ -128,6 +135,6 @@ def register(app: typer.Typer) -> None:
             return
         if not kafka:
             raise ConfigError("options", ["--kafka HOST:PORT is required (or --print, or --plan)"])
-        producer = _make_producer(kafka, site.id, spool_dir)
+        producer = _make_producer(kafka, site.id, spool_dir, topic)
         asyncio.run(_run_collect(site, producer, modbus_settings, mqtt_settings, not no_mqtt, health_interval_s, producer,
                                  clock=clock))

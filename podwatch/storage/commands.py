@@ -22,11 +22,12 @@ def _ingest(
     db: str = typer.Option(..., "--db", help="DuckDB file (created if missing)"),
     site: Optional[str] = typer.Option(None, "--site", help="Site file: loads the topology tables"),
     group: str = typer.Option("podwatch-sink", "--group", help="Consumer group; 'none' assigns every partition directly"),
+    topic: str = typer.Option("podwatch.telemetry.v1", "--topic", help="Telemetry topic (one per site on a shared cluster)"),
 ) -> None:
     """Consume podwatch.telemetry.v1 into DuckDB, exactly once (offsets live in the file)."""
     from podwatch.storage.sink import SinkSettings, run_ingest
 
-    settings = SinkSettings(kafka=kafka, group_id=None if group == "none" else group)
+    settings = SinkSettings(kafka=kafka, group_id=None if group == "none" else group, topic=topic)
     asyncio.run(run_ingest(db, settings, site))
 
 
@@ -45,6 +46,7 @@ def _serve(
     alerting_config: Optional[str] = typer.Option(None, "--alerting-config",
                                                   help="Alerting settings file (receivers: webhook, e-mail, Alertmanager)"),
     headroom_every_s: float = typer.Option(600.0, "--headroom-every", help="Seconds between headroom forecast refreshes"),
+    topic: str = typer.Option("podwatch.telemetry.v1", "--topic", help="Telemetry topic (one per site on a shared cluster)"),
     speed: float = typer.Option(1.0, "--speed", min=0.001,
                                 help="Accelerated runs against `podwatch simulate --speed`: periodic analytics run this much more often"),
 ) -> None:
@@ -53,7 +55,7 @@ def _serve(
 
     opts = ServeOptions(db=db, kafka=kafka, site=site, host=host, port=port, token=token, model_dir=model_dir,
                         alertmanager=alertmanager, alert_rules=alert_rules, alerting_config=alerting_config,
-                        headroom_every_s=headroom_every_s, speed=speed)
+                        headroom_every_s=headroom_every_s, speed=speed, topic=topic)
     asyncio.run(run_serve(opts, announce=lambda msg: typer.echo(msg, err=True)))
 
 
