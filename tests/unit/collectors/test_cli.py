@@ -1,6 +1,5 @@
 """`podwatch collect` option handling (no servers needed): the plan, and user errors without tracebacks."""
 
-import logging
 import subprocess
 import sys
 from pathlib import Path
@@ -12,15 +11,6 @@ from podwatch.cli import app
 
 ROOT = Path(__file__).resolve().parents[3]
 REF = ROOT / "examples" / "sites" / "reference-10mw.yaml"
-
-
-@pytest.fixture(autouse=True)
-def keep_root_logging():
-    """The CLI callback points the root logger at CliRunner's stderr, which closes after invoke."""
-    handlers, level = logging.root.handlers[:], logging.root.level
-    yield
-    logging.root.handlers[:] = handlers
-    logging.root.setLevel(level)
 
 
 def test_plan_prints_every_modbus_device_with_its_requests():

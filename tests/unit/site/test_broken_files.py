@@ -5,7 +5,6 @@ duplicate keys, huge ranges) and the new example sites."""
 
 from __future__ import annotations
 
-import logging
 import subprocess
 import sys
 from pathlib import Path
@@ -77,15 +76,6 @@ EXPECTED: dict[str, list[str]] = {
     "not-a-mapping.yaml": ["<root>: a site file must be a mapping"],
     "latin1.yaml": ["line 1: not UTF-8 text (byte 0xe9)"],
 }
-
-
-@pytest.fixture(autouse=True)
-def keep_root_logging():
-    """The CLI callback points the root logger at CliRunner's stderr, which closes after invoke."""
-    handlers, level = logging.root.handlers[:], logging.root.level
-    yield
-    logging.root.handlers[:] = handlers
-    logging.root.setLevel(level)
 
 
 def test_every_broken_fixture_has_expectations():
