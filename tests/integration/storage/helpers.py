@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import time
 
+import httpx
 import orjson
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
@@ -90,3 +91,21 @@ def readings_check(db) -> dict[str, int]:
     """Counts of READINGS_CHECK_SQL on a `Database` (see there)."""
     names = ["readings", "distinct_device_seq", "readings_with_wrong_points", "orphan_point_groups", "points"]
     return dict(zip(names, db.query(READINGS_CHECK_SQL)[0]))
+
+
+async def healthz_ok(client: httpx.AsyncClient) -> bool:
+    return (await client.get("/healthz")).status_code == 200
+
+
+def serve_answers(proc: asyncio.subprocess.Process, client: httpx.AsyncClient, check=healthz_ok):
+    """A `wait_until` predicate for a `podwatch serve` child: fails at once with its stderr if it
+    exited; not listening yet (or a body that is not JSON yet) counts as not yet."""
+    async def predicate() -> bool:
+        if proc.returncode is not None:
+            raise AssertionError((await proc.stderr.read()).decode()[-2000:])
+        try:
+            return await check(client)
+        except (httpx.TransportError, ValueError):
+            return False
+
+    return predicate

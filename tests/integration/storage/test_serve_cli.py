@@ -13,6 +13,7 @@ import httpx
 import pytest
 
 from tests.conftest import wait_until
+from tests.integration.storage.helpers import serve_answers
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 PODWATCH = str(Path(sys.executable).parent / "podwatch")
@@ -29,15 +30,7 @@ async def test_serve_process_ingests_answers_and_stops(tansu_broker, tmp_path, f
     base = f"http://127.0.0.1:{free_port}"
     try:
         async with httpx.AsyncClient(base_url=base, timeout=5) as client:
-            async def healthy():
-                if proc.returncode is not None:
-                    raise AssertionError((await proc.stderr.read()).decode()[-2000:])
-                try:
-                    return (await client.get("/healthz")).status_code == 200
-                except httpx.TransportError:
-                    return False
-
-            await wait_until(healthy, timeout=40, what="podwatch serve healthy")
+            await wait_until(serve_answers(proc, client), timeout=40, what="podwatch serve healthy")
             owner = json.loads(Path(f"{db}.serve.json").read_text())
             assert owner["api_url"] == base and owner["token"] == "tok" and owner["pid"] == proc.pid
             racks = (await client.get("/api/topology/racks")).json()
@@ -63,15 +56,7 @@ async def test_serve_api_only_exits_zero_on_sigterm(tmp_path, free_port):
                                                 stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.PIPE)
     try:
         async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{free_port}", timeout=5) as client:
-            async def healthy():
-                if proc.returncode is not None:
-                    raise AssertionError((await proc.stderr.read()).decode()[-2000:])
-                try:
-                    return (await client.get("/healthz")).status_code == 200
-                except httpx.TransportError:
-                    return False
-
-            await wait_until(healthy, timeout=40, what="podwatch serve (API only) healthy")
+            await wait_until(serve_answers(proc, client), timeout=40, what="podwatch serve (API only) healthy")
     finally:
         if proc.returncode is None:
             proc.send_signal(signal.SIGTERM)

@@ -16,6 +16,7 @@ import pytest
 from podwatch.collectors.commands import _ensure_topics, _make_producer
 from podwatch.samples import Reading
 from tests.conftest import wait_until
+from tests.integration.storage.helpers import serve_answers
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 PODWATCH = str(Path(sys.executable).parent / "podwatch")
@@ -40,17 +41,13 @@ async def test_collect_and_serve_on_a_site_topic(tansu_broker, tmp_path, free_po
         PODWATCH, "serve", "--db", str(db), "--kafka", tansu_broker, "--topic", topic, "--port", str(free_port),
         stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.PIPE, env={**os.environ})
     try:
-        async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{free_port}", timeout=5) as client:
-            async def all_points_stored():
-                if proc.returncode is not None:
-                    raise AssertionError((await proc.stderr.read()).decode()[-2000:])
-                try:
-                    pipeline = (await client.get("/api/pipeline")).json()
-                except (httpx.TransportError, ValueError):
-                    return False
-                return sum(p.get("points_total", 0) for p in pipeline) == 60
+        async def all_points_stored(client: httpx.AsyncClient) -> bool:
+            pipeline = (await client.get("/api/pipeline")).json()
+            return sum(p.get("points_total", 0) for p in pipeline) == 60
 
-            await wait_until(all_points_stored, timeout=60, what="serve --topic stored the site's 60 points")
+        async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{free_port}", timeout=5) as client:
+            await wait_until(serve_answers(proc, client, all_points_stored), timeout=60,
+                             what="serve --topic stored the site's 60 points")
     finally:
         if proc.returncode is None:
             proc.send_signal(signal.SIGTERM)
