@@ -63,6 +63,7 @@ from podwatch.storage.rollups import (
     write_retention_settings,
 )
 
+from podwatch.stream.config import BootstrapServers
 from podwatch.stream.envelope import dead_letter, encode_dead_letter
 from podwatch.stream.topics import DEADLETTER_TOPIC, TELEMETRY_TOPIC
 
@@ -94,7 +95,7 @@ class SinkSettings(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    kafka: str = Field(description="Bootstrap servers, host:port[,host:port]")
+    kafka: BootstrapServers = Field(description="Bootstrap servers, host:port[,host:port]")
     topic: str = TELEMETRY_TOPIC
     dead_letter_topic: str = DEADLETTER_TOPIC
     group_id: str | None = Field("podwatch-sink", description="Consumer group; None: assign every partition directly")
@@ -455,6 +456,9 @@ class DuckDBSink:
         self.stats.messages += len(values)
         self.health.inc("received", len(values))
         batch = decode_messages(values)
+        if self._own_site is None and len(batch.sites) == 1:
+            (self._own_site,) = batch.sites
+            log.info("this DuckDB file holds site %s (its first readings)", self._own_site)
         if batch.sites and (self._own_site is None or not batch.sites <= {self._own_site}):
             batch = self._drop_foreign_sites(values, batch)
         if batch.rejected:

@@ -75,3 +75,11 @@ async def test_start_raises_the_gc_threshold_and_never_lowers_it(tmp_path, free_
     finally:
         gc.set_threshold(*saved)
         db.close()
+
+
+def test_sink_settings_reject_a_malformed_bootstrap_list():
+    import pytest
+    from pydantic import ValidationError
+
+    with pytest.raises(ValidationError, match="'a:b:c' is not host:port"):
+        SinkSettings(kafka="a:b:c")
