@@ -24,9 +24,9 @@ from pathlib import Path
 import httpx
 import typer
 
-from podwatch.stream.config import kafka_option_callback
 from podwatch import procs
 from podwatch.errors import PodwatchError, user_errors
+from podwatch.stream.config import kafka_option_callback
 
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_SITE = ROOT / "examples" / "sites" / "demo.yaml"

@@ -9,8 +9,9 @@ from pathlib import Path
 
 import typer
 
-from podwatch.stream.config import kafka_option_callback
 from podwatch.errors import ConfigError, PodwatchError
+from podwatch.stream.config import kafka_option_callback
+from podwatch.stream.topics import TELEMETRY_TOPIC, ensure_topics, topic_partitions
 
 log = logging.getLogger(__name__)
 
@@ -39,10 +40,6 @@ def _make_producer(kafka: str, site_id: str, spool_dir: Path | None, topic: str 
 async def _ensure_topics(kafka: str, telemetry_topic: str | None = None) -> None:
     """Create the podwatch topics when Kafka answers; an unreachable Kafka is not fatal (we spool).
     `telemetry_topic` replaces podwatch.telemetry.v1 (one topic per site on a shared cluster)."""
-    try:
-        from podwatch.stream.topics import TELEMETRY_TOPIC, ensure_topics, topic_partitions
-    except ModuleNotFoundError:
-        return
     wanted = topic_partitions()
     if telemetry_topic and telemetry_topic != TELEMETRY_TOPIC:
         wanted[telemetry_topic] = wanted.pop(TELEMETRY_TOPIC)
@@ -83,7 +80,7 @@ def register(app: typer.Typer) -> None:
         kafka: str | None = typer.Option(None, "--kafka", help="Kafka bootstrap servers HOST:PORT.", callback=kafka_option_callback),
         mqtt: str | None = typer.Option(None, "--mqtt", help="MQTT broker URL (overrides the site's mqtt.url)."),
         no_mqtt: bool = typer.Option(False, "--no-mqtt", help="Do not run the MQTT collector."),
-        topic: str = typer.Option("podwatch.telemetry.v1", "--topic",
+        topic: str = typer.Option(TELEMETRY_TOPIC, "--topic",
                                   help="Telemetry topic (one per site when sites share a Kafka cluster)."),
         port_offset: int = typer.Option(0, "--port-offset", help="Shift every Modbus TCP port by N."),
         spool_dir: Path | None = typer.Option(None, "--spool-dir",

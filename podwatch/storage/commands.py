@@ -13,8 +13,9 @@ from typing import Optional
 
 import typer
 
-from podwatch.stream.config import kafka_option_callback
 from podwatch.errors import PodwatchError
+from podwatch.stream.config import kafka_option_callback
+from podwatch.stream.topics import TELEMETRY_TOPIC
 
 
 def _ingest(
@@ -22,7 +23,7 @@ def _ingest(
     db: str = typer.Option(..., "--db", help="DuckDB file (created if missing)"),
     site: Optional[str] = typer.Option(None, "--site", help="Site file: loads the topology tables"),
     group: str = typer.Option("podwatch-sink", "--group", help="Consumer group; 'none' assigns every partition directly"),
-    topic: str = typer.Option("podwatch.telemetry.v1", "--topic", help="Telemetry topic (one per site on a shared cluster)"),
+    topic: str = typer.Option(TELEMETRY_TOPIC, "--topic", help="Telemetry topic (one per site on a shared cluster)"),
 ) -> None:
     """Consume podwatch.telemetry.v1 into DuckDB, exactly once (offsets live in the file)."""
     from podwatch.storage.sink import SinkSettings, run_ingest
@@ -46,7 +47,7 @@ def _serve(
     alerting_config: Optional[str] = typer.Option(None, "--alerting-config",
                                                   help="Alerting settings file (receivers: webhook, e-mail, Alertmanager)"),
     headroom_every_s: float = typer.Option(600.0, "--headroom-every", help="Seconds between headroom forecast refreshes"),
-    topic: str = typer.Option("podwatch.telemetry.v1", "--topic", help="Telemetry topic (one per site on a shared cluster)"),
+    topic: str = typer.Option(TELEMETRY_TOPIC, "--topic", help="Telemetry topic (one per site on a shared cluster)"),
     speed: float = typer.Option(1.0, "--speed", min=0.001,
                                 help="Accelerated runs against `podwatch simulate --speed`: periodic analytics run this much more often"),
 ) -> None:

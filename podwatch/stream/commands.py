@@ -10,8 +10,8 @@ import threading
 
 import typer
 
-from podwatch.stream.config import kafka_option_callback
 from podwatch.errors import PodwatchError
+from podwatch.stream.config import kafka_option_callback
 from podwatch.stream.topics import ALL_TOPICS, DEFAULT_TELEMETRY_PARTITIONS, TELEMETRY_TOPIC
 
 
