@@ -56,6 +56,9 @@ def verify_signature(secret: bytes, body: bytes, header_value: str) -> bool:
 class Receiver:
     name: str
     max_batch: int = 1
+    # Whether the receiver also gets `update` events: a firing alert whose annotations changed
+    # without a transition (cause attribution). Only receivers that keep state by alert take them.
+    takes_updates: bool = False
     states: frozenset[str] = frozenset({"firing", "resolved"})
     min_severity: str = "info"
 
@@ -117,6 +120,7 @@ class AlertmanagerReceiver(_HttpReceiver):
     later than now (Alertmanager compares endsAt with its wall clock)."""
 
     max_batch = 64
+    takes_updates = True  # the same labels again: Alertmanager just updates the annotations
 
     def __init__(self, settings: AlertmanagerReceiverSettings, generator_url: str = "",
                  con: "duckdb.DuckDBPyConnection | None" = None) -> None:
