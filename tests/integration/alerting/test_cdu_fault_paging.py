@@ -33,11 +33,11 @@ import yaml
 from aiosmtpd.controller import Controller
 
 from podwatch import procs
-from podwatch.analytics.alerting import Observation, build_runtime, load_rules
+from podwatch.analytics.alerting import AlertState, Observation, build_runtime, load_rules
 from podwatch.analytics.alerting.settings import settings_from_dict
 from podwatch.site import load_site
 from tests.conftest import wait_until
-from tests.integration.alerting.conftest import WebhookSink
+from tests.integration.alerting.conftest import WebhookSink, pump_failure_history, replay
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(60)]
 
@@ -270,3 +270,56 @@ async def run_fault(config_name: str, runtime, am_url: str, sink: WebhookSink, m
         # The all-clear page names the racks that recovered with their CDU.
         (resolved,) = [n for n in pages(sink, "resolved") if n["groupKey"] == page["groupKey"]]
         assert {a["labels"]["target"] for a in resolved["alerts"]} >= {"cdu-m1", *FAULTY_RACKS}
+
+
+@pytest.mark.slow
+async def test_simulated_pump_failure_pages_once_with_the_shipped_config(mail_server, tmp_path):
+    """The simulator's physics through the analytics checks and the default rules (real hold
+    times): both duty pumps of cdu-m1 trip at 60 s with no standby; 3 minutes later every alert
+    podwatch raised on cdu-m1's racks is inhibited by pump_redundancy_lost and the pager got one
+    page for the loop."""
+    controller, mailbox = mail_server
+    sink = WebhookSink(procs.free_port()).start()
+    config_path = tmp_path / "alertmanager.yml"
+    config_path.write_text(yaml.safe_dump(shipped_config(sink.url, controller.port), sort_keys=False))
+    site, samples, _ = pump_failure_history(tmp_path, duration_s=240, cleared_after_s=None)
+    con = duckdb.connect(str(tmp_path / "site.duckdb"))
+    am = procs.alertmanager(config_path, workdir=tmp_path)
+    try:
+        with am:
+            am_url = f"http://{am.address}"
+            settings = settings_from_dict({"receivers": [{"type": "alertmanager", "name": "am", "url": am_url}]})
+            runtime = build_runtime(con, settings, rules=load_rules(), site=site)
+            try:
+                await replay(runtime, site, samples)
+                firing = [a for a in runtime.engine.active() if a.state is AlertState.FIRING]
+                (pump,) = [a for a in firing if a.labels.get("cascade") == "cause"]
+                assert (pump.rule.id, pump.target) == ("pump_redundancy_lost", "cdu-m1")
+                racks = {(a.rule.id, a.target) for a in firing if a.labels.get("cascade") == "symptom"}
+                assert {a.labels["cdu"] for a in firing if (a.rule.id, a.target) in racks} == {"cdu-m1"}
+                assert len({t for _, t in racks}) == 8, racks  # every rack of the loop alerts
+                attributed = [a for a in firing if a.labels.get("probable_cause") == "cdu-m1:pump_redundancy_lost"]
+                assert len(attributed) == len(racks)  # all fired after the pump alert, so all carry the label
+
+                def inhibited():
+                    listed = httpx.get(f"{am_url}/api/v2/alerts", params={"filter": 'cdu="cdu-m1"'}).json()
+                    pump_fp = [a["fingerprint"] for a in listed if a["labels"]["alertname"] == "pump_redundancy_lost"]
+                    muted = {(a["labels"]["alertname"], a["labels"]["target"]) for a in listed
+                             if a["status"]["state"] == "suppressed" and a["status"]["inhibitedBy"] == pump_fp}
+                    return muted == racks
+                await wait_until(inhibited, timeout=15, what="every rack alert of cdu-m1 inhibited by the pump alert")
+                page = await wait_until(lambda: pages(sink, "firing"), timeout=15, what="the page for cdu-m1")
+                print(f"simulated pump failure: {1 + len(racks)} alerts firing on cdu-m1 (1 CDU + {len(racks)} rack); "
+                      f"pages {len(pages(sink, 'firing'))}, mails {len(mailbox.snapshot())}")
+                assert [a["labels"]["alertname"] for a in alerts_in(page)] == ["pump_redundancy_lost"]
+                assert page[0]["groupLabels"] == {"site": "demo", "cdu": "cdu-m1"}
+                assert mails(mailbox, "firing") == []
+                # The pump alert at Alertmanager lists the racks (annotation updates after the page).
+                listed = httpx.get(f"{am_url}/api/v2/alerts", params={"filter": 'alertname="pump_redundancy_lost"'}).json()
+                assert listed[0]["annotations"]["affected_racks"].startswith("8 of 8 rack(s) on cdu-m1 alerting: m1-r01 (")
+                assert listed[0]["annotations"]["racks"].startswith("cdu-m1 cools 8 rack(s): m1-r01, m1-r02")
+            finally:
+                await runtime.aclose()
+    finally:
+        sink.stop()
+        con.close()
