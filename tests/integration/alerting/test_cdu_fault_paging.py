@@ -19,6 +19,7 @@ so the firing notifications counted are all there will be.
 
 from __future__ import annotations
 
+import contextlib
 import email
 import re
 import threading
@@ -167,27 +168,35 @@ def mentions(message, text: str) -> bool:
     return text in message["Subject"] or text in body(message)
 
 
-@pytest.mark.parametrize("config_name", list(CONFIGS))
-async def test_one_cdu_fault_pages_once_with_its_cause(config_name, mail_server, tmp_path):
-    controller, mailbox = mail_server
+@contextlib.asynccontextmanager
+async def paging_stack(make_config, smtp_port: int, rules, site, tmp_path: Path):
+    """Alertmanager with the configuration `make_config(pager_url, smtp_port)` (pager = a webhook
+    sink), and a podwatch alerting runtime posting to it. Yields (Alertmanager URL, runtime, sink)."""
     sink = WebhookSink(procs.free_port()).start()
     config_path = tmp_path / "alertmanager.yml"
-    config_path.write_text(yaml.safe_dump(CONFIGS[config_name](sink.url, controller.port), sort_keys=False))
-    site = load_site(ROOT / "examples/sites/demo.yaml")
+    config_path.write_text(yaml.safe_dump(make_config(sink.url, smtp_port), sort_keys=False))
     con = duckdb.connect(str(tmp_path / "site.duckdb"))
-    am = procs.alertmanager(config_path, workdir=tmp_path)
     try:
-        with am:
+        with procs.alertmanager(config_path, workdir=tmp_path) as am:
             am_url = f"http://{am.address}"
             settings = settings_from_dict({"receivers": [{"type": "alertmanager", "name": "am", "url": am_url}]})
-            runtime = build_runtime(con, settings, rules=load_rules(text=HOLD_OFF), site=site)
+            runtime = build_runtime(con, settings, rules=rules, site=site)
             try:
-                await run_fault(config_name, runtime, am_url, sink, mailbox)
+                yield am_url, runtime, sink
             finally:
                 await runtime.aclose()
     finally:
         sink.stop()
         con.close()
+
+
+@pytest.mark.parametrize("config_name", list(CONFIGS))
+async def test_one_cdu_fault_pages_once_with_its_cause(config_name, mail_server, tmp_path):
+    controller, mailbox = mail_server
+    site = load_site(ROOT / "examples/sites/demo.yaml")
+    async with paging_stack(CONFIGS[config_name], controller.port, load_rules(text=HOLD_OFF), site, tmp_path) as stack:
+        am_url, runtime, sink = stack
+        await run_fault(config_name, runtime, am_url, sink, mailbox)
 
 
 async def run_fault(config_name: str, runtime, am_url: str, sink: WebhookSink, mailbox: Mailbox) -> None:
@@ -279,47 +288,32 @@ async def test_simulated_pump_failure_pages_once_with_the_shipped_config(mail_se
     podwatch raised on cdu-m1's racks is inhibited by pump_redundancy_lost and the pager got one
     page for the loop."""
     controller, mailbox = mail_server
-    sink = WebhookSink(procs.free_port()).start()
-    config_path = tmp_path / "alertmanager.yml"
-    config_path.write_text(yaml.safe_dump(shipped_config(sink.url, controller.port), sort_keys=False))
     site, samples, _ = pump_failure_history(tmp_path, duration_s=240, cleared_after_s=None)
-    con = duckdb.connect(str(tmp_path / "site.duckdb"))
-    am = procs.alertmanager(config_path, workdir=tmp_path)
-    try:
-        with am:
-            am_url = f"http://{am.address}"
-            settings = settings_from_dict({"receivers": [{"type": "alertmanager", "name": "am", "url": am_url}]})
-            runtime = build_runtime(con, settings, rules=load_rules(), site=site)
-            try:
-                await replay(runtime, site, samples)
-                firing = [a for a in runtime.engine.active() if a.state is AlertState.FIRING]
-                (pump,) = [a for a in firing if a.labels.get("cascade") == "cause"]
-                assert (pump.rule.id, pump.target) == ("pump_redundancy_lost", "cdu-m1")
-                racks = {(a.rule.id, a.target) for a in firing if a.labels.get("cascade") == "symptom"}
-                assert {a.labels["cdu"] for a in firing if (a.rule.id, a.target) in racks} == {"cdu-m1"}
-                assert len({t for _, t in racks}) == 8, racks  # every rack of the loop alerts
-                attributed = [a for a in firing if a.labels.get("probable_cause") == "cdu-m1:pump_redundancy_lost"]
-                assert len(attributed) == len(racks)  # all fired after the pump alert, so all carry the label
+    async with paging_stack(shipped_config, controller.port, load_rules(), site, tmp_path) as (am_url, runtime, sink):
+        await replay(runtime, site, samples)
+        firing = [a for a in runtime.engine.active() if a.state is AlertState.FIRING]
+        (pump,) = [a for a in firing if a.labels.get("cascade") == "cause"]
+        assert (pump.rule.id, pump.target) == ("pump_redundancy_lost", "cdu-m1")
+        racks = {(a.rule.id, a.target) for a in firing if a.labels.get("cascade") == "symptom"}
+        assert {a.labels["cdu"] for a in firing if (a.rule.id, a.target) in racks} == {"cdu-m1"}
+        assert len({t for _, t in racks}) == 8, racks  # every rack of the loop alerts
+        attributed = [a for a in firing if a.labels.get("probable_cause") == "cdu-m1:pump_redundancy_lost"]
+        assert len(attributed) == len(racks)  # all fired after the pump alert, so all carry the label
 
-                def inhibited():
-                    listed = httpx.get(f"{am_url}/api/v2/alerts", params={"filter": 'cdu="cdu-m1"'}).json()
-                    pump_fp = [a["fingerprint"] for a in listed if a["labels"]["alertname"] == "pump_redundancy_lost"]
-                    muted = {(a["labels"]["alertname"], a["labels"]["target"]) for a in listed
-                             if a["status"]["state"] == "suppressed" and a["status"]["inhibitedBy"] == pump_fp}
-                    return muted == racks
-                await wait_until(inhibited, timeout=15, what="every rack alert of cdu-m1 inhibited by the pump alert")
-                page = await wait_until(lambda: pages(sink, "firing"), timeout=15, what="the page for cdu-m1")
-                print(f"simulated pump failure: {1 + len(racks)} alerts firing on cdu-m1 (1 CDU + {len(racks)} rack); "
-                      f"pages {len(pages(sink, 'firing'))}, mails {len(mailbox.snapshot())}")
-                assert [a["labels"]["alertname"] for a in alerts_in(page)] == ["pump_redundancy_lost"]
-                assert page[0]["groupLabels"] == {"site": "demo", "cdu": "cdu-m1"}
-                assert mails(mailbox, "firing") == []
-                # The pump alert at Alertmanager lists the racks (annotation updates after the page).
-                listed = httpx.get(f"{am_url}/api/v2/alerts", params={"filter": 'alertname="pump_redundancy_lost"'}).json()
-                assert listed[0]["annotations"]["affected_racks"].startswith("8 of 8 rack(s) on cdu-m1 alerting: m1-r01 (")
-                assert listed[0]["annotations"]["racks"].startswith("cdu-m1 cools 8 rack(s): m1-r01, m1-r02")
-            finally:
-                await runtime.aclose()
-    finally:
-        sink.stop()
-        con.close()
+        def inhibited():
+            listed = httpx.get(f"{am_url}/api/v2/alerts", params={"filter": 'cdu="cdu-m1"'}).json()
+            pump_fp = [a["fingerprint"] for a in listed if a["labels"]["alertname"] == "pump_redundancy_lost"]
+            muted = {(a["labels"]["alertname"], a["labels"]["target"]) for a in listed
+                     if a["status"]["state"] == "suppressed" and a["status"]["inhibitedBy"] == pump_fp}
+            return muted == racks
+        await wait_until(inhibited, timeout=15, what="every rack alert of cdu-m1 inhibited by the pump alert")
+        page = await wait_until(lambda: pages(sink, "firing"), timeout=15, what="the page for cdu-m1")
+        print(f"simulated pump failure: {1 + len(racks)} alerts firing on cdu-m1 (1 CDU + {len(racks)} rack); "
+              f"pages {len(pages(sink, 'firing'))}, mails {len(mailbox.snapshot())}")
+        assert [a["labels"]["alertname"] for a in alerts_in(page)] == ["pump_redundancy_lost"]
+        assert page[0]["groupLabels"] == {"site": "demo", "cdu": "cdu-m1"}
+        assert mails(mailbox, "firing") == []
+        # The pump alert at Alertmanager lists the racks (annotation updates after the page).
+        listed = httpx.get(f"{am_url}/api/v2/alerts", params={"filter": 'alertname="pump_redundancy_lost"'}).json()
+        assert listed[0]["annotations"]["affected_racks"].startswith("8 of 8 rack(s) on cdu-m1 alerting: m1-r01 (")
+        assert listed[0]["annotations"]["racks"].startswith("cdu-m1 cools 8 rack(s): m1-r01, m1-r02")
