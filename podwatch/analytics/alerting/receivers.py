@@ -218,6 +218,11 @@ def format_email(event: dict, settings: EmailReceiverSettings) -> EmailMessage:
         lines += [ann["description"], ""]
     if event.get("reasons"):
         lines += ["Reasons:", *[f"  - {r}" for r in event["reasons"]], ""]
+    # Cause attribution (engine.py): a rack alert's probable cause, a CDU alert's racks.
+    for key, title in (("probable_cause", "Probable cause"), ("affected_racks", "Affected racks"),
+                       ("racks", "Cooling loop")):
+        if ann.get(key):
+            lines += [f"{title}:", f"  {ann[key]}", ""]
     if ann.get("runbook"):
         lines += ["What to do:", f"  {ann['runbook']}", ""]
     lines += [f"Rule:     {event['rule']}", f"Target:   {event['target']}", f"Severity: {event['severity']}",

@@ -182,3 +182,30 @@ def test_rules_may_not_set_the_attribution_labels():
     text = str(err.value)
     assert "labels: probable_cause set by the engine" in text
     assert "rules[1] (delta_t_high).cascade" in text
+
+
+def test_alerts_list_and_email_show_the_cause(tmp_path):
+    from typer.testing import CliRunner
+
+    from podwatch.analytics.alerting.receivers import format_email
+    from podwatch.analytics.alerting.settings import EmailReceiverSettings
+    from podwatch.cli import app
+
+    db = tmp_path / "site.duckdb"
+    con = duckdb.connect(str(db))
+    events = make_engine(con).observe([pump(True, 0), flow("m1-r01", True, 1), flow("m1-r02", True, 1), flow("m2-r01", True, 1)])
+    con.close()
+
+    result = CliRunner().invoke(app, ["alerts", "list", "--db", str(db), "--state", "firing"])
+    assert result.exit_code == 0, result.output
+    lines = {line.split("│")[5].strip(): line for line in result.output.splitlines() if line.count("│") > 8}
+    assert "cdu-m1:pump_redundancy_lost" in lines["m1-r01"]
+    assert "explains 2 rack(s)" in lines["cdu-m1"]
+    assert "│ - " in lines["m2-r01"] and "cdu-m" not in lines["m2-r01"].split("│")[8]
+
+    mail_settings = EmailReceiverSettings(type="email", name="mail", host="127.0.0.1", sender="p@x", to=["f@x"])
+    rack_mail = format_email(next(e for e in events if e["target"] == "m1-r01" and e["state"] == "firing"), mail_settings)
+    assert "Probable cause:\n  Probably caused by CDU cdu-m1: pump redundancy lost" in rack_mail.get_content()
+    cdu_mail = format_email(next(e for e in events if e["target"] == "cdu-m1" and e["state"] == "firing"), mail_settings)
+    assert "Affected racks:\n  2 of 3 rack(s) on cdu-m1 alerting: m1-r01 (flow_per_kw_low), m1-r02" in cdu_mail.get_content()
+    assert "Cooling loop:\n  cdu-m1 cools 3 rack(s)" in cdu_mail.get_content()
