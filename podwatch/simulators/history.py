@@ -74,20 +74,15 @@ def abrupt_change_finder(scenario: Scenario, resolution_s: float) -> Callable[[f
     The physics takes each step's modifiers at its end and holds them over the whole step, so at
     coarse steps a pump trip, a load step or a stepped restriction would act up to one step early
     and a breach come up to one step (plus the flow lag) before it does at 1 s. The steps holding
-    such an instant — an onset or end, a standby pump's takeover — are run in 1 s sub-steps
-    instead (a handful per fault, so history mode stays fast). Ramps change continuously and need
-    none. None when the resolution is already that fine."""
+    such an instant (`abrupt_instants_s` of each fault: onset, end, a pump's trip, the standby's
+    takeover) are run in 1 s sub-steps instead (a handful per fault, so history mode stays fast).
+    Ramps change continuously and need none. None when the resolution is already that fine."""
     if resolution_s <= SUBSTEP_S:
         return None
     instants: list[float] = []
     for f in scenario.faults:
-        if f.kind in ("sensor_fault", "device_fault"):
-            continue  # they change what devices report, not the physics
-        instants.append(f.onset_s)
-        if f.duration_s is not None:
-            instants.append(f.onset_s + f.duration_s)
-        if getattr(f, "standby_takeover", False):
-            instants.append(f.onset_s + f.takeover_delay_s)
+        if f.kind not in ("sensor_fault", "device_fault"):  # those change what devices report, not the physics
+            instants += f.abrupt_instants_s()
     if not instants:
         return None
     marks = np.sort(np.asarray(instants))
