@@ -13,9 +13,10 @@ A rules file is `{labels: {...}, rules: [ {id, source, ...}, ... ]}`:
 
 `for` is the hold time (pending -> firing), `clear_for` the clear hold (firing -> resolved),
 `flap` the flap damping, `cascade` (cause | symptom) the rule's part in cause attribution: a
-`cause` alert on a CDU explains the `symptom` alerts of the racks it cools (engine.py). Durations are `500ms`, `30s`, `2m`, `1h` or a number of seconds.
-Annotations are templates with `{target}`, `{value}` (a float; `{value:.1f}` works; "n/a" when
-absent), `{reasons}`, `{threshold}`, `{rule}`, `{severity}` and `{labels[rack]}`.
+`cause` alert on a CDU explains the `symptom` alerts of the racks it cools (engine.py).
+Durations are `500ms`, `30s`, `2m`, `1h` or a number of seconds. Annotations are templates
+with `{target}`, `{value}` (a float; `{value:.1f}` works; "n/a" when absent), `{reasons}`,
+`{threshold}`, `{rule}`, `{severity}` and `{labels[rack]}`.
 
 `load_rules(path)` reads the shipped `default_rules.yaml` and then the site file: an entry with
 an existing id is merged onto the default field by field (labels/annotations key by key, so a
