@@ -27,6 +27,7 @@ import httpx
 
 from podwatch.analytics.alerting.model import parse_iso
 from podwatch.analytics.alerting.outbox import DeliveryError, OutboxEntry
+from podwatch.analytics.alerting.rules import CASCADE_LABEL, CAUSE_LABEL
 from podwatch.analytics.alerting.settings import (
     SEVERITY_RANK,
     AlertingSettings,
@@ -59,6 +60,8 @@ class Receiver:
     # Whether the receiver also gets `update` events: a firing alert whose annotations changed
     # without a transition (cause attribution). Only receivers that keep state by alert take them.
     takes_updates: bool = False
+    # Skip symptom alerts that fired with a probable cause (settings `skip_explained`).
+    skip_explained: bool = False
     states: frozenset[str] = frozenset({"firing", "resolved"})
     min_severity: str = "info"
 
@@ -68,6 +71,9 @@ class Receiver:
             return False
         if event["state"] == "resolved" and not event.get("firedAt"):
             return False  # a pending alert that cleared before its hold time: nobody was told
+        labels = event.get("labels", {})
+        if self.skip_explained and labels.get(CAUSE_LABEL) and labels.get(CASCADE_LABEL) == "symptom":
+            return False  # the CDU alert that explains it names this rack
         return SEVERITY_RANK.get(event.get("severity", "info"), 0) >= SEVERITY_RANK[self.min_severity]
 
     async def send(self, entries: Sequence[OutboxEntry]) -> None:
@@ -189,6 +195,7 @@ class WebhookReceiver(_HttpReceiver):
         self.name = settings.name
         self.states = frozenset(settings.states)
         self.min_severity = settings.min_severity
+        self.skip_explained = settings.skip_explained
         self._secret = settings.secret_bytes()
 
     async def send(self, entries: Sequence[OutboxEntry]) -> None:
@@ -245,6 +252,7 @@ class EmailReceiver(Receiver):
         self.name = settings.name
         self.states = frozenset(settings.states)
         self.min_severity = settings.min_severity
+        self.skip_explained = settings.skip_explained
         self._password = settings.password_value()
 
     def _tls_context(self) -> ssl.SSLContext:

@@ -209,3 +209,16 @@ def test_alerts_list_and_email_show_the_cause(tmp_path):
     cdu_mail = format_email(next(e for e in events if e["target"] == "cdu-m1" and e["state"] == "firing"), mail_settings)
     assert "Affected racks:\n  2 of 3 rack(s) on cdu-m1 alerting: m1-r01 (flow_per_kw_low), m1-r02" in cdu_mail.get_content()
     assert "Cooling loop:\n  cdu-m1 cools 3 rack(s)" in cdu_mail.get_content()
+
+
+def test_a_direct_receiver_can_skip_explained_rack_alerts(con):
+    quiet = WebhookReceiver(WebhookReceiverSettings(type="webhook", name="quiet", url="http://127.0.0.1:9/x",
+                                                    skip_explained=True))
+    engine = AlertEngine(con, load_rules(text=OVERRIDES), receivers=[quiet], target_labels=target_labels, cdu_racks=RACKS)
+    engine.observe([flow("m1-r03", True, 0)])  # fires before the cause: no label, so it is sent
+    engine.observe([pump(True, 1), flow("m1-r01", True, 2), flow("m2-r01", True, 2)])
+    engine.observe([flow("m1-r01", False, 3), flow("m1-r03", False, 3), flow("m2-r01", False, 3), pump(False, 4)])
+    sent = [(e["target"], e["state"]) for e in outbox(con, "quiet")]
+    assert sent == [("m1-r03", "firing"), ("cdu-m1", "firing"), ("m2-r01", "firing"),
+                    ("m1-r03", "resolved"), ("m2-r01", "resolved"), ("cdu-m1", "resolved")]
+    assert engine.get("flow_per_kw_low", "m1-r01").fired_at is not None  # it fired, the receiver skipped it
