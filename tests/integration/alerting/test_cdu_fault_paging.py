@@ -15,6 +15,9 @@ flow on its own. The same alerts go through three Alertmanager configurations:
 Each run waits on conditions (notifications seen, Alertmanager's own view of inhibited alerts),
 then resolves the racks and then the CDU and waits for the all-clear of every group that paged,
 so the firing notifications counted are all there will be.
+
+Also with the shipped configuration: the simulator's pump failure (physics, checks, default hold
+times) pages once; a rack alert that outlasts its CDU fault notifies on its own, saying so.
 """
 
 from __future__ import annotations
@@ -317,3 +320,34 @@ async def test_simulated_pump_failure_pages_once_with_the_shipped_config(mail_se
         listed = httpx.get(f"{am_url}/api/v2/alerts", params={"filter": 'alertname="pump_redundancy_lost"'}).json()
         assert listed[0]["annotations"]["affected_racks"].startswith("8 of 8 rack(s) on cdu-m1 alerting: m1-r01 (")
         assert listed[0]["annotations"]["racks"].startswith("cdu-m1 cools 8 rack(s): m1-r01, m1-r02")
+
+
+async def test_a_rack_alert_that_outlasts_its_cdu_fault_notifies_on_its_own(mail_server, tmp_path):
+    """The pump is back but m1-r01 still has low flow (its own valve?) and m1-r02 is still at
+    thermal risk: no longer inhibited, they notify, saying the cause they fired with has resolved."""
+    controller, mailbox = mail_server
+    site = load_site(ROOT / "examples/sites/demo.yaml")
+    async with paging_stack(shipped_config, controller.port, load_rules(text=HOLD_OFF), site, tmp_path) as stack:
+        am_url, runtime, sink = stack
+        now = datetime.now(UTC)
+        flow_check, flow_value, flow_reason = RACK_RULES["flow_per_kw_low"]
+        risk_check, risk_value, risk_reason = RACK_RULES["thermal_risk_high"]
+        await runtime.observe([Observation("pump_redundancy_lost", "cdu-m1", True, now, 1.0, reasons=[PUMP_REASON]),
+                               Observation(flow_check, "m1-r01", True, now, flow_value, reasons=[flow_reason]),
+                               Observation(risk_check, "m1-r02", True, now, risk_value, reasons=[risk_reason])])
+        first = await wait_until(lambda: pages(sink, "firing"), timeout=10, what="the page for cdu-m1")
+        assert [a["labels"]["alertname"] for a in alerts_in(first)] == ["pump_redundancy_lost"]
+
+        await runtime.observe([Observation("pump_redundancy_lost", "cdu-m1", False, now + timedelta(seconds=30), 3.0)])
+        rack_page = await wait_until(
+            lambda: [n for n in pages(sink, "firing") if any(a["labels"]["target"] == "m1-r02" for a in n["alerts"])],
+            timeout=10, what="m1-r02's thermal risk paged once the pump alert resolved")
+        (risk_alert,) = [a for a in rack_page[0]["alerts"] if a["labels"]["target"] == "m1-r02"]
+        assert risk_alert["status"] == "firing"
+        assert risk_alert["labels"]["probable_cause"] == "cdu-m1:pump_redundancy_lost"  # as it fired
+        assert risk_alert["annotations"]["probable_cause"].startswith(
+            "Fired while cdu-m1:pump_redundancy_lost was active; that alert resolved at ")
+        (mail,) = await wait_until(lambda: mails(mailbox, "firing"), timeout=10, what="m1-r01's low flow mailed")
+        assert mail["Subject"].startswith("[FIRING] cdu-m1 demo: Rack m1-r01: coolant flow per kW low")
+        assert "Cause: Fired while cdu-m1:pump_redundancy_lost was active" in body(mail)
+        assert "check the rack itself" in body(mail)
