@@ -47,7 +47,10 @@ pytestmark = [pytest.mark.integration, pytest.mark.timeout(60)]
 
 ROOT = Path(__file__).resolve().parents[3]
 SHIPPED = ROOT / "examples/alertmanager/alertmanager.yml"
-FAST = {"group_wait": "100ms", "group_interval": "1s", "repeat_interval": "1h"}
+# group_wait: Alertmanager routes an alert to its group and feeds its inhibitor in separate
+# goroutines; at 100 ms a loaded 2-core machine sometimes flushed the racks' group before the
+# inhibitor had the CDU alert of the same POST (or a group before all its alerts were routed).
+FAST = {"group_wait": "1s", "group_interval": "1s", "repeat_interval": "1h"}
 HOLD_OFF = """
 rules:
   - {id: pump_redundancy_lost, for: 0s, clear_for: 0s}
@@ -279,9 +282,10 @@ async def run_fault(config_name: str, runtime, am_url: str, sink: WebhookSink, m
         assert m2_mail["Subject"].startswith("[FIRING] cdu-m2 demo: Rack m2-r01: coolant flow per kW low")
         text = body(m2_mail)
         assert "Reasons: flow 0.60 L/min/kW (design 1.20) at 80 kW" in text and "Cause:" not in text
-        # The all-clear page names the racks that recovered with their CDU.
+        # One all-clear page for the loop. (The racks that resolved while muted are dropped from the
+        # group at its next flush, so whether the all-clear lists them depends on timing.)
         (resolved,) = [n for n in pages(sink, "resolved") if n["groupKey"] == page["groupKey"]]
-        assert {a["labels"]["target"] for a in resolved["alerts"]} >= {"cdu-m1", *FAULTY_RACKS}
+        assert "cdu-m1" in {a["labels"]["target"] for a in resolved["alerts"]}
 
 
 @pytest.mark.slow
