@@ -34,7 +34,7 @@ import asyncio
 import logging
 import random
 import time
-from collections.abc import Iterable
+from collections.abc import Awaitable, Iterable
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -101,6 +101,17 @@ EXCEPTION_NAME = {1: "illegal function", 2: "illegal data address", 3: "illegal 
 
 def classify_exception_code(code: int) -> str:
     return EXCEPTION_KIND.get(code, "device_failure")
+
+
+def response_error(rr) -> ModbusReadError:
+    """The ModbusReadError of an exception response (`rr.isError()`)."""
+    code = int(getattr(rr, "exception_code", 4))
+    return ModbusReadError(classify_exception_code(code), f"exception {code:02X} ({EXCEPTION_NAME.get(code, 'unknown')})",
+                           code)
+
+
+# what a pymodbus request raises besides an exception response (Endpoint.classify sorts them out)
+REQUEST_ERRORS = (ConnectionException, ModbusIOException, OSError, asyncio.TimeoutError)
 
 
 # --------------------------------------------------------------------------- connections
@@ -192,11 +203,25 @@ class Endpoint:
         self.failures = 0
         self.down_logged = False
 
-    async def read(self, function_code: int, start: int, count: int, unit_id: int, timeout_s: float) -> list[int]:
-        """One read; returns the registers or raises a classified ModbusReadError.
+    def request(self, function_code: int, start: int, count: int, unit_id: int, timeout_s: float) -> Awaitable:
+        """The awaitable response of one read (a pymodbus PDU, maybe an exception response).
 
-        Hot path: one coroutine frame between the poll and pymodbus (every frame is resumed on
-        each wake-up of the request)."""
+        Hot path: on a connected endpoint whose devices share one timeout this is pymodbus' own
+        coroutine, so no frame of ours sits between the poll and pymodbus (every frame in the
+        chain is resumed at each wake-up of the request). Otherwise a coroutine that reconnects
+        under the lock and, when the devices' timeouts differ, sets this device's timeout under
+        the lock. Raises ModbusReadError (endpoint down) or one of REQUEST_ERRORS (`classify`)."""
+        client = self.client
+        if client is not None and len(self.timeouts) == 1 and client.connected:
+            # every device here has the same timeout (the usual gateway case): pymodbus already
+            # serialises the client's requests, so no second lock on the hot path
+            self.requests_sent += 1
+            if function_code == 3:
+                return client.read_holding_registers(start, count=count, device_id=unit_id)
+            return client.read_input_registers(start, count=count, device_id=unit_id)
+        return self._request_locked(function_code, start, count, unit_id, timeout_s)
+
+    async def _request_locked(self, function_code: int, start: int, count: int, unit_id: int, timeout_s: float):
         client = self.client
         if client is None or not client.connected:
             async with self.lock:
@@ -204,30 +229,34 @@ class Endpoint:
             client = self.client
         self.requests_sent += 1
         read = client.read_holding_registers if function_code == 3 else client.read_input_registers
+        if len(self.timeouts) == 1:
+            return await read(start, count=count, device_id=unit_id)
+        async with self.lock:  # one client, devices with their own timeouts: set it per request
+            client.comm_params.timeout_connect = timeout_s
+            return await read(start, count=count, device_id=unit_id)
+
+    def classify(self, exc: BaseException, unit_id: int, timeout_s: float) -> ModbusReadError:
+        """A request's exception (one of REQUEST_ERRORS) as a ModbusReadError; a lost connection
+        is closed here so that the next request reconnects with back-off."""
+        client = self.client
+        if isinstance(exc, ModbusIOException):
+            if client is not None and client.connected:
+                return ModbusReadError("timeout", f"unit {unit_id} did not answer within {timeout_s:g} s")
+            message = f"{self.key}: connection lost"
+        else:
+            message = f"{self.key}: {exc}"
+        if client is not None:  # (None: another request on this endpoint already saw it go)
+            self._lost(exc)
+        return ModbusReadError("connection", message)
+
+    async def read(self, function_code: int, start: int, count: int, unit_id: int, timeout_s: float) -> list[int]:
+        """One read; returns the registers or raises a classified ModbusReadError."""
         try:
-            if len(self.timeouts) == 1:
-                # every device here has the same timeout (the usual gateway case): pymodbus already
-                # serialises the client's requests, so no second lock on the hot path
-                rr = await read(start, count=count, device_id=unit_id)
-            else:
-                async with self.lock:  # one client, devices with their own timeouts: set it per request
-                    client.comm_params.timeout_connect = timeout_s
-                    rr = await read(start, count=count, device_id=unit_id)
-        except ConnectionException as exc:
-            self._lost(exc)
-            raise ModbusReadError("connection", f"{self.key}: {exc}") from None
-        except ModbusIOException as exc:
-            if not client.connected:
-                self._lost(exc)
-                raise ModbusReadError("connection", f"{self.key}: connection lost") from None
-            raise ModbusReadError("timeout", f"unit {unit_id} did not answer within {timeout_s:g} s") from None
-        except (OSError, asyncio.TimeoutError) as exc:
-            self._lost(exc)
-            raise ModbusReadError("connection", f"{self.key}: {exc}") from None
+            rr = await self.request(function_code, start, count, unit_id, timeout_s)
+        except REQUEST_ERRORS as exc:
+            raise self.classify(exc, unit_id, timeout_s) from None
         if rr.isError():
-            code = int(getattr(rr, "exception_code", 4))
-            raise ModbusReadError(classify_exception_code(code),
-                                  f"exception {code:02X} ({EXCEPTION_NAME.get(code, 'unknown')})", code)
+            raise response_error(rr)
         return rr.registers
 
     def _lost(self, exc: BaseException) -> None:
@@ -369,12 +398,19 @@ class ModbusCollector:
                 values.update(dict.fromkeys(req.metrics))
                 continue
             try:
-                registers = await endpoint.read(req.function_code, req.start, req.count, dev.unit_id, dev.timeout_s)
-            except ModbusReadError as exc:
+                rr = await endpoint.request(req.function_code, req.start, req.count, dev.unit_id, dev.timeout_s)
+            except ModbusReadError as exc:  # the endpoint is down (reconnect back-off)
                 failure = exc
-                if exc.kind == "busy":
+            except REQUEST_ERRORS as exc:
+                failure = endpoint.classify(exc, dev.unit_id, dev.timeout_s)
+            else:
+                failure = response_error(rr) if rr.isError() else None
+            if failure is None:
+                registers = rr.registers
+            else:
+                if failure.kind == "busy":
                     try:
-                        registers = await self._retry_busy(st, req, exc)
+                        registers = await self._retry_busy(st, req, failure)
                         failure = None
                     except ModbusReadError as again:
                         failure = again
@@ -384,11 +420,15 @@ class ModbusCollector:
                         values.update(dict.fromkeys(req.metrics))
                         continue
                     return self._failed(st, failure, ts_ms)
-            try:
-                data = response_bytes(req, registers)
-            except ValueError as exc:  # the device answered with too few registers
-                return self._failed(st, ModbusReadError("device_failure", str(exc)), ts_ms)
-            nones += req.decoder.decode_into(data, values)
+            decoder = req.decoder
+            if len(registers) == req.count:
+                data = decoder.to_bytes(*registers)
+            else:
+                try:
+                    data = response_bytes(req, registers)
+                except ValueError as exc:  # the device answered with too few registers
+                    return self._failed(st, ModbusReadError("device_failure", str(exc)), ts_ms)
+            nones += decoder.decode_into(data, values)
             raw_parts.append(data)
         if not raw_parts:
             self._failed(st, ModbusReadError("illegal", "every request of the plan is disabled (configuration error)"),
@@ -489,8 +529,9 @@ class ModbusCollector:
         counters = self._counters
         send = self.sink.send
         next_at = first_at
+        now = loop.time()
         while not stop.is_set():
-            if next_at > loop.time():
+            if next_at > now:
                 # Wait for the tick: a future woken by a timer at the tick itself (what
                 # asyncio.sleep does, minus its extra coroutine frame and clock read). run()
                 # cancels sleeping loops at stop, never a poll in flight.
@@ -528,7 +569,7 @@ class ModbusCollector:
                 else:
                     counters["sent"] += 1
             next_at = tick + interval
-            now = loop.time()
+            now = loop.time()  # also the next iteration's "is the tick due" check: nothing runs in between
             if now > next_at:  # overran: skip the missed ticks (counted), never queue them
                 missed = int((now - tick) // interval)
                 counters["overruns"] += missed

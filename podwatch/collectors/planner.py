@@ -7,9 +7,12 @@ between them are at most `max_gap` and the request stays within `max_registers_p
 small gap costs a few bytes; an extra request costs a round trip, which on a serial bus or a
 busy gateway is the expensive part.
 
-Each planned point keeps its offset inside the request's registers and a compiled decoder, so
-the poll loop decodes a response with one `bytes` conversion and a `struct.unpack_from` per
-point (see `compile_decoder`); the values are identical to `profiles.decode_point`.
+Each request carries its decode plan, compiled once here (`RequestDecoder`): the poll loop turns
+a response into wire bytes with one precompiled `struct.Struct`, unpacks every big-endian point
+with one more, checks the whole request for NaN/inf and 'not available' markers at once and
+scales in C; the values are identical to `profiles.decode_point` (a hypothesis test checks every
+profile). Each planned point also keeps a compiled per-point decoder (`compile_decoder`) for other
+word orders and the rare response with a non-finite value or a marker.
 
 `podwatch collect --plan --site FILE` prints the plan of every device.
 """

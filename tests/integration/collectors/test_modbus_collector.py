@@ -180,15 +180,17 @@ async def test_a_short_answer_is_a_failed_poll_not_a_crash(gateway, free_port):
     await gateway(units=(1,))
     collector = ModbusCollector(gateway_site(free_port, racks=1), MemorySink())
     endpoint = collector.devices["pdu-r1-a"].endpoint
-    real_read = endpoint.read
+    real_request = endpoint.request
 
-    async def short_read(*args):
-        return (await real_read(*args))[:-1]
+    async def short_request(*args):
+        response = await real_request(*args)  # the real server's answer, one register cut off
+        response.registers = response.registers[:-1]
+        return response
 
-    endpoint.read = short_read
+    endpoint.request = short_request
     reading = await collector.poll_once("pdu-r1-a")
     assert reading.quality is Quality.BAD and set(reading.points.values()) == {None}
     assert "expected" in collector.devices["pdu-r1-a"].last_error
-    endpoint.read = real_read
+    endpoint.request = real_request
     assert (await collector.poll_once("pdu-r1-a")).quality is Quality.GOOD
     collector.close()
