@@ -11,8 +11,8 @@ import polars as pl
 import pytest
 
 from podwatch.analytics.forecast import (DIRECT_VERSION, GUMBEL_DAYS_BACK, GUMBEL_FIT_LEVELS, MODEL_VERSION,
-                                         ForecastConfig, PeakForecaster, _row_quantiles, build_features,
-                                         forecast_peaks)
+                                         ForecastConfig, PeakForecaster, _exchangeable_calibration_rows, _row_quantiles,
+                                         build_features, forecast_peaks)
 
 T0 = datetime(2026, 1, 5, tzinfo=timezone.utc)
 MU_KW, BETA_KW = 100.0, 5.0
@@ -126,3 +126,18 @@ def test_gumbel_fit_levels_are_checked():
     hourly, _ = iid_gumbel_days(nodes=1, days=10)
     with pytest.raises(ValueError, match="gumbel_fit_levels"):
         build_features(hourly, 24, gumbel_fit_levels=(0.95, 0.75))
+
+
+def test_direct_model_calibrates_on_rows_with_a_full_gumbel_window_once_there_are_two_weeks_of_them():
+    def frame(full_days: int) -> pl.DataFrame:
+        ts = [T0 + timedelta(hours=6 * i) for i in range(4 * 40)]
+        fit_days = [min(GUMBEL_DAYS_BACK, 7 + i // 4) for i in range(len(ts))]  # one more day of peaks a day
+        rows = pl.DataFrame({"ts": ts, "fit_days": fit_days}).with_columns(pl.col("ts").cast(pl.Datetime("us", "UTC")))
+        first_full = rows.filter(pl.col("fit_days") >= GUMBEL_DAYS_BACK)["ts"].min()
+        return rows.filter(pl.col("ts") < first_full + timedelta(days=full_days))
+
+    short = frame(full_days=10)  # 10 days of full-window rows: too few, calibrate on all
+    assert _exchangeable_calibration_rows(short, 168).height == short.height
+    long = frame(full_days=15)
+    chosen = _exchangeable_calibration_rows(long, 168)
+    assert chosen.height < long.height and chosen["fit_days"].min() == GUMBEL_DAYS_BACK
