@@ -14,7 +14,9 @@ samples up to ts only, and a sample taken at ts counts at ts) with:
   2 and 5 min of supply, steady-state margin, flow per kW, approach, facility water, reservoir;
 - projections to the risk horizon: the return margin extrapolated linearly and the
   steady-state margin moved by the supply trend, the worst-case margin (the higher of the
-  supply's 10-minute peak and its trend, plus the load's 10-minute peak at the present flow), the
+  supply's 10-minute peak and its trend — or, on a saturated CDU, where its supply settles at the
+  heat its racks' recent peaks and ongoing ramps lead to — plus the load's 10-minute peak or its
+  ramp, held for a minute, at the present flow), the
   settled margin carried along its 5-minute trend, the time to the limit at the present rate, and the
   time until a falling reservoir reaches the level where the pumps draw air.
 
@@ -39,6 +41,7 @@ SUPPLY_PIPE_TOLERANCE_K = 1.0
 PEAK_WINDOW_S = 600  # recent peaks of load and supply that the worst case assumes can recur
 SUSTAINED_WINDOW_S = 300  # a trend counts as sustained when it holds over both halves of this
 LOAD_SUSTAINED_WINDOW_S = 60  # ... for the load (ramps of a surge), a shorter window
+RAMP_HOLD_S = 60  # a load ramp seen within this long is still credible (the workload's swings hide it at times)
 SUPPLY_LAG_WINDOW_S = 120  # the CDU supply follows its heat load with ~60 s lag: compare against this mean
 SATURATED_OVER_SETPOINT_K = 0.5  # CDU supply this far above setpoint = control saturated
 RACK_PEAK_OVER_RATED = 1.17  # GB300-class racks peak ~155 kW on 132 kW nominal (DOMAIN.md)
@@ -111,6 +114,17 @@ def _sustained(col: str, half_steps: int, step_s: int, over: str, *, rising: boo
     return pl.when(recent.is_not_null() & before.is_not_null()).then(both).otherwise(None)
 
 
+def _held(slope: pl.Expr, step_s: int, over: str) -> pl.Expr:
+    """The highest of a sustained load ramp's slopes over the last `RAMP_HOLD_S`, once the ramp
+    showed in at least two rows of it: a surge being rolled out stays a ramp while the workload's
+    own swings make one half-window of it flat for a sample or two. (A step shows as a "ramp" in
+    one row at most, where the bucket it fell in sits on the halves' boundary: not held.) The
+    projection starts from the present load, so a load that has since fallen back projects lower."""
+    window = max(1, round(RAMP_HOLD_S / step_s)) + 1
+    seen = (slope.fill_null(0.0) > 0).cast(pl.Int32).rolling_sum(window, min_samples=1).over(over)
+    return pl.when(seen >= 2).then(slope.rolling_max(window, min_samples=1).over(over)).otherwise(slope)
+
+
 def _with_saturated_supply(f: pl.DataFrame, step_s: int, horizon_s: int) -> pl.DataFrame:
     """Add `supply_settle_c`: where a saturated CDU's supply settles at its present heat load.
 
@@ -120,28 +134,40 @@ def _with_saturated_supply(f: pl.DataFrame, step_s: int, horizon_s: int) -> pl.D
     with the facility loop's lag (about a minute), so the approach per kW is taken against the
     heat of the last `SUPPLY_LAG_WINDOW_S`, and the supply settles at facility + that × the present
     heat: a load surge on a saturated CDU shows before its supply has moved. The heat is the
-    worst of the present heat, its sustained ramp carried to the horizon and its 10-minute peak —
-    the same "what happened lately can happen again" as the racks' load peaks: a CDU whose racks
-    peaked together minutes ago can see that heat again within the horizon. Null otherwise."""
+    worst of the present heat, its sustained ramp carried to the horizon, the sum of its racks'
+    own sustained ramps carried to the horizon, and its 10-minute peak — the same "what happened
+    lately can happen again" as the racks' load peaks: a CDU whose racks peaked together minutes
+    ago can see that heat again within the horizon. Ramps are held for `RAMP_HOLD_S` (`_held`).
+    Null otherwise."""
+    horizon_min = horizon_s / 60.0
+    # each rack's own sustained ramp carried to the horizon (to its peak power at most), summed
+    # over the CDU: racks ramping together (a surge rolled out over a module) show in their own
+    # loads a minute before the CDU's summed heat, where the other racks' swings hide the ramp
+    rack_ramp_kw = (pl.min_horizontal(pl.col("power_kw") + pl.col("power_trend_2m").fill_null(0.0) * horizon_min,
+                                      pl.max_horizontal(pl.col("power_kw"), pl.col("rated_kw") * RACK_PEAK_OVER_RATED))
+                    * pl.col("heat_to_liquid"))
     heat = (f.group_by("cdu", "ts").agg((pl.col("power_kw") * pl.col("heat_to_liquid")).sum().alias("cdu_heat_kw"),
                                           (pl.col("rated_kw") * pl.col("heat_to_liquid")).sum().alias("_peak_kw"),
+                                          rack_ramp_kw.sum().alias("cdu_heat_ramps_kw"),
                                           pl.col("power_kw").null_count().alias("_missing"))
             .sort("cdu", "ts"))
     lag_steps = max(1, round(SUPPLY_LAG_WINDOW_S / step_s))
     ramp_half = max(1, round(LOAD_SUSTAINED_WINDOW_S / 2 / step_s))
     heat = heat.with_columns(
         pl.when(pl.col("_missing") == 0).then(pl.col("cdu_heat_kw")).otherwise(None).alias("cdu_heat_kw"),
+        pl.when(pl.col("_missing") == 0).then(pl.col("cdu_heat_ramps_kw")).otherwise(None).alias("cdu_heat_ramps_kw"),
     ).with_columns(
         pl.col("cdu_heat_kw").rolling_mean(lag_steps, min_samples=lag_steps).over("cdu").alias("cdu_heat_lag_kw"),
         # a surge being rolled out over the CDU's racks goes on (to the racks' peak power at most)
-        pl.min_horizontal(pl.col("cdu_heat_kw") + _sustained("cdu_heat_kw", ramp_half, step_s, "cdu", rising=True)
-                          .fill_null(0.0) * horizon_s / 60.0, pl.col("_peak_kw") * RACK_PEAK_OVER_RATED)
+        pl.min_horizontal(pl.col("cdu_heat_kw") + _held(_sustained("cdu_heat_kw", ramp_half, step_s, "cdu", rising=True),
+                                                        step_s, "cdu").fill_null(0.0) * horizon_s / 60.0,
+                          pl.col("_peak_kw") * RACK_PEAK_OVER_RATED)
         .alias("cdu_heat_worst_kw"),
-    ).with_columns(pl.max_horizontal("cdu_heat_kw", "cdu_heat_worst_kw",
+    ).with_columns(pl.max_horizontal("cdu_heat_kw", "cdu_heat_worst_kw", "cdu_heat_ramps_kw",
                                      # the CDU's recent peak heat, like the racks' recent peak load
                                      pl.col("cdu_heat_kw").rolling_max(max(1, round(PEAK_WINDOW_S / step_s)), min_samples=1)
                                      .over("cdu")).alias("cdu_heat_worst_kw")
-                   ).drop("_missing", "_peak_kw")
+                   ).drop("_missing", "_peak_kw", "cdu_heat_ramps_kw")
     f = f.join(heat, on=["cdu", "ts"], how="left")
     saturated = pl.col("cdu_supply_c") > pl.col("setpoint_c") + SATURATED_OVER_SETPOINT_K
     approach_now = (pl.col("cdu_supply_c") - pl.col("facility_c")).clip(lower_bound=0.0)
@@ -257,8 +283,8 @@ def build_features(rows: pl.DataFrame, site: Site, *, step_s: int = DEFAULT_STEP
         _sustained("margin_ss_c", half, step_s, "rack", rising=False).alias("margin_ss_trend_5m"),
         # load ramps (a surge being rolled out) are judged over a shorter window: the load can
         # reach its peak within minutes, and a ramp is bounded anyway by the rack's peak power
-        _sustained("power_kw", max(1, round(LOAD_SUSTAINED_WINDOW_S / 2 / step_s)), step_s, "rack", rising=True)
-        .alias("power_trend_2m"),
+        _held(_sustained("power_kw", max(1, round(LOAD_SUSTAINED_WINDOW_S / 2 / step_s)), step_s, "rack", rising=True),
+              step_s, "rack").alias("power_trend_2m"),
     )
     horizon_min = horizon_s / 60.0
     # the highest load and supply of the last 10 minutes: what happened lately can happen again

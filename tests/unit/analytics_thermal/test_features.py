@@ -193,3 +193,57 @@ def test_a_load_step_on_a_restricted_rack_is_in_the_worst_case_at_the_next_row()
     assert after["power_trend_2m"] == 0.0  # not a sustained ramp ...
     assert after["margin_ss_c"] < 0.0  # ... but the present load already settles above the limit
     assert after["worst_margin_c"] <= after["margin_ss_c"]
+
+
+def test_a_load_ramp_seen_within_the_last_minute_is_still_projected():
+    # a surge rolled out at 1 %/10 s of rated from 300 s, with one flat sample at 420 s (the
+    # workload's own swing): the sustained ramp of the halves around it is held for RAMP_HOLD_S
+    rated = SITE.rack(RACK).rated_kw
+
+    def load(t, value):
+        ramp = 0.001 * rated * max(0, min(t, 410) - 300) + (0.001 * rated * max(0, t - 430) if t >= 430 else 0.0)
+        return value + ramp / 2 if value < rated else value + ramp  # PDUs carry half each
+
+    f = build_features(healthy_rows(SITE, 0, 461, load=0.6, noise=False,
+                                    override=lambda t, kind, entity, m, value: load(t, value)
+                                    if entity == RACK and m in ("rack.power_kw", "pdu.power_kw") else value),
+                       SITE).filter(pl.col("rack") == RACK).sort("ts")
+    at = {int((r["ts"] - T0).total_seconds()): r for r in f.iter_rows(named=True)}
+    assert at[400]["power_trend_2m"] == pytest.approx(0.06 * rated, rel=1e-6)  # 6 %/min of rated
+    # at 450 s the last 30 s held a 20 s flat spell: no sustained ramp in the window itself, but
+    # the one seen 30-40 s ago is still projected from the present load
+    assert at[450]["power_trend_2m"] == pytest.approx(0.06 * rated, rel=1e-6)
+    assert at[450]["power_worst_kw"] == pytest.approx(min(at[450]["power_kw"] + 0.3 * rated, 1.17 * rated), rel=1e-6)
+    # a minute without a ramp: nothing is projected beyond the recent peak
+    flat = build_features(healthy_rows(SITE, 0, 601, load=0.6, noise=False,
+                                       override=lambda t, kind, entity, m, value: load(min(t, 410), value)
+                                       if entity == RACK and m in ("rack.power_kw", "pdu.power_kw") else value),
+                          SITE).filter(pl.col("rack") == RACK).row(-1, named=True)
+    assert flat["power_trend_2m"] == 0.0
+    assert flat["power_worst_kw"] == pytest.approx(flat["power_kw"], rel=1e-6)
+
+
+def test_racks_ramping_together_raise_a_saturated_cdus_settled_supply():
+    # every rack of the CDU ramps (a surge rolled out over the module) while other racks' swings
+    # would hide it in the CDU's summed heat; their own ramps, carried to the horizon and summed,
+    # set the heat where the saturated CDU's supply settles
+    cdu = SITE.rack(RACK).cdu
+    racks = {r.id for r in SITE.racks_of_cdu(cdu)}
+
+    def override(t, kind, entity, metric, value):
+        if metric in ("cdu.supply_temp_c", "rack.liquid_supply_temp_c"):
+            return value + 6.0  # saturated: 6 K above setpoint
+        if entity in racks and metric in ("rack.power_kw", "pdu.power_kw") and t >= 560:
+            return value * (1.0 + 0.004 * (t - 560))  # +2.4 %/10 s for the last 60 s
+        return value
+
+    row = build_features(healthy_rows(SITE, 0, 621, load=0.6, noise=False, override=override), SITE) \
+        .filter(pl.col("rack") == RACK).row(-1, named=True)
+    still = build_features(healthy_rows(SITE, 0, 621, load=0.6, noise=False,
+                                        override=lambda t, k, e, m, v: v + 6.0 if m in (
+                                            "cdu.supply_temp_c", "rack.liquid_supply_temp_c") else v), SITE) \
+        .filter(pl.col("rack") == RACK).row(-1, named=True)
+    assert row["power_trend_2m"] > 0
+    # the racks head for their peak power (1.17 x rated): far more heat than now
+    assert row["supply_settle_c"] > still["supply_settle_c"] + 3.0
+    assert row["worst_margin_c"] < still["worst_margin_c"] - 3.0
