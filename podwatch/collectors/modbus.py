@@ -333,7 +333,7 @@ class ModbusCollector:
         self.sequences = sequences or SequenceSource()
         self.health = REGISTRY.component(self.component, site.id)
         self._counters = self.health.counters  # the hot path increments these directly
-        for name in ("received", "sent", "errors", "dropped", "retries", "overruns"):
+        for name in ("received", "sent", "errors", "dropped", "retries", "overruns", "late_ticks"):
             self._counters.setdefault(name, 0)
         self._closed = False
         profiles = available_profiles(site.profiles_dir)
@@ -570,10 +570,16 @@ class ModbusCollector:
                     counters["sent"] += 1
             next_at = tick + interval
             now = loop.time()  # also the next iteration's "is the tick due" check: nothing runs in between
-            if now > next_at:  # overran: skip the missed ticks (counted), never queue them
-                missed = int((now - tick) // interval)
-                counters["overruns"] += missed
-                next_at = tick + (missed + 1) * interval
+            if now > next_at:
+                # Overran (the poll or the sink took longer than the interval): the ticks that went by
+                # are skipped and counted, except the latest, which is polled at once, late (counted
+                # too). Ticks are never queued, the grid (and the stagger) is kept, and a gateway whose
+                # polls run a little long stays busy instead of idling until the next tick: waiting for
+                # it would skip every other reading of every device behind the gateway.
+                missed = max(1, int((now - tick) // interval))  # ticks tick + k * interval, k = 1..missed, are past
+                counters["overruns"] += missed - 1
+                counters["late_ticks"] += 1
+                next_at = tick + missed * interval
 
     async def run(self, stop: asyncio.Event) -> None:
         """Poll every device on its interval until `stop` is set; then close the connections."""

@@ -194,3 +194,36 @@ async def test_a_short_answer_is_a_failed_poll_not_a_crash(gateway, free_port):
     endpoint.request = real_request
     assert (await collector.poll_once("pdu-r1-a")).quality is Quality.GOOD
     collector.close()
+
+
+class SlowOnceSink(MemorySink):
+    """A sink whose first send takes `delay_s` (a Kafka stall): the poll that made it overruns."""
+
+    def __init__(self, delay_s: float):
+        super().__init__()
+        self.delay_s = delay_s
+
+    async def send(self, reading):
+        if not self.readings:
+            await asyncio.sleep(self.delay_s)  # the stall under test, not a synchronisation
+        return await super().send(reading)
+
+
+async def test_an_overrun_polls_the_latest_missed_tick_at_once_and_keeps_the_grid(gateway, free_port):
+    """Interval 0.2 s, the first reading's send stalls 0.45 s: the tick at +0.2 is skipped (overrun),
+    the one at +0.4 is polled at once when the send returns (late, not at +0.6), then +0.6 is on time."""
+    srv = await gateway(units=(1,))
+    sink = SlowOnceSink(0.45)
+    collector = ModbusCollector(gateway_site(free_port, racks=1, interval=0.2), sink)
+    overruns, late = collector.health.counters["overruns"], collector.health.counters["late_ticks"]
+    stop = asyncio.Event()
+    task = asyncio.create_task(collector.run(stop))
+    await wait_until(lambda: len(srv.arrivals.get(1, [])) >= 3, 5, what="three polls of unit 1")
+    stop.set()
+    await task
+    first, second, third = srv.arrivals[1][:3]
+    assert 0.44 <= second - first < 0.55  # waiting for the next tick would have made it 0.6
+    assert third - first == pytest.approx(0.6, abs=0.08)  # back on the grid
+    assert collector.health.counters["overruns"] - overruns == 1
+    assert collector.health.counters["late_ticks"] - late == 1
+    assert [r.quality for r in sink.of("pdu-r1-a")[:3]] == [Quality.GOOD] * 3
