@@ -51,6 +51,7 @@ QUANTILES = (0.5, 0.95, 0.99)
 MODEL_VERSION = "hgb-quantile-gumbel-normalised-cqr/3"
 NAIVE_VERSION = "seasonal-naive/1"
 DIRECT_VERSION = "gumbel-daily-peaks-conformal/2"
+COMBINED_VERSION = "gumbel-daily-peaks-conformal+seasonal-naive/1"  # the 7-day direct model averaged with the naive
 MIN_DIRECT_CALIBRATION = 20  # rows with a known peak the direct Gumbel model needs for its conformal offsets
 WEEK_H = 168
 MIN_SCALE_KW = 1.0  # an idle node has no meaningful relative scale; below this use 1 kW
@@ -117,6 +118,12 @@ class ForecastConfig(BaseModel):
                             "which is also the fallback when the history is too short for gbm; auto: gbm for "
                             "horizons shorter than a week, gumbel for a week or more (a weekly target gives one "
                             "independent row per node and week: too few for boosting to learn more than noise)")
+    weekly_naive_weight: float = Field(
+        0.5, ge=0.0, le=1.0,
+        description="Horizons of a week or more: each quantile is this weight x the per-node seasonal naive's "
+                    "+ the rest x the direct model's (equal-weight forecast combination; 0 = the model alone). "
+                    "The naive carries each node's own calibration, the model the law of 4 weeks of daily peaks; "
+                    "averaging cancels part of each one's estimation noise")
     random_state: int = 0
 
 
@@ -408,7 +415,8 @@ class PeakForecaster:
             residuals = [z_all - m.predict(x_all) for m in self.models]
             self.offsets = [_conformal_offset(r, m.level) for r, m in zip(residuals, self.models)]
             self.group_offsets = self._group_offsets(rows, residuals)
-            self.method = DIRECT_VERSION
+            combined = table.horizon_h >= WEEK_H and cfg.weekly_naive_weight > 0
+            self.method = COMBINED_VERSION if combined else DIRECT_VERSION
             self.n_train, self.n_calibration = 0, rows.height
             return self
         if direct:
@@ -484,7 +492,12 @@ class PeakForecaster:
             for group, offs in self.group_offsets.items():
                 offsets[groups == group] = offs
         scaled = base[:, None] + (raw + offsets) * spread[:, None]
-        return _non_crossing(np.maximum(scaled, 0.0)) * rows["scale"].to_numpy()[:, None]
+        q_kw = _non_crossing(np.maximum(scaled, 0.0)) * rows["scale"].to_numpy()[:, None]
+        weight = self.config.weekly_naive_weight
+        if self.method == COMBINED_VERSION and weight > 0:
+            # forecast combination (quantile averaging) with the per-node seasonal naive
+            q_kw = _non_crossing((1 - weight) * q_kw + weight * self.predict_naive(rows))
+        return q_kw
 
     def predict_naive(self, rows: pl.DataFrame, pooled: bool = False) -> np.ndarray:
         """Seasonal-naive quantiles: the naive peak plus empirical quantiles of the naive's own
@@ -563,7 +576,7 @@ def forecast_peaks(hourly_peaks: pl.DataFrame, timezone: str = "UTC", config: Fo
         else:
             if forecaster.method == NAIVE_VERSION:
                 notes[horizon] = "seasonal naive: too few training rows for the model"
-            elif forecaster.method == DIRECT_VERSION and (cfg.model == "gbm" or (cfg.model == "auto" and h < WEEK_H)):
+            elif forecaster.method in (DIRECT_VERSION, COMBINED_VERSION) and (cfg.model == "gbm" or (cfg.model == "auto" and h < WEEK_H)):
                 notes[horizon] = ("direct Gumbel model of the daily peaks (conformal): too few training rows for "
                                   "the boosted model")
         last = table.frame.group_by("node").agg(pl.col("ts").max().alias("ts"))

@@ -8,7 +8,7 @@ import numpy as np
 import polars as pl
 import pytest
 
-from podwatch.analytics.forecast import (DIRECT_VERSION, ForecastConfig, PeakForecaster, _conformal_offset, build_features, coverage,
+from podwatch.analytics.forecast import (COMBINED_VERSION, DIRECT_VERSION, ForecastConfig, PeakForecaster, _conformal_offset, build_features, coverage,
                                          forecast_peaks, pinball_loss)
 
 
@@ -143,14 +143,14 @@ def test_direct_gumbel_model_before_the_boosted_model_has_history():
     forecasts, notes = forecast_peaks(synthetic_hourly(days=22, nodes=3), config=ForecastConfig(model="gbm", max_iter=20))
     assert "Gumbel" in notes["7d"] and "24h" not in notes
     week = [f for f in forecasts if f.horizon == "7d"]
-    assert len(week) == 3 and all(f.method.startswith(DIRECT_VERSION) for f in week)
+    assert len(week) == 3 and all(f.method.startswith(COMBINED_VERSION) for f in week)
     assert all(0 < f.p50_kw <= f.p95_kw <= f.p99_kw for f in week)
 
 
 def test_direct_model_quantile_is_the_gumbel_quantile_plus_conformal_shift():
     hourly = mixed_hourly(days=30)
     table = build_features(hourly, 168)
-    model = PeakForecaster(ForecastConfig(model="gumbel")).fit(table)
+    model = PeakForecaster(ForecastConfig(model="gumbel", weekly_naive_weight=0.0)).fit(table)
     assert model.method == DIRECT_VERSION and model.offsets
     rows = table.frame.filter(pl.col("target").is_not_nan())
     q = model.predict(table, rows)

@@ -10,7 +10,7 @@ import numpy as np
 import polars as pl
 import pytest
 
-from podwatch.analytics.forecast import (DIRECT_VERSION, GUMBEL_DAYS_BACK, GUMBEL_FIT_LEVELS, MODEL_VERSION,
+from podwatch.analytics.forecast import (COMBINED_VERSION, DIRECT_VERSION, GUMBEL_DAYS_BACK, GUMBEL_FIT_LEVELS, MODEL_VERSION,
                                          ForecastConfig, PeakForecaster, _exchangeable_calibration_rows, _row_quantiles,
                                          build_features, forecast_peaks)
 
@@ -89,7 +89,7 @@ def test_calibrated_direct_model_covers_the_weekly_max_of_iid_days():
     known = table.frame.filter(pl.col("target").is_not_nan())
     cut = T0 + timedelta(days=49)
     train = type(table)(frame=known.filter(pl.col("ts") <= cut - timedelta(hours=168)), horizon_h=168)
-    model = PeakForecaster(ForecastConfig()).fit(train)
+    model = PeakForecaster(ForecastConfig(weekly_naive_weight=0.0)).fit(train)
     assert model.method == DIRECT_VERSION
     test = known.filter((pl.col("ts") > cut) & ((pl.col("ts").dt.hour()) == 23))  # one origin a day
     q = model.predict(table, test)
@@ -118,7 +118,7 @@ def test_auto_model_boosts_the_24h_horizon_and_uses_the_direct_model_for_7_days(
 
     forecasts, notes = forecast_peaks(synthetic_hourly(days=49, nodes=3), config=ForecastConfig(max_iter=20))
     methods = {f.horizon: f.method for f in forecasts}
-    assert methods["24h"].startswith(MODEL_VERSION) and methods["7d"].startswith(DIRECT_VERSION)
+    assert methods["24h"].startswith(MODEL_VERSION) and methods["7d"].startswith(COMBINED_VERSION)
     assert notes == {}  # the 7-day direct model is the choice, not a fallback worth a note
 
 
@@ -141,3 +141,18 @@ def test_direct_model_calibrates_on_rows_with_a_full_gumbel_window_once_there_ar
     long = frame(full_days=15)
     chosen = _exchangeable_calibration_rows(long, 168)
     assert chosen.height < long.height and chosen["fit_days"].min() == GUMBEL_DAYS_BACK
+
+
+def test_weekly_quantiles_average_the_direct_model_and_the_per_node_naive():
+    """Forecast combination at 7 days: each quantile = w x naive + (1 - w) x direct model."""
+    hourly, _ = iid_gumbel_days(nodes=6, days=49, seed=2)
+    table = build_features(hourly, 168)
+    rows = table.frame.filter(pl.col("target").is_not_nan()).tail(12)
+    alone = PeakForecaster(ForecastConfig(weekly_naive_weight=0.0)).fit(table)
+    combined = PeakForecaster(ForecastConfig(weekly_naive_weight=0.5)).fit(table)
+    assert (alone.method, combined.method) == (DIRECT_VERSION, COMBINED_VERSION)
+    expected = np.maximum.accumulate(0.5 * alone.predict(table, rows) + 0.5 * alone.predict_naive(rows), axis=1)
+    assert np.allclose(combined.predict(table, rows), expected)
+    # the 24 h horizon is not combined (the boosted model, or the direct fallback, alone)
+    day = build_features(hourly, 24)
+    assert PeakForecaster(ForecastConfig(model="gumbel")).fit(day).method == DIRECT_VERSION
