@@ -25,11 +25,14 @@ This module owns the forecasting method; `headroom.py` turns its output into hea
   one per level. For the 7-day horizon (and for 24 h while the history is too short for boosting)
   the direct model: z_τ = −ln(−ln τ) (the Gumbel quantile itself), conformally shifted — it needs
   no training rows, only calibration rows. A weekly target has one independent value per node and
-  week; boosting on it learned noise (7-day P95 pinball 4–15 % worse than the direct model on
-  140-day histories, docs/analytics.md).
+  week; boosting on it learned noise (on six 140-day histories its 7-day P95 pinball was −15 …
+  +25 % better than naive, the direct model's 0.5 … 35 %; docs/analytics.md).
 - Calibration: split conformal (one-sided per level) on the z residuals of the latest held-out
-  origins (all known rows for the direct model), so P95 covers ~95 % on exchangeable data.
-  Quantiles are then made non-crossing.
+  origins (for the direct model all known rows — only those with a full 28-day fit once there
+  are two weeks of them), so P95 covers ~95 % on exchangeable data. Quantiles are then made
+  non-crossing.
+- 7 days: each quantile is the equal-weight average of the direct model's and the per-node
+  seasonal naive's (`weekly_naive_weight`, forecast combination).
 - Baseline: seasonal naive — the peak of the same window one week earlier (24 h) or the last
   7 days' peak (7 d) — plus empirical quantiles of each node's own naive residuals on the same
   training rows (`predict_naive`; `pooled=True`: residuals of all nodes together, weaker).
@@ -327,7 +330,7 @@ def _conformal_offset(residuals: np.ndarray, level: float) -> float:
     return float(residuals[k - 1])
 
 
-def _exchangeable_calibration_rows(rows: pl.DataFrame, horizon_h: int) -> pl.DataFrame:
+def _exchangeable_calibration_rows(rows: pl.DataFrame) -> pl.DataFrame:
     """The rows whose Gumbel fit saw the full GUMBEL_DAYS_BACK days, once they span
     MIN_FULL_CALIBRATION_DAYS of origins; else all rows. Conformal coverage holds for rows
     exchangeable with the ones predicted — which, after the first weeks, have a full window. The
@@ -408,7 +411,7 @@ class PeakForecaster:
         if direct and cfg.normalise == "scale" and rows.height >= MIN_DIRECT_CALIBRATION:
             # no (or too little) history for the boosted model: the Gumbel quantile of the window
             # peak itself, z = -ln(-ln τ), conformally shifted on every row with a known peak
-            rows = _exchangeable_calibration_rows(rows, table.horizon_h)
+            rows = _exchangeable_calibration_rows(rows)
             x_all, base_all, spread_all = table.design(rows, cfg.normalise)
             z_all = (rows["target"].to_numpy() - base_all) / spread_all
             self.models = [_GumbelLevel(q) for q in cfg.quantiles]

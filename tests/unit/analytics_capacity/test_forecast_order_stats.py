@@ -137,9 +137,9 @@ def test_direct_model_calibrates_on_rows_with_a_full_gumbel_window_once_there_ar
         return rows.filter(pl.col("ts") < first_full + timedelta(days=full_days))
 
     short = frame(full_days=10)  # 10 days of full-window rows: too few, calibrate on all
-    assert _exchangeable_calibration_rows(short, 168).height == short.height
+    assert _exchangeable_calibration_rows(short).height == short.height
     long = frame(full_days=15)
-    chosen = _exchangeable_calibration_rows(long, 168)
+    chosen = _exchangeable_calibration_rows(long)
     assert chosen.height < long.height and chosen["fit_days"].min() == GUMBEL_DAYS_BACK
 
 
