@@ -82,9 +82,10 @@ def main() -> int:
         for spec in args.histories:
             site_path, seed, days, resolution = _history(spec)
             site = load_site(site_path)
-            folder = tempfile.mkdtemp(prefix="forecast-eval-")
-            sim = generate_history(site, days, resolution, seed=seed, out_dir=folder)
-            load = load_from_source(site, history=folder, bucket_s=resolution)
+            # a 140-day history is 150-230 MB of Parquet: read it into the load table, then delete it
+            with tempfile.TemporaryDirectory(prefix="forecast-eval-") as folder:
+                sim = generate_history(site, days, resolution, seed=seed, out_dir=folder)
+                load = load_from_source(site, history=folder, bucket_s=resolution)
             runs.append((f"{site.id} {days:g} d seed {seed}", site, load,
                          f"simulated {sim.rows:,} samples at {resolution} s in {sim.seconds:.1f} s"))
 
