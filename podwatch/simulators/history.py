@@ -65,7 +65,8 @@ def default_start_ms(days: float, resolution_s: int) -> int:
     return int(now.timestamp() * 1000) - int(days * 86400 * 1000)
 
 
-SUBSTEP_S = 1.0  # physics step inside an output step where a fault starts or ends abruptly
+SUBSTEP_S = 1.0  # physics step inside an output step where a fault starts or ends abruptly ...
+MAX_SUBSTEPS = 10  # ... at most this many per output step (1 s at 10 s resolution, 6 s at 1 min)
 
 
 def abrupt_change_finder(scenario: Scenario, resolution_s: float) -> Callable[[float, float], bool] | None:
@@ -97,9 +98,11 @@ def abrupt_change_finder(scenario: Scenario, resolution_s: float) -> Callable[[f
 
 def _substeps(physics: SitePhysics, tracker: BreachTracker, scenario: Scenario, site: Site, t0: float,
               resolution_s: float, start_ms: int, tz: str) -> Snapshot:
-    """Advance one output step (t0, t0 + resolution_s] in `SUBSTEP_S` physics steps, each with the
-    load and fault modifiers of its own time; returns the state at the step's end."""
-    n = max(1, int(round(resolution_s / SUBSTEP_S)))
+    """Advance one output step (t0, t0 + resolution_s] in `SUBSTEP_S` physics steps (at most
+    `MAX_SUBSTEPS`: coarse histories get coarser sub-steps, so a fault-rich 90-day history at 1 min
+    stays fast), each with the load and fault modifiers of its own time; returns the state at the
+    step's end."""
+    n = max(1, min(MAX_SUBSTEPS, int(round(resolution_s / SUBSTEP_S))))
     dt = resolution_s / n
     t_sub = t0 + dt * (np.arange(n) + 1.0)
     demand = demand_fraction(t_sub, t_sub + start_ms / 1000.0, physics.load, tz) * physics.topo.rated_kw
