@@ -9,7 +9,7 @@ per fault kind, median lead (overall, per fault kind, slow faults), false alarms
 fault-free and sensor-fault runs, and alarm episodes on fault runs that no breach followed. The
 held-out set holds single-fault scenarios of every kind on both sites plus compound two-fault
 scenarios (`commands.compound_specs`) and a fault kind the model is never trained on: CDU pumps
-wearing out (`pump_degradation`, `degradation_specs`). Also the time each step took.
+wearing out (`pump_degradation`, `commands.degradation_specs`). Also the time each step took.
 
     .venv/bin/python benchmarks/analytics_eval.py [--quick] [--model-dir DIR] [--json OUT]
 """
@@ -34,36 +34,6 @@ from podwatch.analytics.commands import (  # noqa: E402
     training_specs,
 )
 from podwatch.analytics.evaluate import EvalRun, ReturnThresholdBaseline, evaluate_runs  # noqa: E402
-
-
-def degradation_specs(sites: list[str], per_site: int, hours: float, seed: int) -> list[RunSpec]:
-    """Held-out runs of a fault kind the training set never holds: CDU pumps wearing out
-    (`pump_degradation`) over 15-90 minutes — both duty pumps (cavitation, erosion) or one, some
-    tripping at a remaining capacity with or without the standby taking over. A model that learned
-    the physics (flow per kW falling, the settled ΔT rising) flags them; one that learned the
-    training kinds' signatures may not."""
-    import numpy as np
-
-    from podwatch.site import load_site
-
-    rng = np.random.default_rng(seed + 5_151_515)
-    specs = []
-    run_s = hours * 3600.0
-    for site_path in sites:
-        site = load_site(site_path)
-        for i in range(per_site):
-            cdu = site.cdus[int(rng.integers(len(site.cdus)))]
-            duty = list(range(1, cdu.working_pumps + 1))
-            fault = {"kind": "pump_degradation", "target": cdu.id, "pumps": duty if i % 3 != 2 else [duty[0]],
-                     "onset_s": round(float(rng.uniform(0.1, 0.3) * run_s), 1),
-                     "ramp_s": round(float(rng.uniform(900, 5400)), 1),
-                     "magnitude": round(float(rng.uniform(0.6, 0.95)), 3)}
-            if i % 2 == 1:
-                fault |= {"trip_at_capacity": round(float(rng.uniform(0.2, 0.4)), 2),
-                          "standby_takeover": bool(rng.random() < 0.5), "takeover_delay_s": float(rng.uniform(5, 30))}
-            specs.append(RunSpec(f"heldout-{Path(site_path).stem}-pump_degradation-{i}", site_path, hours,
-                                 seed + 80_000 + len(specs), faults=[fault]))
-    return specs
 
 
 def worn_pump_split(report, runs) -> tuple[int, int, float | None] | None:
@@ -110,11 +80,11 @@ def main() -> None:
 
     if args.quick:
         train = training_specs([demo], 2, 6, args.seed, 30, per_kind=2, scenario_hours=3)
-        held = heldout_specs([demo, ref], 1, 3, 424242, 6) + degradation_specs([demo, ref], 2, 3, 424242)
+        held = heldout_specs([demo, ref], 1, 3, 424242, 6)
     else:
         train = (training_specs([demo], 3, 12, args.seed, 30, per_kind=3, scenario_hours=4)
                  + training_specs([ref], 1, 6, args.seed, 60, per_kind=1, scenario_hours=4))
-        held = heldout_specs([demo, ref], 2, 4, 424242, 12) + degradation_specs([demo, ref], 4, 4, 424242)
+        held = heldout_specs([demo, ref], 2, 4, 424242, 12)
 
     t0 = time.perf_counter()
     train_runs = simulate_all(train, work / "train", quiet)

@@ -262,11 +262,43 @@ def compound_specs(sites: list[str], per_site: int, hours: float, seed: int, *, 
 def heldout_specs(sites: list[str], per_kind: int, hours: float, seed: int, fault_free_hours: float,
                   compound_per_site: int | None = None) -> list[RunSpec]:
     """Held-out scenarios (their own seed and magnitude ranges), compound two-fault scenarios
-    (`compound_specs`, default one set per site per 2 `per_kind`, at least one) and fault-free runs."""
+    (`compound_specs`, default one set per site per 2 `per_kind`, at least one), worn pumps - a
+    kind training never holds (`degradation_specs`, 2 `per_kind` per site) - and fault-free runs."""
     compound = compound_per_site if compound_per_site is not None else max(1, per_kind // 2)
     return (scenario_specs(sites, per_kind, hours, seed, ranges=HELDOUT_RANGES, prefix="heldout",
                            fault_free_hours=fault_free_hours)
-            + compound_specs(sites, compound, hours, seed, prefix="heldout-compound"))
+            + compound_specs(sites, compound, hours, seed, prefix="heldout-compound")
+            + degradation_specs(sites, 2 * per_kind, hours, seed))
+
+
+def degradation_specs(sites: list[str], per_site: int, hours: float, seed: int) -> list[RunSpec]:
+    """Held-out runs of a fault kind the training set never holds: CDU pumps wearing out
+    (`pump_degradation`) over 15-90 minutes — both duty pumps (cavitation, erosion) or one, some
+    tripping at a remaining capacity with or without the standby taking over. A model that learned
+    the physics (flow per kW falling, the settled ΔT rising) flags them; one that learned the
+    training kinds' signatures may not."""
+    import numpy as np
+
+    from podwatch.site import load_site
+
+    rng = np.random.default_rng(seed + 5_151_515)
+    specs = []
+    run_s = hours * 3600.0
+    for site_path in sites:
+        site = load_site(site_path)
+        for i in range(per_site):
+            cdu = site.cdus[int(rng.integers(len(site.cdus)))]
+            duty = list(range(1, cdu.working_pumps + 1))
+            fault = {"kind": "pump_degradation", "target": cdu.id, "pumps": duty if i % 3 != 2 else [duty[0]],
+                     "onset_s": round(float(rng.uniform(0.1, 0.3) * run_s), 1),
+                     "ramp_s": round(float(rng.uniform(900, 5400)), 1),
+                     "magnitude": round(float(rng.uniform(0.6, 0.95)), 3)}
+            if i % 2 == 1:
+                fault |= {"trip_at_capacity": round(float(rng.uniform(0.2, 0.4)), 2),
+                          "standby_takeover": bool(rng.random() < 0.5), "takeover_delay_s": float(rng.uniform(5, 30))}
+            specs.append(RunSpec(f"heldout-{Path(site_path).stem}-pump_degradation-{i}", site_path, hours,
+                                 seed + 80_000 + len(specs), faults=[fault]))
+    return specs
 
 
 def simulate_all(specs: list[RunSpec], work_dir: Path, echo) -> list[SimRun]:

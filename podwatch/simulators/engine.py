@@ -36,7 +36,7 @@ from podwatch.site import Site
 from podwatch.simulators.modbus_server import DeviceRegisters, ModbusEndpoint
 from podwatch.simulators.observe import Observation, Observer
 from podwatch.simulators.physics import SitePhysics
-from podwatch.simulators.scenario import Scenario, SensorFaultState, apply_sensor_faults
+from podwatch.simulators.scenario import PumpDegradation, Scenario, SensorFaultState, apply_sensor_faults
 from podwatch.simulators.truth import BreachTracker, FaultRecord, GroundTruth
 from podwatch.simulators.workload import demand_fraction
 
@@ -65,10 +65,12 @@ def fault_records(scenario: Scenario, site: Site, start_ms: int) -> list[FaultRe
     records = []
     for f in scenario.faults:
         params = f.model_dump(exclude={"id", "kind", "target", "onset_s", "duration_s", "magnitude"})
+        trip_s = f.trip_s() if isinstance(f, PumpDegradation) else None
         records.append(FaultRecord(
             id=f.id, kind=f.kind, target=f.target, onset_ms=start_ms + int(round(f.onset_s * 1000)),
             end_ms=None if f.duration_s is None else start_ms + int(round((f.onset_s + f.duration_s) * 1000)),
-            magnitude=getattr(f, "magnitude", None), racks=scenario.affected_racks(f, site), params=params))
+            magnitude=getattr(f, "magnitude", None), racks=scenario.affected_racks(f, site), params=params,
+            trip_ms=None if trip_s is None else start_ms + int(round(trip_s * 1000))))
     return records
 
 

@@ -30,6 +30,9 @@ class FaultRecord:
     magnitude: float | None
     racks: list[str]
     params: dict
+    # A worn pump's protection trip: an abrupt worsening inside a slow fault. Nothing in the
+    # telemetry announces it, so a breach soon after it is scored from the trip, not the onset.
+    trip_ms: int | None = None
 
 
 @dataclass

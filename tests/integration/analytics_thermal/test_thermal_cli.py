@@ -103,7 +103,8 @@ def test_eval_prints_figures_and_goals(model_dir, tmp_path):
     for text in ("recall at >= 2 min lead", "median lead", "false alarms on fault-free runs", "goals:",
                  "per rack-day", "over all breaches (ceiling", "per fault kind:", "alarms on fault runs:"):
         assert text in out
-    assert "simulating 10 held-out runs" in out  # 6 kinds + 1 fault-free + 3 compound on one site
+    assert "simulating 12 held-out runs" in out  # 6 kinds + 1 fault-free + 3 compound + 2 worn pumps, one site
+    assert "pump_degradation" in out
     meta = json.loads((model_dir / "thermal.json").read_text())
     assert "false_alarms_per_rack_day" in meta["scores"]
     assert {"recall_ceiling_at_2min", "unconfirmed_alarms", "by_kind"} <= set(meta["scores"])

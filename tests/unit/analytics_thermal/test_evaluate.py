@@ -86,6 +86,25 @@ def test_truth_frames_take_the_latest_cause_and_mark_first_breaches():
     assert rows[0]["onset_ts"] == datetime(1970, 1, 1, 0, 0, 5)
 
 
+def test_a_worn_pump_trip_before_the_breach_is_its_scored_onset():
+    # wear from 1 s, trip at 50 s: a breach at 80 s is scored from the trip (30 s: not
+    # foreseeable), one on a fault that never tripped, and one before the trip, from the onset
+    truth = {"faults": [
+        {"id": "w1", "kind": "pump_degradation", "target": "cdu-1", "onset_ms": 1_000, "end_ms": None,
+         "trip_ms": 50_000},
+        {"id": "w2", "kind": "pump_degradation", "target": "cdu-2", "onset_ms": 2_000, "end_ms": None,
+         "trip_ms": None},
+        {"id": "w3", "kind": "pump_degradation", "target": "cdu-3", "onset_ms": 3_000, "end_ms": None,
+         "trip_ms": 900_000}],
+        "breaches": [{"rack": "r1", "ts_ms": 80_000, "causes": ["w1"]},
+                     {"rack": "r2", "ts_ms": 80_000, "causes": ["w2"]},
+                     {"rack": "r3", "ts_ms": 80_000, "causes": ["w3"]}]}
+    _, breaches = truth_frames(truth)
+    onsets = {r["rack"]: r["onset_ts"] for r in breaches.to_dicts()}
+    assert onsets == {"r1": datetime(1970, 1, 1, 0, 0, 50), "r2": datetime(1970, 1, 1, 0, 0, 2),
+                      "r3": datetime(1970, 1, 1, 0, 0, 3)}
+
+
 def test_reference_detector_fires_near_the_limit():
     feats = pl.DataFrame({"rack": ["r"] * 2, "ts": [T0, T0 + timedelta(seconds=10)], "return_c": [40.0, 51.0],
                           "margin_c": [15.0, 4.0]})

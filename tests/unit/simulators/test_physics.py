@@ -224,3 +224,19 @@ def test_pump_degradation_breach_is_in_the_ground_truth_with_its_cause(demo, tmp
     # slow: the loop holds its flow for the first minutes of wear, the racks breach tens of minutes in
     assert 15 * 60 * 1000 < first - (START_MS + 600 * 1000) < 45 * 60 * 1000
     assert all(b.causes == [truth.faults[0].id] for b in truth.breaches)
+    # the scenario's pumps never trip: no trip time in the truth (a tripping one is below)
+    assert truth.faults[0].trip_ms is None
+
+
+def test_a_worn_pump_trip_is_recorded_in_the_ground_truth(demo, tmp_path):
+    from podwatch.simulators.history import generate_history
+    from podwatch.simulators.truth import GroundTruth
+
+    scenario = Scenario.parse({"faults": [
+        {"kind": "pump_degradation", "target": "cdu-m1", "pumps": [1], "onset_s": 100, "ramp_s": 1000,
+         "magnitude": 0.8, "trip_at_capacity": 0.3, "standby_takeover": False}]}, "trip", demo)
+    result = generate_history(demo, days=200 / 86400, resolution_s=10, scenarios=[scenario], seed=5,
+                              out_dir=tmp_path, start_ms=START_MS)
+    (fault,) = result.truth.faults
+    assert fault.trip_ms == START_MS + round(scenario.faults[0].trip_s() * 1000) == START_MS + 975_000
+    assert GroundTruth.read_json(result.truth.write_json(tmp_path / "t.json")).faults[0].trip_ms == fault.trip_ms
