@@ -132,6 +132,7 @@ async def sink_rate(bootstrap: str, topic: str, total: int, db_path: Path,
     elapsed = time.perf_counter() - started
     cpu_parent, cpu_child = _cpu_s() - cpu_parent, (_cpu_s(child) - cpu_child) if child else 0.0
     points = sink.stats.points
+    batches = sink.stats.batches
     await sink.stop()
     await task
     db.connection.execute("CHECKPOINT")
@@ -139,6 +140,7 @@ async def sink_rate(bootstrap: str, topic: str, total: int, db_path: Path,
     cpu = f"CPU {cpu_parent / total * 1e6:.1f} us/msg in the writer process"
     if child:
         cpu += f" + {cpu_child / total * 1e6:.1f} in the fetch process"
+    cpu += f"; {total / max(batches, 1):,.0f} messages per transaction"
     return points / elapsed, total / elapsed, points, cpu
 
 
@@ -270,7 +272,8 @@ async def ingest_figures(args) -> None:
                 results[mode].append((msgs_s / raw, msgs_s, points_s, path, points))
                 label = "fetch process" if mode else "in-process   "
                 print(f"round {round_no + 1}: DuckDB sink, {label}:  {msgs_s:>10,.0f} messages/s = {points_s:,.0f} "
-                      f"points/s, ratio {msgs_s / raw:.0%}; {cpu}; load {os.getloadavg()[0]:.1f}")
+                      f"points/s, ratio {msgs_s / raw:.0%}; {cpu}; file {os.path.getsize(path) / points:.2f} B/point; "
+                      f"load {os.getloadavg()[0]:.1f}")
         for mode in modes:
             ratios = sorted(r[0] for r in results[mode])
             print(f"sink ({'fetch process' if mode else 'in-process'}): ratio sink / raw consumer median "

@@ -55,7 +55,10 @@ from podwatch.storage.fetch import AssignedFn, FetchedBatch, Fetcher, FetchRepor
 
 log = logging.getLogger(__name__)
 
-QUEUED_FRAMES = 2  # frames read ahead by the parent (the pipe and the child's sender hold one more each)
+# Frames read ahead by the parent. A batch holds its slot until the writer has started it, so
+# the child keeps topping up its next batch while the writer is busy (big transactions: the
+# per-commit costs amortise, DuckDB compresses full row groups); its next frame waits in the pipe.
+QUEUED_FRAMES = 1
 PIPE_BYTES = 1 << 20  # bigger pipe buffer: fewer wake-ups per 16 MB batch
 RESTARTS_ALLOWED = 5  # child deaths within RESTART_WINDOW_S before the sink gives up (fails loudly)
 RESTART_WINDOW_S = 60.0
@@ -278,6 +281,7 @@ class FetchProcess:
         self._ctl: Connection | None = None
         self._reader: threading.Thread | None = None
         self._stopping = False
+        self._batch_slot_held = False
 
     @property
     def pid(self) -> int | None:
@@ -304,6 +308,7 @@ class FetchProcess:
         loop = asyncio.get_running_loop()
         queue: asyncio.Queue = asyncio.Queue()
         room = threading.Semaphore(QUEUED_FRAMES)
+        self._batch_slot_held = False
         self._queue, self._room = queue, room
         self._reader = threading.Thread(target=self._read_frames, args=(data_r, queue, room, loop),
                                         name="podwatch-sink-fetch-reader", daemon=True)
@@ -339,7 +344,9 @@ class FetchProcess:
             frame = await self._queue.get()
         else:
             frame = await asyncio.wait_for(self._queue.get(), timeout_s)
-        if frame[0] != "exit":
+        if frame[0] == "report" and frame[1][0] is not None:
+            self._batch_slot_held = True  # released by the next `next()`: the writer has started it
+        elif frame[0] != "exit":
             self._room.release()
         return frame
 
@@ -362,6 +369,9 @@ class FetchProcess:
     async def next(self, timeout_s: float) -> FetchReport | None:
         """The next report (None on timeout). Answers position requests on the way; a child
         that died is restarted (positions come back from DuckDB), unless it keeps dying."""
+        if self._batch_slot_held:  # the sink calls next() once the last batch's write has started
+            self._batch_slot_held = False
+            self._room.release()
         deadline = time.monotonic() + timeout_s
         while True:
             try:

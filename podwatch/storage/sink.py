@@ -1,20 +1,26 @@
-"""The exactly-once Kafka -> DuckDB sink (`podwatch ingest`).
+"""The exactly-once Kafka -> DuckDB sink (`podwatch ingest`): the writer of the DuckDB file.
 
-Lifecycle: `await sink.start()` (opens Kafka clients, loads dedup state), `await sink.run()`
-(until `stop()`), `await sink.stop()` (idempotent: finishes the batch being written, closes
-clients). Or `async with DuckDBSink(...) as sink: await sink.run()`.
+Lifecycle: `await sink.start()` (loads dedup state, starts the Kafka side), `await sink.run()`
+(until `stop()`), `await sink.stop()` (idempotent: finishes the batch being written, stops the
+Kafka side). Or `async with DuckDBSink(...) as sink: await sink.run()`.
+
+Two halves. The Kafka side (`fetch.py`: consumer, positions, decoding, site check, dead
+letters) runs in a second OS process by default (`SinkSettings.decode_process`, see
+`fetch_process.py`) or in this event loop; this process keeps dedup and the writer, because
+it owns the file (the API and the analytics listeners read the same connection).
 
 Exactly once, in effect:
 - each batch's rows and the consumer's next offset per partition are written in ONE DuckDB
-  transaction (`ingest_offsets`); on assignment the consumer seeks to the stored offsets, so a
-  crash at any instant re-reads exactly what was not committed. Kafka's own committed offsets
-  are never used.
-- readings already stored are dropped by (device, seq) (`dedup.py`): producers retry without
-  idempotence and a recreated topic is re-read from the start.
+  transaction (`ingest_offsets`); on assignment the Kafka side asks `_on_assigned`, which
+  answers with the stored offsets after every batch handed over before is committed, so a
+  crash at any instant (of either process) re-reads exactly what was not committed. Kafka's
+  own committed offsets are never used.
+- readings already stored are dropped by (device, seq) (`dedup.py`, state written in the same
+  transaction): producers retry without idempotence and a recreated topic is re-read.
 - a stored offset beyond the partition's end means the topic was recreated (a Tansu restart
   loses everything): logged loudly, the partition is re-read from the earliest offset.
 - undecodable messages go to `podwatch.deadletter.v1` with the reason; ingest continues. Dead
-  letters are sent before the offsets that pass them are committed (at least once).
+  letters are acked before the batch whose offsets pass them is handed to the writer.
 
 Batches are pipelined: while one batch is written in a worker thread (DuckDB releases the
 GIL), the next one is fetched and decoded. `add_batch_listener(fn)` registers
@@ -309,7 +315,9 @@ class DuckDBSink:
             while not self._stop.is_set():
                 if self._fetch_process is not None:
                     report = await self._fetch_process.next(self.settings.fetch_timeout_ms / 1000)
-                    self.stats.fetch_restarts = self._fetch_process.restarts
+                    if self._fetch_process.restarts != self.stats.fetch_restarts:  # it died: an error
+                        self.health.inc("errors", self._fetch_process.restarts - self.stats.fetch_restarts)
+                        self.stats.fetch_restarts = self._fetch_process.restarts
                 else:
                     report = await self._fetcher.poll()
                 if report is not None:
