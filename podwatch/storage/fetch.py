@@ -235,17 +235,21 @@ class Fetcher:
         return report
 
     async def _fetch_batch(self) -> dict[TopicPartition, list]:
-        """One fetch, topped up with whatever is already buffered (up to max_batch_messages)
-        while the writer is still busy with the previous batch."""
+        """One fetch, topped up (up to max_batch_messages) with what arrives within
+        `batch_fill_ms`, and for as long as the writer is still busy with the previous batch.
+        A catching-up sink writes full transactions (a Tansu fetch brings about one producer
+        batch per partition; small transactions leave the file ~50 % bigger in free blocks
+        after the checkpoints), a live one waits at most `batch_fill_ms`."""
         s = self.settings
         consumer = self.consumer
         data = await consumer.getmany(timeout_ms=s.fetch_timeout_ms, max_records=s.max_batch_messages)
         count = sum(len(v) for v in data.values())
-        while data and count < s.max_batch_messages and self.busy():
-            more = await consumer.getmany(timeout_ms=0, max_records=s.max_batch_messages - count)
-            if not more:
-                await asyncio.sleep(0.005)
-                continue
+        deadline = time.monotonic() + s.batch_fill_ms / 1000
+        while data and count < s.max_batch_messages:
+            wait_ms = int(max(0.0, deadline - time.monotonic()) * 1000)
+            if not wait_ms and not self.busy():
+                break
+            more = await consumer.getmany(timeout_ms=wait_ms or 5, max_records=s.max_batch_messages - count)
             for tp, records in more.items():
                 data.setdefault(tp, []).extend(records)
                 count += len(records)

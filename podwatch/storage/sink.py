@@ -100,6 +100,8 @@ class SinkSettings(BaseModel):
     group_id: str | None = Field("podwatch-sink", description="Consumer group; None: assign every partition directly")
     max_batch_messages: int = Field(20_000, gt=0, description="Messages per DuckDB transaction at most")
     fetch_timeout_ms: int = Field(200, gt=0)
+    batch_fill_ms: int = Field(100, ge=0, description="Keep filling a batch with what arrives this long "
+                                                      "(up to max_batch_messages) before handing it to the writer")
     session_timeout_ms: int = Field(10_000, gt=0)
     connect_timeout_s: float = Field(30.0, gt=0, description="Keep retrying an unreachable broker at start this long")
     dedup_window: int = Field(DEFAULT_WINDOW, gt=0, description="Readings per device remembered for dedup")
@@ -622,10 +624,12 @@ def _main() -> None:  # `python -m podwatch.storage.sink --kafka H:P --db FILE [
     parser.add_argument("--group", default="podwatch-sink", help="consumer group; 'none' to assign partitions directly")
     parser.add_argument("--max-batch", type=int, default=20_000)
     parser.add_argument("--site")
+    parser.add_argument("--in-process", action="store_true", help="no fetch process (decode_process=False)")
     args = parser.parse_args()
     configure_logging()
     settings = SinkSettings(kafka=args.kafka, topic=args.topic, dead_letter_topic=args.dead_letter_topic,
-                            group_id=None if args.group == "none" else args.group, max_batch_messages=args.max_batch)
+                            group_id=None if args.group == "none" else args.group, max_batch_messages=args.max_batch,
+                            decode_process=not args.in_process)
     asyncio.run(run_ingest(args.db, settings, args.site))
 
 
