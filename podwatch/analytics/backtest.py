@@ -3,8 +3,10 @@
 simulator history.
 
 Backtest protocol (docs/analytics.md, "Forecasts"):
-- Origins every `step_h` hours from `min_train_days` after the first usable origin to the last
-  origin whose whole horizon is observed.
+- Origins every `step_h` hours (6 by default: 4 a day, also for the 7-day horizon — its windows
+  overlap, so neighbouring origins are not independent, but every weekday and hour is scored)
+  from `min_train_days` + one horizon after the first usable origin (7 days of history) to the
+  last origin whose whole horizon is observed. 140 days give ~485 origins at 24 h and ~437 at 7 d.
 - The model is refitted every `refit_every_h` hours on an expanding window, using only rows whose
   target window ended before the refit time (no peeking); calibration is part of each fit.
 - Scores over all (origin, node) pairs: pinball loss per quantile and coverage (share of peaks at
@@ -127,6 +129,23 @@ class HorizonScores:
         """Relative pinball-loss reduction vs seasonal naive at `level` (0.25 = 25 % better)."""
         naive = self.pinball_naive.get(level, float("nan"))
         return 1.0 - self.pinball_model.get(level, float("nan")) / naive if naive else float("nan")
+
+
+def combine_scores(parts: list[HorizonScores]) -> HorizonScores:
+    """Scores of several backtests (histories, sites) of one horizon taken together, as if their
+    (origin, node) pairs had been scored in one run: each mean is weighted by its pairs."""
+    if not parts or len({p.horizon for p in parts}) != 1:
+        raise ValueError("combine_scores needs at least one score, all of one horizon")
+    pairs = sum(p.pairs for p in parts)
+    out = HorizonScores(horizon=parts[0].horizon, origins=sum(p.origins for p in parts), pairs=pairs,
+                        first_origin=min(p.first_origin for p in parts), last_origin=max(p.last_origin for p in parts),
+                        fallback_pairs=sum(p.fallback_pairs for p in parts))
+    for name in ("pinball_model", "pinball_naive", "coverage_model", "coverage_naive", "pinball_naive_pooled",
+                 "coverage_naive_pooled"):
+        combined = getattr(out, name)
+        for level in getattr(parts[0], name):
+            combined[level] = sum(getattr(p, name)[level] * p.pairs for p in parts) / pairs
+    return out
 
 
 @dataclass

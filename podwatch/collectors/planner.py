@@ -20,6 +20,8 @@ import math
 import struct
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from math import isfinite
+from operator import add, eq, mul
 
 from podwatch.collectors.profiles import (
     _STRUCT,
@@ -107,8 +109,12 @@ class ReadRequest:
     start: int
     count: int
     points: tuple[PlannedPoint, ...]
-    # set by the planner: decodes every point of a response's bytes into a dict (see _bulk_decoder)
-    decode_into: Callable[[bytes, dict], None] | None = field(default=None, compare=False, repr=False)
+    # set by the planner: the compiled decode plan of this request (see RequestDecoder)
+    decoder: "RequestDecoder | None" = field(default=None, compare=False, repr=False)
+
+    @property
+    def metrics(self) -> tuple[str, ...]:
+        return tuple(p.metric for p in self.points)
 
     @property
     def gap_registers(self) -> int:
@@ -187,49 +193,87 @@ def _request(profile: ModbusProfile, register_type: str, start: int, end: int, g
         planned.append(PlannedPoint(p.metric, off, p.register_count, p.data_type, order,
                                     compile_decoder(p.data_type, order, p.scale, p.offset, off * 2)))
     request = ReadRequest(register_type, FUNCTION_CODE[register_type], start, end - start, tuple(planned))
-    object.__setattr__(request, "decode_into", _bulk_decoder(request, {p.metric: p for p in group}))
+    object.__setattr__(request, "decoder", compile_request_decoder(request, {p.metric: p for p in group}))
     return request
 
 
-# Hot path: the ABCD (big-endian) points of a request are unpacked by ONE precompiled struct call
-# over the whole response (pad bytes skip the gaps); other word orders use their point decoder.
+# Hot path: a request's decode plan is compiled once, at plan time (`compile_request_decoder`):
+# the registers go to wire bytes through one precompiled `struct.Struct(">{count}H")`, and the
+# ABCD (big-endian) points are unpacked by ONE precompiled struct call over the whole response
+# (pad bytes skip the gaps). Then, instead of a Python branch per point, the whole request is
+# checked at once: the sum of the raw values is finite only when every float is (a NaN or an
+# infinity makes the sum NaN/inf; the sum of at most 62 float32 or 31 64-bit values cannot
+# overflow), and `map(eq, raw, markers)` finds a 'not available' integer marker in C. A clean
+# response (the usual case) is scaled in C by `map(mul, ...)`/`map(add, ...)` (`raw * scale +
+# offset`, the same operations as `profiles.decode_value`, so the same bits); a response with a non-finite float or a marker falls
+# back to the per-point rules. Other word orders (and overlapping points) use their per-point
+# decoder. tests/unit/collectors/test_decode_plan.py checks every profile and random register
+# contents against `profiles.decode_point`.
 
 
-def _bulk_decoder(request: ReadRequest, by_metric: dict[str, RegisterPoint]):
-    fmt = [">"]
-    pos = 0
-    fast: list[tuple[str, bool, object, float, float, bool]] = []
-    slow: list[PlannedPoint] = []
-    for p in sorted(request.points, key=lambda q: q.register_offset):
-        if p.word_order != "ABCD" or p.register_offset * 2 < pos:  # other order or overlapping point
-            slow.append(p)
-            continue
-        gap = p.register_offset * 2 - pos
-        if gap:
-            fmt.append(f"{gap}x")
-        fmt.append(_STRUCT[p.data_type][1])
-        pos = (p.register_offset + p.register_count) * 2
-        rp = by_metric[p.metric]
-        fast.append((p.metric, p.data_type.startswith("float"), UNAVAILABLE_RAW.get(p.data_type),
-                     rp.scale, rp.offset, rp.scale == 1.0 and rp.offset == 0.0))
-    unpack_from = struct.Struct("".join(fmt)).unpack_from
-    isfinite = math.isfinite
+class RequestDecoder:
+    """The compiled decode plan of one request: `to_bytes(*registers)` packs a response's
+    registers into wire bytes; `decode_into(data, into)` writes every point's value (or None)
+    into `into` and returns how many points decoded to None."""
 
-    def decode_into(data: bytes, into: dict) -> None:
-        if fast:
-            for (metric, is_float, unavailable, scale, offset, identity), raw in zip(fast, unpack_from(data, 0)):
-                if is_float:
-                    if not isfinite(raw):
+    __slots__ = ("to_bytes", "_metrics", "_scales", "_offsets", "_markers", "_identity", "_unpack_from",
+                 "_fast", "_slow")
+
+    def __init__(self, request: "ReadRequest", by_metric: dict[str, RegisterPoint]):
+        self.to_bytes = struct.Struct(f">{request.count}H").pack
+        fmt = [">"]
+        pos = 0
+        fast: list[tuple[str, bool, int | None, float, float, bool]] = []
+        slow: list[PlannedPoint] = []
+        for p in sorted(request.points, key=lambda q: q.register_offset):
+            if p.word_order != "ABCD" or p.register_offset * 2 < pos:  # other order or overlapping point
+                slow.append(p)
+                continue
+            gap = p.register_offset * 2 - pos
+            if gap:
+                fmt.append(f"{gap}x")
+            fmt.append(_STRUCT[p.data_type][1])
+            pos = (p.register_offset + p.register_count) * 2
+            rp = by_metric[p.metric]
+            fast.append((p.metric, p.data_type.startswith("float"), UNAVAILABLE_RAW.get(p.data_type),
+                         rp.scale, rp.offset, rp.scale == 1.0 and rp.offset == 0.0))
+        self._fast = tuple(fast)
+        self._slow = tuple(slow)
+        self._metrics = tuple(f[0] for f in fast)
+        self._markers = tuple(f[2] for f in fast) if any(f[2] is not None for f in fast) else None
+        self._scales = tuple(f[3] for f in fast)
+        self._offsets = tuple(f[4] for f in fast) if any(f[4] != 0.0 for f in fast) else None
+        self._identity = all(f[5] for f in fast)
+        self._unpack_from = struct.Struct("".join(fmt)).unpack_from
+
+    def decode_into(self, data: bytes, into: dict) -> int:
+        nones = 0
+        if self._metrics:
+            raw = self._unpack_from(data, 0)
+            markers = self._markers
+            if isfinite(sum(raw)) and (markers is None or not any(map(eq, raw, markers))):
+                if self._identity:
+                    into.update(zip(self._metrics, map(float, raw)))
+                elif self._offsets is None:  # raw * scale (+ 0.0: the same value), in C
+                    into.update(zip(self._metrics, map(mul, raw, self._scales)))
+                else:  # raw * scale + offset, in C (no fused multiply-add: bit-identical to the reference)
+                    into.update(zip(self._metrics, map(add, map(mul, raw, self._scales), self._offsets)))
+            else:  # a non-finite float or a 'not available' marker: the per-point rules
+                for (metric, is_float, unavailable, scale, offset, identity), r in zip(self._fast, raw):
+                    if (not isfinite(r)) if is_float else (r == unavailable):
                         into[metric] = None
-                        continue
-                elif raw == unavailable:
-                    into[metric] = None
-                    continue
-                into[metric] = float(raw) if identity else raw * scale + offset
-        for p in slow:
-            into[p.metric] = p.decode(data)
+                        nones += 1
+                    else:
+                        into[metric] = float(r) if identity else r * scale + offset
+        for p in self._slow:
+            value = into[p.metric] = p.decode(data)
+            if value is None:
+                nones += 1
+        return nones
 
-    return decode_into
+
+def compile_request_decoder(request: "ReadRequest", by_metric: dict[str, RegisterPoint]) -> RequestDecoder:
+    return RequestDecoder(request, by_metric)
 
 
 def registers_to_bytes(registers: list[int]) -> bytes:
@@ -237,14 +281,28 @@ def registers_to_bytes(registers: list[int]) -> bytes:
     return struct.pack(f">{len(registers)}H", *registers)
 
 
-def decode_request(request: ReadRequest, registers: list[int], into: dict[str, float | None]) -> None:
-    """Decode every point of one request's response into `into` (metric -> value or None)."""
-    if len(registers) < request.count:
-        raise ValueError(f"fc{request.function_code} start={request.start}: expected {request.count} registers, "
-                         f"got {len(registers)}")
-    data = registers_to_bytes(registers[:request.count])
-    if request.decode_into is not None:
-        request.decode_into(data, into)
-        return
+def response_bytes(request: ReadRequest, registers: list[int]) -> bytes:
+    """A response's registers as wire bytes; ValueError when the device answered too few registers
+    (extra registers are ignored)."""
+    n = len(registers)
+    if n != request.count:
+        if n < request.count:
+            raise ValueError(f"fc{request.function_code} start={request.start}: expected {request.count} registers, "
+                             f"got {n}")
+        registers = registers[:request.count]
+    if request.decoder is not None:
+        return request.decoder.to_bytes(*registers)
+    return registers_to_bytes(registers)
+
+
+def decode_request(request: ReadRequest, registers: list[int], into: dict[str, float | None]) -> int:
+    """Decode every point of one request's response into `into` (metric -> value or None); returns
+    how many points decoded to None."""
+    data = response_bytes(request, registers)
+    if request.decoder is not None:
+        return request.decoder.decode_into(data, into)
+    nones = 0
     for p in request.points:
-        into[p.metric] = p.decode(data)
+        value = into[p.metric] = p.decode(data)
+        nones += value is None
+    return nones

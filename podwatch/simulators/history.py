@@ -65,6 +65,53 @@ def default_start_ms(days: float, resolution_s: int) -> int:
     return int(now.timestamp() * 1000) - int(days * 86400 * 1000)
 
 
+SUBSTEP_S = 1.0  # physics step inside an output step where a fault starts or ends abruptly
+
+
+def abrupt_change_finder(scenario: Scenario, resolution_s: float) -> Callable[[float, float], bool] | None:
+    """A test `(t0, t1) -> bool`: does a fault change the physics abruptly inside the step (t0, t1]?
+
+    The physics takes each step's modifiers at its end and holds them over the whole step, so at
+    coarse steps a pump trip, a load step or a stepped restriction would act up to one step early
+    and a breach come up to one step (plus the flow lag) before it does at 1 s. The steps holding
+    such an instant (`abrupt_instants_s` of each fault: onset, end, a pump's trip, the standby's
+    takeover) are run in 1 s sub-steps instead (a handful per fault, so history mode stays fast).
+    Ramps change continuously and need none. None when the resolution is already that fine."""
+    if resolution_s <= SUBSTEP_S:
+        return None
+    instants: list[float] = []
+    for f in scenario.faults:
+        if f.kind not in ("sensor_fault", "device_fault"):  # those change what devices report, not the physics
+            instants += f.abrupt_instants_s()
+    if not instants:
+        return None
+    marks = np.sort(np.asarray(instants))
+
+    def inside(t0: float, t1: float) -> bool:
+        # (t0, t1]: an instant in the previous step's last sub-step belongs to that step
+        i = int(np.searchsorted(marks, t0, side="right"))
+        return i < marks.size and marks[i] <= t1
+
+    return inside
+
+
+def _substeps(physics: SitePhysics, tracker: BreachTracker, scenario: Scenario, site: Site, t0: float,
+              resolution_s: float, start_ms: int, tz: str) -> Snapshot:
+    """Advance one output step (t0, t0 + resolution_s] in `SUBSTEP_S` physics steps, each with the
+    load and fault modifiers of its own time; returns the state at the step's end."""
+    n = max(1, int(round(resolution_s / SUBSTEP_S)))
+    dt = resolution_s / n
+    t_sub = t0 + dt * (np.arange(n) + 1.0)
+    demand = demand_fraction(t_sub, t_sub + start_ms / 1000.0, physics.load, tz) * physics.topo.rated_kw
+    mods = scenario.modifiers(t_sub, site)
+    snap = None
+    for k in range(n):
+        snap = physics.step(dt, float(t_sub[k]), demand[k], mods, k)
+        tracker.update(float(t_sub[k]), snap.rack_return_c[0])
+    assert snap is not None
+    return snap
+
+
 def generate_history(site: Site, days: float, resolution_s: int = 60, scenarios: list[Scenario] | None = None,
                      seed: int = 0, out_dir: str | Path = "history", start_ms: int | None = None,
                      random_episodes_per_day: float = 0.0,
@@ -173,6 +220,7 @@ def generate_history(site: Site, days: float, resolution_s: int = 60, scenarios:
     chunk = max(1, int(86400 // resolution_s))
     rows_total = 0
     dev_faults = scenario.device_faults
+    substeps_at = abrupt_change_finder(scenario, resolution_s)
     try:
         for c0 in range(0, n_steps, chunk):
             steps = min(chunk, n_steps - c0)
@@ -181,8 +229,12 @@ def generate_history(site: Site, days: float, resolution_s: int = 60, scenarios:
             mods = scenario.modifiers(t, site)
             buffers: dict[str, np.ndarray] | None = None
             for i in range(steps):
-                snap = physics.step(float(resolution_s), float(t[i]), demand[i], mods, i)
-                tracker.update(float(t[i]), snap.rack_return_c[0])
+                if substeps_at is not None and substeps_at(float(t[i]) - resolution_s, float(t[i])):
+                    snap = _substeps(physics, tracker, scenario, site, float(t[i]) - resolution_s,
+                                     float(resolution_s), start_ms, tz)
+                else:
+                    snap = physics.step(float(resolution_s), float(t[i]), demand[i], mods, i)
+                    tracker.update(float(t[i]), snap.rack_return_c[0])
                 if buffers is None:
                     buffers = {name: np.empty((steps,) + getattr(snap, name).shape[1:],
                                               dtype=getattr(snap, name).dtype) for name in SNAPSHOT_FIELDS}

@@ -19,7 +19,9 @@ The model, per step:
   (1 = clear). When the running pumps cannot deliver the racks' demand (pump failure, low
   reservoir), the pressure falls as (capacity / demand)^2 and every rack's flow with its square
   root (parallel branches on a quadratic system curve). Pumps run at the speed that delivers the
-  demand (flow ~ speed, affinity law), 100 % when short. N+1: one standby pump starts
+  demand (flow ~ speed, affinity law), 100 % when short. A degrading pump (`pump_capacity` < 1)
+  delivers only that share of its rated flow at full speed: the others speed up to make up for it
+  until the running pumps together fall short of the racks' demand, then the flow falls. N+1: one standby pump starts
   `takeover_delay_s` after a duty pump fails, unless the scenario disables takeover. Flow follows
   with a 3 s lag (pump spin-up/down).
 * **Heat**: all rack IT power ends up as heat, `heat_to_liquid` of it in the coolant, the rest in
@@ -95,6 +97,7 @@ class Modifiers:
     rack_leak_state: np.ndarray  # (T, racks) rack leak detector 0/1/2
     cdu_leak_state: np.ndarray  # (T, cdus) CDU leak detector 0/1/2 (before the low-level check)
     pump_failed: np.ndarray  # (T, cdus, MAX_PUMPS) bool
+    pump_capacity: np.ndarray  # (T, cdus, MAX_PUMPS) share of its rated flow a pump still delivers, 1 = healthy
     takeover_enabled: np.ndarray  # (T, cdus) bool: standby may start
     takeover_delay_s: np.ndarray  # (T, cdus)
 
@@ -105,6 +108,7 @@ class Modifiers:
             fouling=np.ones((steps, n_cdus)), facility_offset_c=np.zeros((steps, n_cdus)),
             leak_lpm=np.zeros((steps, n_cdus)), rack_leak_state=np.zeros((steps, n_racks)),
             cdu_leak_state=np.zeros((steps, n_cdus)), pump_failed=np.zeros((steps, n_cdus, MAX_PUMPS), dtype=bool),
+            pump_capacity=np.ones((steps, n_cdus, MAX_PUMPS)),
             takeover_enabled=np.ones((steps, n_cdus), dtype=bool), takeover_delay_s=np.full((steps, n_cdus), 10.0))
 
     def row(self, i: int) -> "Modifiers":
@@ -321,7 +325,9 @@ class SitePhysics:
             self.standby_on[:] = False  # duty pumps back: standby returns to standby
         running = running | self.standby_on
         level_factor = _clip((self.reservoir_pct - 5.0) / 15.0, 0.0, 1.0)  # air in the pumps below 20 %
-        capacity_lpm = running.sum(axis=1) * tp.cdu_pump_flow_lpm * level_factor
+        # a worn pump (`pump_capacity` < 1: bearing wear, impeller erosion, cavitation) delivers
+        # that share of its rated flow at full speed
+        capacity_lpm = (running * _clip(m["pump_capacity"], 0.0, 1.0)).sum(axis=1) * tp.cdu_pump_flow_lpm * level_factor
         conductance = tp.design_flow_lpm * _clip(m["restriction"], 0.0, 1.0)
         demand_lpm = np.bincount(rc, weights=conductance, minlength=len(tp.cdu_ids))
         short = capacity_lpm < demand_lpm

@@ -64,6 +64,11 @@ class _Fault(BaseModel):
             act &= since < self.duration_s
         return act
 
+    def abrupt_instants_s(self) -> list[float]:
+        """Simulated times at which the fault may change the physics abruptly (its onset and end;
+        kinds add theirs): history mode sub-steps the output steps holding them."""
+        return [self.onset_s] + ([] if self.duration_s is None else [self.onset_s + self.duration_s])
+
 
 class PumpFailure(_Fault):
     """CDU pumps trip (target: CDU id). With `standby_takeover` the N+1 standby pump starts after
@@ -73,6 +78,47 @@ class PumpFailure(_Fault):
     pumps: list[int] = Field(default_factory=lambda: [1], description="1-based pump numbers that fail")
     standby_takeover: bool = True
     takeover_delay_s: float = Field(10.0, ge=0)
+
+    def abrupt_instants_s(self) -> list[float]:
+        return super().abrupt_instants_s() + ([self.onset_s + self.takeover_delay_s] if self.standby_takeover else [])
+
+
+class PumpDegradation(_Fault):
+    """A CDU pump wears out (target: CDU id): bearing wear, impeller erosion or cavitation take
+    `magnitude` (0..1) of its rated flow away, linearly over `ramp_s` (minutes to hours). The other
+    running pumps speed up to make up for it; once the running pumps together fall short of the
+    racks' demand, every rack's flow falls. With `trip_at_capacity` the pump trips (protection:
+    vibration, motor current) when its remaining capacity reaches that share; the N+1 standby then
+    starts after `takeover_delay_s` if `standby_takeover`. `duration_s` ends it (pump repaired)."""
+
+    kind: Literal["pump_degradation"]
+    pumps: list[int] = Field(default_factory=lambda: [1], description="1-based pump numbers that wear")
+    magnitude: float = Field(gt=0, le=1, description="Share of the pump's rated flow lost at full ramp")
+    trip_at_capacity: float | None = Field(None, ge=0, lt=1, description="The pump trips when its remaining "
+                                           "capacity reaches this share (null: it never trips)")
+    standby_takeover: bool = True
+    takeover_delay_s: float = Field(10.0, ge=0)
+
+    def remaining(self, t_s: np.ndarray) -> np.ndarray:
+        """Share of its rated flow the worn pump still delivers at each time."""
+        return 1.0 - self.magnitude * self.envelope(t_s)
+
+    def tripped(self, t_s: np.ndarray) -> np.ndarray:
+        if self.trip_at_capacity is None:
+            return np.zeros(np.shape(t_s), dtype=bool)
+        return self.active(t_s) & (self.remaining(t_s) <= self.trip_at_capacity + 1e-12)
+
+    def trip_s(self) -> float | None:
+        """When the pump trips (None: never)."""
+        if self.trip_at_capacity is None or 1.0 - self.magnitude > self.trip_at_capacity:
+            return None
+        trip = self.onset_s + self.ramp_s * (1.0 - self.trip_at_capacity) / self.magnitude
+        return trip if self.duration_s is None or trip < self.onset_s + self.duration_s else None
+
+    def abrupt_instants_s(self) -> list[float]:
+        trip = self.trip_s()
+        extra = [] if trip is None else [trip] + ([trip + self.takeover_delay_s] if self.standby_takeover else [])
+        return super().abrupt_instants_s() + extra
 
 
 class FlowRestriction(_Fault):
@@ -133,12 +179,13 @@ class DeviceFault(_Fault):
     exception_code: int = Field(11, ge=1, le=255)
 
 
-Fault = Annotated[PumpFailure | FlowRestriction | HxFouling | FacilityWaterRise | Leak | LoadSurge | SensorFault
-                  | DeviceFault, Field(discriminator="kind")]
+Fault = Annotated[PumpFailure | FlowRestriction | HxFouling | FacilityWaterRise | Leak | LoadSurge | PumpDegradation
+                  | SensorFault | DeviceFault, Field(discriminator="kind")]
 FAULT_KINDS = ("pump_failure", "flow_restriction", "hx_fouling", "facility_water_rise", "leak", "load_surge",
-               "sensor_fault", "device_fault")
-PHYSICAL_KINDS = FAULT_KINDS[:6]
-FAULT_MODELS = (PumpFailure, FlowRestriction, HxFouling, FacilityWaterRise, Leak, LoadSurge, SensorFault, DeviceFault)
+               "pump_degradation", "sensor_fault", "device_fault")
+PHYSICAL_KINDS = FAULT_KINDS[:7]
+FAULT_MODELS = (PumpFailure, FlowRestriction, HxFouling, FacilityWaterRise, Leak, LoadSurge, PumpDegradation,
+                SensorFault, DeviceFault)
 
 
 class Scenario(BaseModel):
@@ -201,7 +248,8 @@ class Scenario(BaseModel):
             allowed: dict[str, set] = {
                 "pump_failure": set(cdus), "flow_restriction": racks, "hx_fouling": set(cdus),
                 "facility_water_rise": set(cdus) | {"*"}, "leak": racks | set(cdus),
-                "load_surge": racks | set(cdus) | modules | {"*"}, "sensor_fault": set(devices),
+                "load_surge": racks | set(cdus) | modules | {"*"}, "pump_degradation": set(cdus),
+                "sensor_fault": set(devices),
                 "device_fault": set(devices)}
             if f.target not in allowed[f.kind]:
                 errors.append(f"{here}.target: '{f.target}' is not a valid {f.kind} target "
@@ -214,7 +262,7 @@ class Scenario(BaseModel):
                 errors.append(f"{here}.target: '{f.target}' is both a {' and a '.join(kinds_named)}; "
                               "rename one in the site file")
                 continue
-            if isinstance(f, PumpFailure):
+            if isinstance(f, (PumpFailure, PumpDegradation)):
                 installed = min(cdus[f.target].pumps, MAX_PUMPS)
                 bad = [p for p in f.pumps if not 1 <= p <= installed]
                 if bad:
@@ -273,6 +321,17 @@ class Scenario(BaseModel):
                 if not f.standby_takeover:
                     mods.takeover_enabled[:, c] &= ~act
                 mods.takeover_delay_s[:, c] = np.where(act, f.takeover_delay_s, mods.takeover_delay_s[:, c])
+            elif isinstance(f, PumpDegradation):
+                c = cix[f.target]
+                remaining = f.remaining(t_s)
+                tripped = f.tripped(t_s)
+                for p in f.pumps:
+                    mods.pump_capacity[:, c, p - 1] = np.minimum(mods.pump_capacity[:, c, p - 1], remaining)
+                    mods.pump_failed[:, c, p - 1] |= tripped
+                if tripped.any():
+                    if not f.standby_takeover:
+                        mods.takeover_enabled[:, c] &= ~tripped
+                    mods.takeover_delay_s[:, c] = np.where(tripped, f.takeover_delay_s, mods.takeover_delay_s[:, c])
             elif isinstance(f, FlowRestriction):
                 mods.restriction[:, rix[f.target]] *= 1.0 - f.magnitude * env
             elif isinstance(f, HxFouling):
@@ -319,7 +378,8 @@ class Scenario(BaseModel):
 def _target_help(kind: str) -> str:
     return {"pump_failure": "a CDU id", "flow_restriction": "a rack id", "hx_fouling": "a CDU id",
             "facility_water_rise": "a CDU id or '*'", "leak": "a rack or CDU id",
-            "load_surge": "a rack, CDU or module id, or '*'", "sensor_fault": "a device id",
+            "load_surge": "a rack, CDU or module id, or '*'", "pump_degradation": "a CDU id",
+            "sensor_fault": "a device id",
             "device_fault": "a device id"}[kind]
 
 

@@ -99,13 +99,26 @@ def _list(
     from rich.table import Table
 
     table = Table(title=f"{len(rows)} alert(s)" + (f" ({state})" if state else ""))
-    for col in ("id", "state", "severity", "rule", "target", "started", "value", "summary"):
+    for col in ("id", "state", "severity", "rule", "target", "started", "value", "cause", "summary"):
         table.add_column(col)
     for r in rows:
         value = r.get("value")
         table.add_row(r["alert_id"][:12], r["state"], r["severity"], r["rule"], r["target"], _fmt_time(r.get("started_at")),
-                      "-" if value is None else f"{value:g}", (r.get("annotations") or {}).get("summary", ""))
-    Console(width=200).print(table)
+                      "-" if value is None else f"{value:g}", cause_column(r), (r.get("annotations") or {}).get("summary", ""))
+    Console(width=220).print(table)
+
+
+def cause_column(row: dict[str, Any]) -> str:
+    """The `cause` column of `alerts list`: a rack alert's probable cause (`<cdu>:<rule>`, as the
+    engine keeps it current), or for a CDU alert how many racks it explains."""
+    annotations, labels = row.get("annotations") or {}, row.get("labels") or {}
+    ref = annotations.get("probable_cause_ref") or labels.get("probable_cause")
+    if ref:
+        return ref
+    affected = annotations.get("affected_racks")
+    if affected:
+        return f"explains {affected.split(' ', 1)[0]} rack(s)"
+    return "-"
 
 
 def _show(

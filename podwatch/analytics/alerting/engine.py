@@ -22,6 +22,20 @@ Lifecycle of the alert of one rule on one target (`alert_id = sha1(rule, target)
   each hold deadline of a run and the last row of a run reach the state machine (vectorised in
   polars); a hold that started in an earlier batch is checked at those rows.
 
+Cause attribution (rules' `cascade`): an alert of a `cause` rule on a CDU (pump redundancy lost,
+supply too warm, ...) explains the `symptom` alerts of the racks that CDU cools. Both carry the
+label `cascade=cause|symptom` (static per rule and target, so Alertmanager inhibit rules can match
+it with `equal: [site, cdu]`). While a cause alert is pending or firing:
+- a symptom alert on one of its racks gets the label `probable_cause="<cdu>:<rule>"` when it
+  starts and again when it fires; from firing on its labels never change (Alertmanager identifies
+  an alert by its label set: a label added later would make a second alert there);
+- the symptom's annotations `probable_cause` (a sentence with the cause's summary and reasons)
+  and `probable_cause_ref` follow the cause as it comes and goes (annotations may change);
+- the cause alert's annotation `affected_racks` lists the racks with symptom alerts, `racks` the
+  racks it cools (from the site model).
+Annotation changes of a firing alert without a transition reach receivers that take updates
+(Alertmanager) as an `update` of the same alert; webhooks, e-mail and Kafka get transitions only.
+
 Every transition is one event (see `model`) written, in one DuckDB transaction together with the
 alert's row in `alerts`, to the outbox queue of each receiver that wants it; `on_events` (the
 dispatcher's `kick`) is then called. State is reloaded from `alerts` on start (pending/firing
@@ -46,7 +60,8 @@ import polars as pl
 from podwatch.analytics.alerting import store
 from podwatch.analytics.alerting.model import EVENT_VERSION, AlertState, Observation, alert_id, as_utc, iso
 from podwatch.analytics.alerting.outbox import enqueue
-from podwatch.analytics.alerting.rules import Rule, RuleSet, render_template
+from podwatch.analytics.alerting.rules import CASCADE_LABEL, CAUSE_LABEL, Rule, RuleSet, render_template
+from podwatch.analytics.alerting.settings import SEVERITY_RANK
 from podwatch.health import REGISTRY
 
 if TYPE_CHECKING:
@@ -55,6 +70,8 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 COMMIT_ATTEMPTS = 3
+# Annotations the engine keeps current from cause attribution (they may change while firing).
+ATTRIBUTION_ANNOTATIONS = ("probable_cause", "probable_cause_ref", "affected_racks", "racks")
 
 _OPS: dict[str, Callable[[Any, Any], Any]] = {
     ">": operator.gt, ">=": operator.ge, "<": operator.lt, "<=": operator.le, "==": operator.eq, "!=": operator.ne}
@@ -109,6 +126,20 @@ def site_target_labels(site: "Site") -> Callable[[str], dict[str, str]]:
     return lookup
 
 
+def site_cdu_racks(site: "Site") -> dict[str, list[str]]:
+    """CDU id -> the ids of the racks it cools (for the cause alert's `racks` annotation)."""
+    return {cdu.id: list(cdu.racks) for module in site.modules for cdu in module.cdus}
+
+
+def cause_ref(rec: "AlertRecord") -> str:
+    """`<cdu>:<rule>`, the value of a symptom's `probable_cause` label."""
+    return f"{rec.target}:{rec.rule.id}"
+
+
+def _hms(ts: datetime | None) -> str:
+    return "?" if ts is None else as_utc(ts).strftime("%H:%M:%S UTC")
+
+
 def site_device_entities(site: "Site") -> dict[str, str]:
     """Device id -> the rack / CDU / power node id it measures (for rules with `target: entity`)."""
     return {d.id: d.entity for d in site.devices if d.entity}
@@ -124,6 +155,7 @@ class AlertEngine:
     def __init__(self, con: duckdb.DuckDBPyConnection, rules: RuleSet, *, receivers: Sequence["Receiver"] = (),
                  target_labels: Callable[[str], dict[str, str]] | None = None,
                  device_entities: dict[str, str] | None = None,
+                 cdu_racks: dict[str, list[str]] | None = None,
                  on_events: Callable[[list[dict]], None] | None = None) -> None:
         self._con = con
         store.ensure_alerting_tables(con)
@@ -131,6 +163,7 @@ class AlertEngine:
         self.receivers = list(receivers)
         self.target_labels = target_labels or (lambda target: {})
         self.device_entities = dict(device_entities or {})
+        self.cdu_racks = {cdu: list(racks) for cdu, racks in (cdu_racks or {}).items()}
         self.on_events = on_events
         self.health = REGISTRY.component("alert_engine")
         enabled = rules.enabled_rules()
@@ -140,6 +173,7 @@ class AlertEngine:
             if r.check_name:
                 self._by_check.setdefault(r.check_name, []).append(r)
         self._alerts: dict[tuple[str, str], AlertRecord] = {}
+        self._cascade: dict[str, AlertRecord] = {}  # alert_id -> pending/firing alert with a cascade label
         self._last_seen: dict[tuple[str, str], datetime] = {}  # (rule id, target) -> newest good sample
         self._unmatched: set[str] = set()
         self.clock: datetime | None = None  # newest sample/observation time seen
@@ -163,6 +197,7 @@ class AlertEngine:
                 orphans.append(rec)
             else:
                 self._alerts[(rule.id, rec.target)] = rec
+                self._track(rec)
         log.info("alert engine loaded %d active alert(s) from the alerts table", len(self._alerts))
         if orphans:
             now = datetime.now(UTC)
@@ -185,6 +220,9 @@ class AlertEngine:
         """Feed analytics observations; returns the transition events (already queued)."""
         events: list[dict] = []
         dirty: dict[str, AlertRecord] = {}
+        # Time order, and at one time a CDU's cause observations before the racks' (the checks emit
+        # racks first), so a rack alert starting at the same moment already sees its probable cause.
+        observations = sorted(observations, key=lambda o: (o.ts, not self._feeds_cause(o.rule)))
         for obs in observations:
             self.health.inc("received")
             rules = self._by_check.get(obs.rule)
@@ -204,8 +242,11 @@ class AlertEngine:
                     if active is None:
                         continue
                 self._step(rec, active, obs.ts, obs.value, obs.labels, obs.reasons, events, dirty)
-        self._commit(events, dirty.values())
+        self._commit(events, dirty)
         return events
+
+    def _feeds_cause(self, check: str) -> bool:
+        return any(r.cascade == "cause" for r in self._by_check.get(check, ()))
 
     def evaluate_samples(self, rows: pl.DataFrame) -> list[dict]:
         """Evaluate the metric rules on a batch of new sample rows (columns ts, device, metric,
@@ -244,7 +285,7 @@ class AlertEngine:
                 self._stale(rule, as_utc(watermark), events, dirty)
         if watermark is not None:
             self._advance_clock(as_utc(watermark))
-        self._commit(events, dirty.values())
+        self._commit(events, dirty)
         return events
 
     def check_stale(self, now: datetime) -> list[dict]:
@@ -254,7 +295,7 @@ class AlertEngine:
         for rule in self._metric_rules:
             if rule.stale_after_s is not None:
                 self._stale(rule, as_utc(now), events, dirty)
-        self._commit(events, dirty.values())
+        self._commit(events, dirty)
         return events
 
     # ------------------------------------------------------------------ evaluation
@@ -343,6 +384,12 @@ class AlertEngine:
 
     def _step(self, rec: AlertRecord, active: bool, ts: datetime, value: float | None, labels: dict[str, str],
               reasons: list[str], events: list[dict], dirty: dict[str, AlertRecord]) -> None:
+        self._transition(rec, active, ts, value, labels, reasons, events, dirty)
+        if rec.alert_id in dirty:
+            self._track(rec)
+
+    def _transition(self, rec: AlertRecord, active: bool, ts: datetime, value: float | None, labels: dict[str, str],
+                    reasons: list[str], events: list[dict], dirty: dict[str, AlertRecord]) -> None:
         ts = as_utc(ts)
         rule = rec.rule
         if rec.condition is not None and active != rec.condition:
@@ -361,6 +408,7 @@ class AlertEngine:
             rec.state, rec.started_at, rec.fired_at, rec.resolved_at, rec.clear_since = AlertState.PENDING, ts, None, None, None
             rec.flapping = False
             rec.labels = self._labels(rule, rec.target, labels)
+            self._set_cause_label(rec)
             rec.annotations = self._annotations(rec)
             rec.updated_at = ts
             events.append(self._event(rec, None, ts))
@@ -376,6 +424,7 @@ class AlertEngine:
                 dirty[rec.alert_id] = rec
             elif (ts - rec.started_at).total_seconds() >= rule.hold_s:
                 rec.state, rec.fired_at, rec.updated_at = AlertState.FIRING, ts, ts
+                self._set_cause_label(rec)  # the last change: from here on the labels are fixed
                 rec.annotations = self._annotations(rec)
                 events.append(self._event(rec, AlertState.PENDING, ts))
                 dirty[rec.alert_id] = rec
@@ -403,10 +452,126 @@ class AlertEngine:
         return event
 
     def _labels(self, rule: Rule, target: str, labels: dict[str, str]) -> dict[str, str]:
-        # Fixed for the alert's whole cycle: Alertmanager identifies an alert by its label set.
+        # Fixed for the alert's whole cycle once it fires: Alertmanager identifies an alert by its
+        # label set. (Only `probable_cause` may still change between pending and firing.)
         merged = {**self.rules.labels, **self.target_labels(target), **labels, **rule.labels,
                   "alertname": rule.id, "severity": rule.severity, "target": target}
-        return {k: str(v) for k, v in merged.items() if v is not None}
+        out = {k: str(v) for k, v in merged.items() if v is not None and k not in (CASCADE_LABEL, CAUSE_LABEL)}
+        # The cascade role follows from the rule and the target alone, so it never changes: a
+        # cause only on the CDU itself, a symptom only on a rack that has a CDU.
+        if rule.cascade == "cause" and out.get("cdu") == target:
+            out[CASCADE_LABEL] = "cause"
+        elif rule.cascade == "symptom" and out.get("rack") == target and out.get("cdu"):
+            out[CASCADE_LABEL] = "symptom"
+        return out
+
+    # ------------------------------------------------------------------ cause attribution
+
+    def _track(self, rec: AlertRecord) -> None:
+        if rec.labels.get(CASCADE_LABEL) and rec.state in (AlertState.PENDING, AlertState.FIRING):
+            self._cascade[rec.alert_id] = rec
+        else:
+            self._cascade.pop(rec.alert_id, None)
+
+    @staticmethod
+    def _loop(rec: AlertRecord) -> tuple[str, str]:
+        return rec.labels.get("site", ""), rec.labels.get("cdu", "")
+
+    def causes_of(self, rec: AlertRecord) -> list[AlertRecord]:
+        """The pending/firing cause alerts on the CDU of a symptom alert, most probable first:
+        firing before pending, then the more severe, then the one that started first."""
+        if rec.labels.get(CASCADE_LABEL) != "symptom":
+            return []
+        loop = self._loop(rec)
+        found = [c for c in self._cascade.values() if c.labels.get(CASCADE_LABEL) == "cause" and self._loop(c) == loop]
+        return sorted(found, key=lambda c: (c.state is not AlertState.FIRING, -SEVERITY_RANK[c.rule.severity],
+                                            c.started_at or datetime.max.replace(tzinfo=UTC), c.rule.id))
+
+    def symptoms_of(self, rec: AlertRecord) -> list[AlertRecord]:
+        """The pending/firing symptom alerts of the racks on the CDU of a cause alert."""
+        if rec.labels.get(CASCADE_LABEL) != "cause":
+            return []
+        loop = self._loop(rec)
+        return sorted((s for s in self._cascade.values() if s.labels.get(CASCADE_LABEL) == "symptom" and self._loop(s) == loop),
+                      key=lambda s: (s.target, s.rule.id))
+
+    def _set_cause_label(self, rec: AlertRecord) -> None:
+        """`probable_cause` of a symptom alert from the causes active now (called when its cycle
+        starts and when it fires; never afterwards, see the module docstring)."""
+        if rec.labels.get(CASCADE_LABEL) != "symptom":
+            return
+        causes = self.causes_of(rec)
+        if causes:
+            rec.labels[CAUSE_LABEL] = cause_ref(causes[0])
+        else:
+            rec.labels.pop(CAUSE_LABEL, None)
+
+    def _attribution(self, rec: AlertRecord) -> dict[str, str]:
+        """The attribution annotations of `rec` as they are now."""
+        role = rec.labels.get(CASCADE_LABEL)
+        out: dict[str, str] = {}
+        if role == "symptom":
+            causes = self.causes_of(rec)
+            if causes:
+                main = causes[0]
+                since = main.fired_at if main.state is AlertState.FIRING else main.started_at
+                state = "firing" if main.state is AlertState.FIRING else "pending"
+                summary = main.annotations.get("summary") or cause_ref(main)
+                text = f"Probably caused by {summary} ({main.rule.id}, {state} since {_hms(since)})"
+                if main.reasons:
+                    text += ": " + "; ".join(main.reasons)
+                others = [c.rule.id for c in causes[1:]]
+                if others:
+                    text += f". Also active on {main.target}: {', '.join(others)}"
+                out["probable_cause"] = text
+                out["probable_cause_ref"] = cause_ref(main)
+            elif rec.labels.get(CAUSE_LABEL):
+                # The cause this alert fired with has resolved; the rack still alerts on its own.
+                ref = rec.labels[CAUSE_LABEL]
+                cdu, _, rule_id = ref.rpartition(":")
+                gone = self._alerts.get((rule_id, cdu))
+                when = f" at {_hms(gone.resolved_at)}" if gone is not None and gone.resolved_at else ""
+                out["probable_cause"] = (f"Fired while {ref} was active; that alert resolved{when} but this rack "
+                                         "still alerts: check the rack itself")
+                out["probable_cause_ref"] = ref
+        elif role == "cause":
+            cdu = rec.target
+            cooled = self.cdu_racks.get(cdu, [])
+            if cooled:
+                out["racks"] = f"{cdu} cools {len(cooled)} rack(s): {', '.join(cooled)}"
+            by_rack: dict[str, list[str]] = {}
+            for symptom in self.symptoms_of(rec):
+                by_rack.setdefault(symptom.target, []).append(symptom.rule.id)
+            if by_rack:
+                of = f" of {len(cooled)}" if cooled else ""
+                listed = ", ".join(f"{rack} ({', '.join(rules)})" for rack, rules in by_rack.items())
+                out["affected_racks"] = f"{len(by_rack)}{of} rack(s) on {cdu} alerting: {listed}"
+        return out
+
+    def _refresh_attribution(self, events: list[dict], dirty: dict[str, AlertRecord]) -> list[dict]:
+        """After the transitions of a batch: bring the attribution annotations of the alerts on
+        the CDU loops those transitions touched up to date (in the batch's newest event of each
+        alert, and in `alerts`). Returns `update` events of firing alerts that changed without a
+        transition of their own (for receivers that take updates)."""
+        loops = {(e["labels"].get("site", ""), e["labels"].get("cdu", "")) for e in events if e["labels"].get(CASCADE_LABEL)}
+        if not loops:
+            return []
+        newest = {e["alert_id"]: e for e in events}
+        updates: list[dict] = []
+        for rec in list(self._cascade.values()):
+            if self._loop(rec) not in loops:
+                continue
+            annotations = {k: v for k, v in rec.annotations.items() if k not in ATTRIBUTION_ANNOTATIONS}
+            annotations.update(self._attribution(rec))
+            if annotations == rec.annotations:
+                continue
+            rec.annotations = annotations
+            dirty[rec.alert_id] = rec
+            if rec.alert_id in newest:
+                newest[rec.alert_id]["annotations"] = dict(annotations)
+            elif rec.state is AlertState.FIRING:
+                updates.append(self._event(rec, AlertState.FIRING, self.clock or rec.updated_at or datetime.now(UTC)))
+        return updates
 
     def _annotations(self, rec: AlertRecord) -> dict[str, str]:
         rule = rec.rule
@@ -421,6 +586,7 @@ class AlertEngine:
                 except (KeyError, IndexError, ValueError, TypeError) as exc:  # e.g. {value:d} on a float
                     out[name] = f"{template} (template error: {exc})"
         out["reasons"] = "; ".join(rec.reasons)
+        out.update(self._attribution(rec))
         return out
 
     def _event(self, rec: AlertRecord, previous: AlertState | None, ts: datetime) -> dict:
@@ -434,17 +600,20 @@ class AlertEngine:
 
     # ------------------------------------------------------------------ persistence
 
-    def _commit(self, events: list[dict], records: Iterable[AlertRecord]) -> None:
-        records = list(records)
-        if not events and not records:
+    def _commit(self, events: list[dict], records: Iterable[AlertRecord] | dict[str, AlertRecord]) -> None:
+        dirty = records if isinstance(records, dict) else {r.alert_id: r for r in records}
+        updates = self._refresh_attribution(events, dirty)
+        if not events and not dirty:
             return
-        rows = [r.row() for r in records]
+        rows = [r.row() for r in dirty.values()]
         for attempt in range(1, COMMIT_ATTEMPTS + 1):
             self._con.execute("BEGIN TRANSACTION")
             try:
                 store.upsert_alert_rows(self._con, rows)
                 for receiver in self.receivers:
                     wanted = [e for e in events if receiver.wants(e)]
+                    if receiver.takes_updates:
+                        wanted += [e for e in updates if receiver.wants(e)]
                     if wanted:
                         enqueue(self._con, [receiver.name], wanted)
                 self._con.execute("COMMIT")

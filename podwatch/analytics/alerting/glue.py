@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING, Any
 import duckdb
 import polars as pl
 
-from podwatch.analytics.alerting.engine import AlertEngine, site_device_entities, site_target_labels
+from podwatch.analytics.alerting.engine import AlertEngine, site_cdu_racks, site_device_entities, site_target_labels
 from podwatch.analytics.alerting.model import Observation
 from podwatch.analytics.alerting.outbox import OutboxDispatcher
 from podwatch.analytics.alerting.receivers import PublishReceiver, Receiver, build_receivers
@@ -100,7 +100,8 @@ def build_runtime(con: duckdb.DuckDBPyConnection, settings: AlertingSettings, pu
     if target_labels is None and site is not None:
         target_labels = site_target_labels(site)
     engine = AlertEngine(engine_con, rules, receivers=receivers, target_labels=target_labels,
-                         device_entities=site_device_entities(site) if site is not None else None)
+                         device_entities=site_device_entities(site) if site is not None else None,
+                         cdu_racks=site_cdu_racks(site) if site is not None else None)
     return AlertingRuntime(engine, dispatcher, settings)
 
 

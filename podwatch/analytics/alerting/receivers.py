@@ -27,6 +27,7 @@ import httpx
 
 from podwatch.analytics.alerting.model import parse_iso
 from podwatch.analytics.alerting.outbox import DeliveryError, OutboxEntry
+from podwatch.analytics.alerting.rules import CASCADE_LABEL, CAUSE_LABEL
 from podwatch.analytics.alerting.settings import (
     SEVERITY_RANK,
     AlertingSettings,
@@ -56,6 +57,11 @@ def verify_signature(secret: bytes, body: bytes, header_value: str) -> bool:
 class Receiver:
     name: str
     max_batch: int = 1
+    # Whether the receiver also gets `update` events: a firing alert whose annotations changed
+    # without a transition (cause attribution). Only receivers that keep state by alert take them.
+    takes_updates: bool = False
+    # Skip symptom alerts that fired with a probable cause (settings `skip_explained`).
+    skip_explained: bool = False
     states: frozenset[str] = frozenset({"firing", "resolved"})
     min_severity: str = "info"
 
@@ -65,6 +71,9 @@ class Receiver:
             return False
         if event["state"] == "resolved" and not event.get("firedAt"):
             return False  # a pending alert that cleared before its hold time: nobody was told
+        labels = event.get("labels", {})
+        if self.skip_explained and labels.get(CAUSE_LABEL) and labels.get(CASCADE_LABEL) == "symptom":
+            return False  # the CDU alert that explains it names this rack
         return SEVERITY_RANK.get(event.get("severity", "info"), 0) >= SEVERITY_RANK[self.min_severity]
 
     async def send(self, entries: Sequence[OutboxEntry]) -> None:
@@ -117,6 +126,7 @@ class AlertmanagerReceiver(_HttpReceiver):
     later than now (Alertmanager compares endsAt with its wall clock)."""
 
     max_batch = 64
+    takes_updates = True  # the same labels again: Alertmanager just updates the annotations
 
     def __init__(self, settings: AlertmanagerReceiverSettings, generator_url: str = "",
                  con: "duckdb.DuckDBPyConnection | None" = None) -> None:
@@ -185,6 +195,7 @@ class WebhookReceiver(_HttpReceiver):
         self.name = settings.name
         self.states = frozenset(settings.states)
         self.min_severity = settings.min_severity
+        self.skip_explained = settings.skip_explained
         self._secret = settings.secret_bytes()
 
     async def send(self, entries: Sequence[OutboxEntry]) -> None:
@@ -214,6 +225,11 @@ def format_email(event: dict, settings: EmailReceiverSettings) -> EmailMessage:
         lines += [ann["description"], ""]
     if event.get("reasons"):
         lines += ["Reasons:", *[f"  - {r}" for r in event["reasons"]], ""]
+    # Cause attribution (engine.py): a rack alert's probable cause, a CDU alert's racks.
+    for key, title in (("probable_cause", "Probable cause"), ("affected_racks", "Affected racks"),
+                       ("racks", "Cooling loop")):
+        if ann.get(key):
+            lines += [f"{title}:", f"  {ann[key]}", ""]
     if ann.get("runbook"):
         lines += ["What to do:", f"  {ann['runbook']}", ""]
     lines += [f"Rule:     {event['rule']}", f"Target:   {event['target']}", f"Severity: {event['severity']}",
@@ -236,6 +252,7 @@ class EmailReceiver(Receiver):
         self.name = settings.name
         self.states = frozenset(settings.states)
         self.min_severity = settings.min_severity
+        self.skip_explained = settings.skip_explained
         self._password = settings.password_value()
 
     def _tls_context(self) -> ssl.SSLContext:

@@ -12,9 +12,11 @@ A rules file is `{labels: {...}, rules: [ {id, source, ...}, ... ]}`:
   instead of trusting `active`.
 
 `for` is the hold time (pending -> firing), `clear_for` the clear hold (firing -> resolved),
-`flap` the flap damping. Durations are `500ms`, `30s`, `2m`, `1h` or a number of seconds.
-Annotations are templates with `{target}`, `{value}` (a float; `{value:.1f}` works; "n/a" when
-absent), `{reasons}`, `{threshold}`, `{rule}`, `{severity}` and `{labels[rack]}`.
+`flap` the flap damping, `cascade` (cause | symptom) the rule's part in cause attribution: a
+`cause` alert on a CDU explains the `symptom` alerts of the racks it cools (engine.py).
+Durations are `500ms`, `30s`, `2m`, `1h` or a number of seconds. Annotations are templates
+with `{target}`, `{value}` (a float; `{value:.1f}` works; "n/a" when absent), `{reasons}`,
+`{threshold}`, `{rule}`, `{severity}` and `{labels[rack]}`.
 
 `load_rules(path)` reads the shipped `default_rules.yaml` and then the site file: an entry with
 an existing id is merged onto the default field by field (labels/annotations key by key, so a
@@ -38,6 +40,10 @@ from podwatch.errors import ConfigError
 Severity = Literal["info", "warning", "critical"]
 Op = Literal[">", ">=", "<", "<=", "==", "!="]
 RISK_CHECK_NAME = "thermal_risk"
+# Labels the engine sets from cause attribution; rules may not set them.
+CASCADE_LABEL = "cascade"
+CAUSE_LABEL = "probable_cause"
+ENGINE_LABELS = frozenset({CASCADE_LABEL, CAUSE_LABEL})
 
 _DURATION_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)?\s*$")
 _UNIT_S = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0, None: 1.0}
@@ -129,6 +135,11 @@ class Rule(_Model):
         "device", description="metric rules: the alert's target is the sample's device, or the rack/CDU/power node it "
                               "measures (site model; use `entity` only where one device per entity reports the metric)")
     flap: FlapDamping = Field(default_factory=FlapDamping)
+    cascade: Literal["cause", "symptom"] | None = Field(
+        None, description="Cause attribution (docs/alerts.md, One CDU fault, one page): `cause` — an alert of this "
+                          "rule on a CDU explains the `symptom` alerts of the racks that CDU cools; `symptom` — an "
+                          "alert of this rule on a rack may be explained by a `cause` alert on its CDU. Alerts get "
+                          "the label cascade=cause|symptom, which Alertmanager inhibit rules match")
     labels: dict[str, str] = Field(default_factory=dict, description="Extra labels (team, ...)")
     annotations: Annotations
 
@@ -175,6 +186,9 @@ class Rule(_Model):
                 problems.append(f"clear_threshold {self.clear_threshold} must be >= threshold {self.threshold} for op {self.op!r}")
             elif self.op in ("==", "!="):
                 problems.append(f"clear_threshold makes no sense with op {self.op!r}")
+        engine_owned = sorted(set(self.labels) & ENGINE_LABELS)
+        if engine_owned:
+            problems.append(f"labels: {', '.join(engine_owned)} set by the engine (cause attribution); use `cascade`")
         for name in ("summary", "description", "runbook"):
             template = getattr(self.annotations, name)
             try:

@@ -78,6 +78,10 @@ class WebhookReceiverSettings(_ReceiverBase):
     secret: str | None = Field(None, description="HMAC-SHA256 key for the signature header")
     secret_env: str | None = Field(None, description="Environment variable holding the secret (preferred over `secret`)")
     headers: dict[str, str] = Field(default_factory=dict)
+    skip_explained: bool = Field(
+        False, description="Skip rack (symptom) alerts that fired with a probable cause on their CDU (label "
+                           "probable_cause): the CDU alert lists their racks. Their firing and resolved events are "
+                           "skipped alike (the label is fixed once an alert fires)")
 
     @field_validator("url")
     @classmethod
@@ -110,6 +114,10 @@ class EmailReceiverSettings(_ReceiverBase):
     subject_prefix: str = "[podwatch]"
     tls_ca_file: Path | None = Field(None, description="CA bundle to verify the server's certificate (e.g. an internal CA)")
     tls_verify: bool = Field(True, description="Verify the server certificate and host name (turn off only for tests)")
+    skip_explained: bool = Field(
+        False, description="Skip rack (symptom) alerts that fired with a probable cause on their CDU (label "
+                           "probable_cause): the CDU alert lists their racks. Their firing and resolved events are "
+                           "skipped alike (the label is fixed once an alert fires)")
 
     @model_validator(mode="after")
     def _auth(self) -> "EmailReceiverSettings":

@@ -114,3 +114,49 @@ def am_with_sink(tmp_path_factory):
     with am:
         yield f"http://{am.address}", sink
     sink.stop()
+
+
+ROOT = Path(__file__).resolve().parents[3]
+REPLAY_BATCH_S = 5
+
+
+def pump_failure_history(tmp_path: Path, *, duration_s: int = 360, cleared_after_s: int | None = 120):
+    """The demo site's pump failure through the simulator's physics: both duty pumps of cdu-m1
+    trip at 60 s with no standby takeover (cleared after `cleared_after_s`, or never), 1 Hz
+    samples with recent timestamps (so Alertmanager sees plausible startsAt/endsAt).
+    Returns (site, samples sorted by ts, the history result with its ground truth)."""
+    import polars as pl
+
+    import podwatch.simulators.history as history
+    import podwatch.simulators.scenario as scenario_mod
+    from podwatch.site import load_site
+
+    site = load_site(ROOT / "examples/sites/demo.yaml")
+    fault = {"kind": "pump_failure", "target": "cdu-m1", "onset_s": 60, "pumps": [1, 2], "standby_takeover": False}
+    if cleared_after_s is not None:
+        fault["duration_s"] = cleared_after_s
+    scenario = scenario_mod.Scenario.parse({"name": "pump-failure", "faults": [fault]}, site=site)
+    start_ms = int(time.time() * 1000) - (duration_s + 40) * 1000
+    result = history.generate_history(site, days=duration_s / 86400, resolution_s=1, scenarios=[scenario], seed=7,
+                                      out_dir=tmp_path / "history", start_ms=start_ms)
+    return site, pl.read_parquet(result.samples_path).sort("ts"), result
+
+
+async def replay(runtime, site, samples, *, until_s: float | None = None) -> None:
+    """Feed `samples` as the serve process does, in 5 s batches: the engine's threshold rules on
+    the rows, then the analytics streaming checks' observations; up to `until_s` after the first."""
+    import polars as pl
+
+    import podwatch.analytics.checks as checks_mod
+
+    checks = checks_mod.StreamingChecks(site)
+    first = samples["ts"].min()
+    offset_s = (pl.col("ts") - first).dt.total_seconds()
+    if until_s is not None:
+        samples = samples.filter(offset_s < until_s)
+    batches = samples.with_columns((offset_s // REPLAY_BATCH_S).alias("batch"))
+    for _, rows in batches.group_by("batch", maintain_order=True):
+        rows = rows.drop("batch")
+        await runtime.on_batch(rows)
+        await runtime.observe(checks.process(rows))
+    await runtime.deliver()

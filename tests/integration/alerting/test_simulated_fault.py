@@ -6,22 +6,15 @@ after the fault clears."""
 
 from __future__ import annotations
 
-import time
-from pathlib import Path
-
 import duckdb
-import polars as pl
 import pytest
 
 from podwatch.analytics.alerting import build_runtime, load_rules
 from podwatch.analytics.alerting.settings import settings_from_dict
-from podwatch.site import load_site
 from tests.conftest import wait_until
+from tests.integration.alerting.conftest import pump_failure_history, replay
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow, pytest.mark.timeout(90)]
-
-ROOT = Path(__file__).resolve().parents[3]
-BATCH_S = 5
 
 
 def for_alert(notifications: list[dict], alertname: str, target: str) -> list[dict]:
@@ -30,32 +23,13 @@ def for_alert(notifications: list[dict], alertname: str, target: str) -> list[di
 
 
 async def test_pump_failure_reaches_alertmanager_with_reasons_and_resolves(am_with_sink, tmp_path):
-    import podwatch.simulators.history as history
-    import podwatch.simulators.scenario as scenario_mod
-    import podwatch.analytics.checks as checks_mod
     am_url, sink = am_with_sink
-    site = load_site(ROOT / "examples/sites/demo.yaml")
-    scenario = scenario_mod.Scenario.parse({"name": "pump-failure-cleared", "faults": [
-        {"kind": "pump_failure", "target": "cdu-m1", "onset_s": 60, "duration_s": 120, "pumps": [1, 2],
-         "standby_takeover": False}]}, site=site)
-    # Recent sample times, so Alertmanager sees plausible startsAt/endsAt.
-    start_ms = int(time.time() * 1000) - 400_000
-    result = history.generate_history(site, days=360 / 86400, resolution_s=1, scenarios=[scenario], seed=7,
-                                      out_dir=tmp_path / "history", start_ms=start_ms)
-    samples = pl.read_parquet(result.samples_path).sort("ts")
-
+    site, samples, result = pump_failure_history(tmp_path)
     settings = settings_from_dict({"receivers": [{"type": "alertmanager", "name": "am", "url": am_url}]})
     con = duckdb.connect(str(tmp_path / "site.duckdb"))
     runtime = build_runtime(con, settings, rules=load_rules(), site=site)
-    checks = checks_mod.StreamingChecks(site)
     try:
-        first = samples["ts"].min()
-        batches = samples.with_columns(((pl.col("ts") - first).dt.total_seconds() // BATCH_S).alias("batch"))
-        for _, rows in batches.group_by("batch", maintain_order=True):
-            rows = rows.drop("batch")
-            await runtime.on_batch(rows)
-            await runtime.observe(checks.process(rows))
-        await runtime.deliver()
+        await replay(runtime, site, samples)
 
         pump = await wait_until(lambda: for_alert(sink.am_notifications("firing"), "pump_redundancy_lost", "cdu-m1"),
                                 timeout=15, what="pump_redundancy_lost for cdu-m1 at the webhook via Alertmanager")
@@ -80,8 +54,15 @@ async def test_pump_failure_reaches_alertmanager_with_reasons_and_resolves(am_wi
         await wait_until(lambda: for_alert(sink.am_notifications("resolved"), "pump_redundancy_lost", "cdu-m1"),
                          timeout=15, what="pump_redundancy_lost resolved at the webhook")
         assert runtime.dispatcher.pending_count() == 0
+        # Every rack alert of the fault came after the pump alert and names it as the probable
+        # cause; with this test's Alertmanager (one group per alert, no inhibition) each one is a
+        # notification of its own: the N pages the shipped config (test_cdu_fault_paging) avoids.
+        rack_notes = [a for n in sink.am_notifications("firing") for a in n["alerts"] if a["labels"].get("rack")]
+        assert rack_notes and all(a["labels"]["probable_cause"] == "cdu-m1:pump_redundancy_lost" for a in rack_notes)
+        assert all(a["annotations"]["probable_cause"].startswith("Probably caused by CDU cdu-m1: pump redundancy lost")
+                   for a in rack_notes)
         fired = sorted({(n["commonLabels"]["alertname"], n["commonLabels"]["target"]) for n in sink.am_notifications("firing")})
-        print("fired:", fired)
+        print(f"{len(sink.am_notifications('firing'))} firing notifications for {len(fired)} alerts:", fired)
     finally:
         await runtime.aclose()
         con.close()

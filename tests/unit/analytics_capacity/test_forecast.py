@@ -140,7 +140,7 @@ def test_short_history_falls_back_and_says_why():
 
 def test_direct_gumbel_model_before_the_boosted_model_has_history():
     """~3 weeks: too few 7-day rows to fit the boosting, enough to calibrate the direct model."""
-    forecasts, notes = forecast_peaks(synthetic_hourly(days=22, nodes=3), config=ForecastConfig(max_iter=20))
+    forecasts, notes = forecast_peaks(synthetic_hourly(days=22, nodes=3), config=ForecastConfig(model="gbm", max_iter=20))
     assert "Gumbel" in notes["7d"] and "24h" not in notes
     week = [f for f in forecasts if f.horizon == "7d"]
     assert len(week) == 3 and all(f.method.startswith(DIRECT_VERSION) for f in week)

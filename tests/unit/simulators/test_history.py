@@ -60,3 +60,35 @@ def test_random_episodes_are_labelled(demo, tmp_path):
     assert len(result.truth.faults) >= 2
     for b in result.truth.breaches:
         assert START_MS <= b.ts_ms <= result.end_ms
+
+
+def test_abrupt_change_finder_marks_steps_holding_an_onset_end_or_takeover(demo):
+    from podwatch.simulators.history import abrupt_change_finder
+
+    scenario = Scenario.parse({"name": "x", "faults": [
+        {"kind": "pump_failure", "target": "cdu-m1", "pumps": [1], "onset_s": 603.0, "takeover_delay_s": 12.0},
+        {"kind": "load_surge", "target": "m1-r01", "magnitude": 1.3, "onset_s": 900.0, "duration_s": 60.0},
+        {"kind": "sensor_fault", "target": "pdu-m1-r01-a", "metric": "pdu.power_kw", "mode": "stuck",
+         "onset_s": 1234.0}]}, "x", demo)
+    inside = abrupt_change_finder(scenario, 10)
+    assert inside(600.0, 610.0) and inside(610.0, 620.0)  # the trip at 603, the standby's takeover at 615
+    assert inside(890.0, 900.0) and inside(950.0, 960.0)  # the surge's onset (a step's end) and end
+    assert not inside(900.0, 910.0) and not inside(620.0, 630.0)
+    assert not inside(1230.0, 1240.0)  # a sensor fault does not change the physics
+    assert abrupt_change_finder(scenario, 1) is None
+
+
+@pytest.mark.parametrize("onset_s", [120.0, 127.5])
+def test_a_pump_trip_breaches_at_10_s_steps_when_it_does_at_1_s(demo, tmp_path, onset_s):
+    """Without sub-steps a 10 s history applied the trip from the start of its step and breached
+    4-12 s before the 1 s history did; with them the two agree within ~2 s."""
+    scenario = Scenario.parse({"name": "trip", "faults": [
+        {"kind": "pump_failure", "target": "cdu-m1", "pumps": [1, 2], "standby_takeover": False,
+         "onset_s": onset_s}]}, "trip", demo)
+    first = {}
+    for res in (1, 10):
+        result = generate_history(demo, days=240 / 86400, resolution_s=res, scenarios=[scenario], seed=5,
+                                  out_dir=tmp_path / str(res), start_ms=START_MS)
+        assert result.truth.breaches, f"no breach at {res} s steps"
+        first[res] = min(b.ts_ms for b in result.truth.breaches)
+    assert abs(first[10] - first[1]) <= 2500, first

@@ -179,3 +179,48 @@ def test_fault_injected_while_running_is_in_the_ground_truth(demo):
     assert set(sim.truth.breached_racks) <= set(record.racks)
     with pytest.raises(Exception, match="faults\\[0\\].target"):
         sim.inject({"kind": "leak", "target": "nowhere", "magnitude": 1})
+
+
+def test_a_worn_pump_is_made_up_by_the_others_until_they_fall_short_then_the_flow_falls(demo):
+    """Pumps run at the speed that delivers the racks' demand: a worn duty pump makes them run
+    faster at the same flow; once the duty pumps at full speed deliver less than the demand, the
+    flow falls (parallel branches on a quadratic system curve), and with it the heat balance."""
+    physics = SitePhysics(demo, seed=1)
+    c = physics.topo.cdu_ids.index("cdu-m1")
+    racks = physics.topo.rack_cdu == c
+    demand_lpm = physics.topo.cdu_design_flow_lpm[c]
+    pump_lpm = physics.topo.cdu_pump_flow_lpm[c]
+    demand_kw = physics.topo.rated_kw * 0.8
+    results = {}
+    for remaining in (1.0, 0.9, 0.4):
+        mods = Modifiers.neutral(1, len(demo.racks), len(demo.cdus))
+        mods.pump_capacity[0, c, :2] = remaining
+        for k in range(120):
+            snap = physics.step(1.0, k + 1.0, demand_kw, mods)
+        results[remaining] = (snap.cdu_flow_lpm[0, c], snap.pump_speed_pct[0, c, 0])
+    capacity = 2 * pump_lpm * 0.4
+    assert capacity < demand_lpm < 2 * pump_lpm * 0.9  # the site as the test assumes it
+    assert results[1.0][0] == pytest.approx(demand_lpm, rel=1e-3)
+    assert results[0.9][0] == pytest.approx(demand_lpm, rel=1e-3)  # made up by speed ...
+    assert results[0.9][1] > results[1.0][1] + 5  # ... the pumps run faster
+    assert results[0.4][1] == pytest.approx(100.0)  # at full speed ...
+    assert results[0.4][0] == pytest.approx(capacity, rel=1e-2)  # ... the loop gets what they deliver
+    assert np.all(snap.rack_return_c[0, racks] - snap.rack_supply_c[0, racks]
+                  > 1.6 * physics.topo.rated_kw[racks] * 0.8 * physics.topo.heat_to_liquid[racks]
+                  / (physics.topo.design_flow_lpm[racks] / 60 * CP_WATER_KJ_KG_K))
+
+
+def test_pump_degradation_breach_is_in_the_ground_truth_with_its_cause(demo, tmp_path):
+    from podwatch.simulators.history import generate_history
+
+    scenario = Scenario.load(ROOT / "examples/scenarios/pump-degradation.yaml", demo)
+    result = generate_history(demo, days=3300 / 86400, resolution_s=10, scenarios=[scenario], seed=5,
+                              out_dir=tmp_path, start_ms=START_MS)
+    truth = result.truth
+    assert truth.faults[0].kind == "pump_degradation" and truth.faults[0].params["pumps"] == [1, 2]
+    m1 = {r.id for r in demo.racks if r.cdu == "cdu-m1"}
+    assert truth.breaches and {b.rack for b in truth.breaches} <= m1
+    first = min(b.ts_ms for b in truth.breaches)
+    # slow: the loop holds its flow for the first minutes of wear, the racks breach tens of minutes in
+    assert 15 * 60 * 1000 < first - (START_MS + 600 * 1000) < 45 * 60 * 1000
+    assert all(b.causes == [truth.faults[0].id] for b in truth.breaches)

@@ -59,7 +59,7 @@ def test_two_overlapping_faults_each_shape_their_own_cdu(demo):
 def test_expected_example_set_exists():
     names = {p.stem for p in EXAMPLES}
     assert {"pump-failure", "pump-failure-standby", "flow-restriction", "fouling", "facility-water-rise", "leak",
-            "load-surge", "sensor-faults", "device-faults"} <= names
+            "load-surge", "sensor-faults", "device-faults", "pump-degradation"} <= names
 
 
 def test_bad_scenario_reports_every_error_with_its_path(demo):
@@ -129,3 +129,35 @@ def test_a_target_that_names_two_kinds_of_thing_is_ambiguous():
     assert exc.value.errors == ["faults[0].target: 'x1' is both a rack and a module; rename one in the site file"]
     assert Scenario.parse({"faults": [{"kind": "flow_restriction", "target": "x1", "onset_s": 0, "magnitude": 0.5}]},
                           site=site).faults  # only racks can be restricted: not ambiguous
+
+
+def test_pump_degradation_wears_its_pumps_and_trips_them_at_the_set_capacity(demo):
+    scenario = Scenario.parse({"name": "wear", "faults": [
+        {"kind": "pump_degradation", "target": "cdu-m1", "pumps": [1, 2], "onset_s": 100, "ramp_s": 1000,
+         "magnitude": 0.8, "trip_at_capacity": 0.4, "standby_takeover": False, "duration_s": 2000}]}, "wear", demo)
+    fault = scenario.faults[0]
+    t = np.array([50.0, 600.0, 849.0, 851.0, 1500.0, 2200.0])
+    mods = scenario.modifiers(t, demo)
+    c = [c.id for c in demo.cdus].index("cdu-m1")
+    np.testing.assert_allclose(mods.pump_capacity[:, c, 0], [1.0, 0.6, 1 - 0.8 * 0.749, 1 - 0.8 * 0.751, 0.2, 1.0])
+    np.testing.assert_allclose(mods.pump_capacity[:, c, 1], mods.pump_capacity[:, c, 0])
+    np.testing.assert_allclose(mods.pump_capacity[:, c, 2], 1.0)  # the standby pump is not worn
+    np.testing.assert_allclose(mods.pump_capacity[:, 1 - c], 1.0)
+    # remaining capacity reaches 0.4 at 100 + 1000 * 0.6 / 0.8 = 850 s: tripped from then until repaired
+    assert fault.trip_s() == pytest.approx(850.0)
+    assert mods.pump_failed[:, c, 0].tolist() == [False, False, False, True, True, False]
+    assert mods.takeover_enabled[:, c].tolist() == [True, True, True, False, False, True]
+    assert sorted(fault.abrupt_instants_s()) == [100.0, pytest.approx(850.0), 2100.0]
+
+
+def test_pump_degradation_checks_its_pumps_and_target(demo):
+    with pytest.raises(ConfigError) as exc:
+        Scenario.parse({"faults": [
+            {"kind": "pump_degradation", "target": "cdu-m1", "onset_s": 0, "magnitude": 0.5, "pumps": [5]},
+            {"kind": "pump_degradation", "target": "m1-r01", "onset_s": 0, "magnitude": 0.5}]}, "bad", demo)
+    assert exc.value.errors == ["faults[0].pumps: [5] not installed on cdu-m1 (pumps 1..3)",
+                                "faults[1].target: 'm1-r01' is not a valid pump_degradation target (a CDU id)"]
+    with pytest.raises(ConfigError) as exc:
+        Scenario.parse({"faults": [{"kind": "pump_degradation", "target": "cdu-m1", "onset_s": 0, "magnitude": 1.5}]},
+                       "bad", demo)
+    assert "faults[0].magnitude" in " ".join(exc.value.errors)
