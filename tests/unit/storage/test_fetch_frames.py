@@ -36,9 +36,12 @@ def _through_a_pipe(obj):
      for seq in range(200) for d in range(50)],  # ~5 MB of columns: several pipe buffers
     [],
 ], ids=["uint64-seq-null-point-stale", "big", "empty"])
-def test_a_packed_report_crosses_the_pipe_unchanged(readings):
+@pytest.mark.parametrize("rows_built", [False, True], ids=["row-parts", "rows"])
+def test_a_packed_report_crosses_the_pipe_unchanged(readings, rows_built):
     batch = decode_messages([orjson.dumps(r.to_envelope()) for r in readings] or [b"not json"])
     batch.rejected = []
+    if rows_built:  # the fetch process sends the parts the rows are built from, or rows if built
+        batch.rows  # noqa: B018
     report = FetchReport(FetchedBatch(batch, {0: 7, 2: 9}, {0: T0}, len(readings), 1, "s", fetched_at=123.5),
                          {0: 3, 2: 0}, new_topic_resets=1, new_fetch_errors=2)
     got = unpack_report(_through_a_pipe(pack_report(report)))
