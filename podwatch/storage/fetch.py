@@ -32,7 +32,7 @@ import numpy as np
 import orjson
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from aiokafka.abc import ConsumerRebalanceListener
-from aiokafka.errors import KafkaConnectionError, KafkaError, OffsetOutOfRangeError
+from aiokafka.errors import KafkaConnectionError, KafkaError, NoOffsetForPartitionError, OffsetOutOfRangeError
 
 from podwatch.errors import PodwatchError
 from podwatch.logs import fields
@@ -221,6 +221,11 @@ class Fetcher:
         except OffsetOutOfRangeError as exc:
             for tp, offset in (exc.args[0] if exc.args and isinstance(exc.args[0], dict) else {}).items():
                 await self._reset_to_earliest(tp, offset, self.consumer.highwater(tp))
+            data = None
+        except NoOffsetForPartitionError:
+            # assigned a moment ago and its position is being fetched from the writer (the
+            # rebalance listener seeks every assigned partition): not an error
+            await asyncio.sleep(0.05)
             data = None
         except KafkaError as exc:
             self._new_errors += 1

@@ -74,8 +74,19 @@ def _context() -> multiprocessing.context.BaseContext:
     global _CONTEXT
     if _CONTEXT is None:
         _CONTEXT = multiprocessing.get_context("forkserver")
-        _CONTEXT.set_forkserver_preload(["podwatch.storage.fetch_process"])
+        # everything a child imports (the sink module for its settings model, polars, pyarrow,
+        # aiokafka, duckdb), so that a child starts without importing anything
+        _CONTEXT.set_forkserver_preload(["podwatch.storage.sink"])
     return _CONTEXT
+
+
+def prepare() -> None:
+    """Start the forkserver now (a fresh interpreter importing the sink's modules, ~1-2 s) -
+    the sink calls it in a thread while it loads its state from the file."""
+    from multiprocessing import forkserver
+
+    _context()
+    forkserver.ensure_running()
 
 
 def _start_without_main(process: multiprocessing.process.BaseProcess) -> None:
@@ -179,6 +190,10 @@ class _ParentLink:
                 message = self.ctl_r.recv()
                 if message[0] == "stop":
                     self.stop.set()
+                    # a position request the stopping writer will not answer: fail it, or the
+                    # consumer's rebalance (and its stop()) would wait for it forever
+                    if self._reply is not None and not self._reply.done():
+                        self._reply.set_exception(EOFError("the sink is stopping"))
                 elif self._reply is not None and not self._reply.done():
                     self._reply.set_result(message)
         except (EOFError, OSError):  # the parent is gone
@@ -206,6 +221,8 @@ class _ParentLink:
         await self._frames.put(frame)
 
     async def request(self, frame: tuple) -> tuple:
+        if self.stop.is_set():  # the writer no longer answers
+            raise EOFError("the sink is stopping")
         self._reply = asyncio.get_running_loop().create_future()
         await self.send(frame)
         return await self._reply

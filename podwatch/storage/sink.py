@@ -53,6 +53,7 @@ from podwatch.storage.db import Database
 from podwatch.storage.decode import DecodedBatch, select_readings
 from podwatch.storage.dedup import DEFAULT_WINDOW, SeqDeduper
 from podwatch.storage.fetch import FetchedBatch, Fetcher, FetchReport, _newest_per_partition  # noqa: F401
+from podwatch.storage import fetch_process
 from podwatch.storage.fetch_process import FetchProcess
 from podwatch.storage.ids import IdMap, reading_rows_table
 from podwatch.storage.rollups import (
@@ -231,6 +232,7 @@ class DuckDBSink:
             gen0, gen1, gen2 = gc.get_threshold()
             if gen0 < s.gc_gen0_threshold:
                 gc.set_threshold(s.gc_gen0_threshold, gen1, gen2)
+        forkserver = asyncio.create_task(asyncio.to_thread(fetch_process.prepare)) if s.decode_process else None
         self._write_cursor = self.db.cursor()
         write_retention_settings(self._write_cursor, s.storage)
         await asyncio.to_thread(self._dedup.load, self._write_cursor)
@@ -241,7 +243,8 @@ class DuckDBSink:
         site = self._write_cursor.execute("SELECT value FROM podwatch_meta WHERE key = 'site'").fetchone()
         if site:
             self._own_site = self._site_recorded = site[0]
-        if s.decode_process:
+        if forkserver is not None:
+            await forkserver
             self._fetch_process = FetchProcess(s, lambda: self._own_site, self._on_assigned, self._on_revoked)
             await self._fetch_process.start()
         else:

@@ -213,3 +213,23 @@ async def test_rebalances_seek_the_fetch_process_to_the_stored_offsets(tansu_bro
         assert sink.stats.readings == devices * per_device
     finally:
         db.close()
+
+
+@pytest.mark.timeout(60)
+async def test_a_sink_stopped_while_its_group_is_joining_stops_its_fetch_process_cleanly(tansu_broker, tmp_path):
+    """The rebalance after a join asks the writer for positions; a stopping writer no longer
+    answers, so the fetch process must not wait for it (it did, until it was killed)."""
+    topic, dl_topic, _ = await _topic(tansu_broker, 2, 3, 5)
+    db = Database(tmp_path / "join.duckdb")
+    sink = DuckDBSink(db, SinkSettings(kafka=tansu_broker, topic=topic, dead_letter_topic=dl_topic,
+                                       group_id=f"g-{uuid.uuid4().hex[:6]}", session_timeout_ms=6000))
+    try:
+        await sink.start()
+        task = asyncio.create_task(sink.run())
+        process = sink._fetch_process.process
+        await sink.stop()  # the group join (~3-5 s on Tansu) is still under way
+        await task
+        assert process.exitcode == 0  # it stopped by itself, it was not killed after the grace period
+        assert not _alive(process.pid)
+    finally:
+        db.close()
