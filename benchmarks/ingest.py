@@ -105,23 +105,43 @@ async def raw_consumer_rate(bootstrap: str, topic: str, total: int) -> float:
     return got / elapsed
 
 
-async def sink_rate(bootstrap: str, topic: str, total: int, db_path: Path) -> tuple[float, float, int]:
+def _cpu_s(pid: int | None = None) -> float:
+    """CPU seconds (user + system) used so far by a process (this one by default)."""
+    if pid is None:
+        t = os.times()
+        return t.user + t.system
+    stat = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(stat[11]) + int(stat[12])) / os.sysconf("SC_CLK_TCK")
+
+
+async def sink_rate(bootstrap: str, topic: str, total: int, db_path: Path,
+                    decode_process: bool = True) -> tuple[float, float, int, str]:
+    """(points/s, messages/s, points, CPU note) of the sink reading `total` messages from the start."""
     db = Database(db_path)
-    sink = DuckDBSink(db, SinkSettings(kafka=bootstrap, topic=topic, dead_letter_topic=topic + ".dl", group_id=None))
+    sink = DuckDBSink(db, SinkSettings(kafka=bootstrap, topic=topic, dead_letter_topic=topic + ".dl", group_id=None,
+                                       decode_process=decode_process))
     await sink.start()
+    child = sink._fetch_process.pid if sink._fetch_process else None
     task = asyncio.create_task(sink.run())
     started = time.perf_counter()
+    cpu_parent, cpu_child = _cpu_s(), _cpu_s(child) if child else 0.0
     while not (sink.stats.messages >= total and sink._pending_write is None and sink.stats.readings >= total):
         await asyncio.sleep(0.01)
         if task.done():
             task.result()
     elapsed = time.perf_counter() - started
+    cpu_parent, cpu_child = _cpu_s() - cpu_parent, (_cpu_s(child) - cpu_child) if child else 0.0
     points = sink.stats.points
+    batches = sink.stats.batches
     await sink.stop()
     await task
     db.connection.execute("CHECKPOINT")
     db.close()
-    return points / elapsed, total / elapsed, points
+    cpu = f"CPU {cpu_parent / total * 1e6:.1f} us/msg in the writer process"
+    if child:
+        cpu += f" + {cpu_child / total * 1e6:.1f} in the fetch process"
+    cpu += f"; {total / max(batches, 1):,.0f} messages per transaction"
+    return points / elapsed, total / elapsed, points, cpu
 
 
 def big_table(path: Path, samples: int) -> None:
@@ -197,6 +217,10 @@ async def main() -> None:
     parser.add_argument("--skip-big", action="store_true")
     parser.add_argument("--skip-ingest", action="store_true")
     parser.add_argument("--reuse-big", help="an existing big.duckdb from an earlier run (skips generating it)")
+    parser.add_argument("--rounds", type=int, default=1,
+                        help="measure raw consumer and sink this many times, alternating (figures: medians)")
+    parser.add_argument("--compare-in-process", action="store_true",
+                        help="each round also measures the sink with decode_process=False (A/B in the same minute)")
     args = parser.parse_args()
     work = Path(tempfile.mkdtemp(prefix="podwatch-bench-"))
     print(f"cpus={os.cpu_count()} workdir={work}")
@@ -235,12 +259,33 @@ async def ingest_figures(args) -> None:
         print(f"pre-filled {len(messages):,} messages x {POINTS_PER_MESSAGE} points ({avg_bytes:.0f} B each) "
               f"in {time.perf_counter() - t:.1f} s")
         del messages
-        raw = await raw_consumer_rate(broker.address, topic, args.messages)
-        print(f"raw aiokafka consumer (no decoding):   {raw:>12,.0f} messages/s  ({raw * POINTS_PER_MESSAGE:,.0f} points/s equivalent)")
-        points_s, msgs_s, points = await sink_rate(broker.address, topic, args.messages, work / "ingest.duckdb")
-        print(f"DuckDB sink (decode+dedup+txn+rollups): {msgs_s:>12,.0f} messages/s = {points_s:,.0f} points/s "
-              f"(goal >= 1,000,000)")
-        print(f"ratio sink / raw consumer: {msgs_s / raw:.0%} (goal >= 50%)")
+        modes = [True, False] if args.compare_in_process else [True]
+        raws, results = [], {mode: [] for mode in modes}
+        for round_no in range(args.rounds):
+            raw = await raw_consumer_rate(broker.address, topic, args.messages)
+            raws.append(raw)
+            print(f"round {round_no + 1}: raw aiokafka consumer (no decoding): {raw:>10,.0f} messages/s  "
+                  f"({raw * POINTS_PER_MESSAGE:,.0f} points/s equivalent)")
+            for mode in modes:
+                path = work / f"ingest-{round_no}-{'process' if mode else 'inproc'}.duckdb"
+                points_s, msgs_s, points, cpu = await sink_rate(broker.address, topic, args.messages, path, mode)
+                results[mode].append((msgs_s / raw, msgs_s, points_s, path, points))
+                label = "fetch process" if mode else "in-process   "
+                print(f"round {round_no + 1}: DuckDB sink, {label}:  {msgs_s:>10,.0f} messages/s = {points_s:,.0f} "
+                      f"points/s, ratio {msgs_s / raw:.0%}; {cpu}; file {os.path.getsize(path) / points:.2f} B/point; "
+                      f"load {os.getloadavg()[0]:.1f}")
+        for mode in modes:
+            ratios = sorted(r[0] for r in results[mode])
+            print(f"sink ({'fetch process' if mode else 'in-process'}): ratio sink / raw consumer median "
+                  f"{statistics.median(ratios):.0%} (min {ratios[0]:.0%}, max {ratios[-1]:.0%}, {len(ratios)} rounds; "
+                  f"goal >= 50%)")
+        median_round = sorted(results[True], key=lambda r: r[0])[len(results[True]) // 2]
+        _, msgs_s, points_s, path, points = median_round
+        raw = msgs_s / median_round[0]
+        for stale in work.glob("ingest-*.duckdb"):
+            if stale != path:
+                stale.unlink()
+        path.rename(work / "ingest.duckdb")
         record("DuckDB sink ingest, points/s (decode + dedup + one transaction with offsets + rollups)", points_s,
                "points/s", goal=">= 1,000,000")
         record("DuckDB sink ingest, messages/s", msgs_s, "messages/s", reference=raw,

@@ -317,6 +317,27 @@ def _build_batch(devices: list[str], seqs: list[int], ts_ms: list[int], qualitie
     return DecodedBatch(msg_index, devices, seqs, ts_ms, counts_np, rejected, sites, parts)
 
 
+def portable_row_parts(batch: DecodedBatch) -> tuple | None:
+    """What the batch's long rows are built from, as flat arrays another process can take
+    (pickle protocol 5 moves them without copies): ~12 B per point instead of the rows' ~33.
+    None when the rows are built already. `restore_row_parts` is the other end."""
+    if batch._row_parts is None:
+        return None
+    qualities, metric_codes, value_series, overrides, metric_categories = batch._row_parts
+    codes = np.concatenate(metric_codes) if metric_codes else np.empty(0, np.uint32)
+    return (np.asarray(qualities, dtype=np.uint8), codes, value_series.to_numpy(), overrides,
+            metric_categories.to_list())
+
+
+def restore_row_parts(batch: DecodedBatch, portable: tuple) -> DecodedBatch:
+    """The batch with the row parts of `portable_row_parts`; its rows are built on first use,
+    against this process's Categorical mapping (the metric codes index the names sent along)."""
+    qualities, codes, values, overrides, names = portable
+    batch._row_parts = (qualities, [codes], pl.Series("value", values, dtype=pl.Float64), overrides,
+                        pl.Series("metric", names, dtype=pl.Categorical))
+    return batch
+
+
 def _build_rows(batch: DecodedBatch, qualities: list[int], metric_codes: list[np.ndarray], value_series: pl.Series,
                 overrides: list[tuple[int, tuple, dict]], metric_categories: pl.Series) -> tuple[pl.DataFrame, np.ndarray]:
     """Long rows ordered by (device, ts) from per-message columns and the flat point values."""

@@ -55,6 +55,7 @@ class ServiceSettings(BaseModel):
     topic: str = TELEMETRY_TOPIC
     dead_letter_topic: str = DEADLETTER_TOPIC
     storage: StorageSettings = Field(default_factory=StorageSettings)
+    decode_process: bool = Field(True, description="Consume and decode in a second process (see SinkSettings)")
 
 
 class Service:
@@ -126,7 +127,8 @@ class Service:
             load_topology_file(self.db.connection, s.site)
         if s.kafka:
             self.sink = DuckDBSink(self.db, SinkSettings(kafka=s.kafka, group_id=s.group_id, topic=s.topic,
-                                                        dead_letter_topic=s.dead_letter_topic, storage=s.storage))
+                                                        dead_letter_topic=s.dead_letter_topic, storage=s.storage,
+                                                        decode_process=s.decode_process))
             for fn in self._listeners:
                 self.sink.add_batch_listener(fn)
             try:

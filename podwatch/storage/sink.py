@@ -1,20 +1,26 @@
-"""The exactly-once Kafka -> DuckDB sink (`podwatch ingest`).
+"""The exactly-once Kafka -> DuckDB sink (`podwatch ingest`): the writer of the DuckDB file.
 
-Lifecycle: `await sink.start()` (opens Kafka clients, loads dedup state), `await sink.run()`
-(until `stop()`), `await sink.stop()` (idempotent: finishes the batch being written, closes
-clients). Or `async with DuckDBSink(...) as sink: await sink.run()`.
+Lifecycle: `await sink.start()` (loads dedup state, starts the Kafka side), `await sink.run()`
+(until `stop()`), `await sink.stop()` (idempotent: finishes the batch being written, stops the
+Kafka side). Or `async with DuckDBSink(...) as sink: await sink.run()`.
+
+Two halves. The Kafka side (`fetch.py`: consumer, positions, decoding, site check, dead
+letters) runs in a second OS process by default (`SinkSettings.decode_process`, see
+`fetch_process.py`) or in this event loop; this process keeps dedup and the writer, because
+it owns the file (the API and the analytics listeners read the same connection).
 
 Exactly once, in effect:
 - each batch's rows and the consumer's next offset per partition are written in ONE DuckDB
-  transaction (`ingest_offsets`); on assignment the consumer seeks to the stored offsets, so a
-  crash at any instant re-reads exactly what was not committed. Kafka's own committed offsets
-  are never used.
-- readings already stored are dropped by (device, seq) (`dedup.py`): producers retry without
-  idempotence and a recreated topic is re-read from the start.
+  transaction (`ingest_offsets`); on assignment the Kafka side asks `_on_assigned`, which
+  answers with the stored offsets after every batch handed over before is committed, so a
+  crash at any instant (of either process) re-reads exactly what was not committed. Kafka's
+  own committed offsets are never used.
+- readings already stored are dropped by (device, seq) (`dedup.py`, state written in the same
+  transaction): producers retry without idempotence and a recreated topic is re-read.
 - a stored offset beyond the partition's end means the topic was recreated (a Tansu restart
   loses everything): logged loudly, the partition is re-read from the earliest offset.
 - undecodable messages go to `podwatch.deadletter.v1` with the reason; ingest continues. Dead
-  letters are sent before the offsets that pass them are committed (at least once).
+  letters are acked before the batch whose offsets pass them is handed to the writer.
 
 Batches are pipelined: while one batch is written in a worker thread (DuckDB releases the
 GIL), the next one is fetched and decoded. `add_batch_listener(fn)` registers
@@ -29,30 +35,26 @@ import contextlib
 import gc
 import inspect
 import logging
-import random
 import threading
 import time
 from collections import deque
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone
-from operator import attrgetter
 from typing import Any, Awaitable, Callable
 
 import numpy as np
-import orjson
 import polars as pl
 import pyarrow as pa
-from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
-from aiokafka.abc import ConsumerRebalanceListener
-from aiokafka.errors import KafkaConnectionError, KafkaError, OffsetOutOfRangeError
 from pydantic import BaseModel, ConfigDict, Field
 
-from podwatch.errors import PodwatchError
 from podwatch.health import REGISTRY, ComponentHealth
 from podwatch.logs import fields
 from podwatch.storage.db import Database
-from podwatch.storage.decode import DecodedBatch, Rejected, decode_messages, select_readings
+from podwatch.storage.decode import DecodedBatch, select_readings
 from podwatch.storage.dedup import DEFAULT_WINDOW, SeqDeduper
+from podwatch.storage.fetch import FetchedBatch, Fetcher, FetchReport, _newest_per_partition  # noqa: F401
+from podwatch.storage import fetch_process
+from podwatch.storage.fetch_process import FetchProcess
 from podwatch.storage.ids import IdMap, reading_rows_table
 from podwatch.storage.rollups import (
     StorageSettings,
@@ -64,13 +66,11 @@ from podwatch.storage.rollups import (
 )
 
 from podwatch.stream.config import BootstrapServers
-from podwatch.stream.envelope import dead_letter, encode_dead_letter
 from podwatch.stream.topics import DEADLETTER_TOPIC, TELEMETRY_TOPIC
 
 log = logging.getLogger(__name__)
 
 BatchListener = Callable[[pl.DataFrame], Any | Awaitable[Any]]
-_RECORD_VALUE = attrgetter("value")
 MAINTAIN_EVERY_S = 1.0  # latest-value flush, rollup and retention check period
 LATENCY_BUCKETS_S = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 
@@ -101,12 +101,18 @@ class SinkSettings(BaseModel):
     group_id: str | None = Field("podwatch-sink", description="Consumer group; None: assign every partition directly")
     max_batch_messages: int = Field(20_000, gt=0, description="Messages per DuckDB transaction at most")
     fetch_timeout_ms: int = Field(200, gt=0)
+    batch_fill_ms: int = Field(100, ge=0, description="Keep filling a batch with what arrives this long "
+                                                      "(up to max_batch_messages) before handing it to the writer")
     session_timeout_ms: int = Field(10_000, gt=0)
     connect_timeout_s: float = Field(30.0, gt=0, description="Keep retrying an unreachable broker at start this long")
     dedup_window: int = Field(DEFAULT_WINDOW, gt=0, description="Readings per device remembered for dedup")
     stuck_after_s: float = Field(30.0, gt=0, description="/healthz fails when lag > 0 and nothing committed this long")
     lag_limit_messages: int = Field(1_000_000, gt=0, description="/healthz fails when lag exceeds this and keeps growing")
     storage: StorageSettings = Field(default_factory=StorageSettings)
+    decode_process: bool = Field(
+        True, description="Consume and decode in a second OS process (the fetch process) while this process "
+                          "writes DuckDB: the sink's Python work runs on two cores instead of one. False: "
+                          "everything in this process's event loop (and its write thread).")
     gc_gen0_threshold: int | None = Field(
         50_000, gt=0,
         description="On start, raise the interpreter's generation-0 GC threshold to this (process-wide; "
@@ -120,6 +126,7 @@ class SinkStats:
     """What /metrics and /api/pipeline report about the sink."""
 
     messages: int = 0
+    fetch_restarts: int = 0  # the fetch process died and was restarted
     points: int = 0
     readings: int = 0
     duplicates: int = 0
@@ -174,17 +181,6 @@ class SinkStats:
         return all(b >= a for a, b in zip(points, points[1:])) and points[-1] > points[0]
 
 
-class _SeekToStoredOffsets(ConsumerRebalanceListener):
-    def __init__(self, sink: "DuckDBSink") -> None:
-        self._sink = sink
-
-    async def on_partitions_revoked(self, revoked) -> None:
-        await self._sink._drain_write()
-
-    async def on_partitions_assigned(self, assigned) -> None:
-        await self._sink._seek_assigned(list(assigned))
-
-
 class DuckDBSink:
     """Consume telemetry into DuckDB exactly once. See the module docstring for the contract."""
 
@@ -195,8 +191,9 @@ class DuckDBSink:
         self.stats = SinkStats()
         self._dedup = SeqDeduper(settings.dedup_window)
         self._listeners: list[BatchListener] = []
-        self._consumer: AIOKafkaConsumer | None = None
-        self._producer: AIOKafkaProducer | None = None
+        # The Kafka side: a Fetcher in this event loop, or the fetch process (decode_process)
+        self._fetcher: Fetcher | None = None
+        self._fetch_process: FetchProcess | None = None
         self._write_cursor = None
         self._pending_write: asyncio.Task | None = None
         self._stop = asyncio.Event()
@@ -208,7 +205,7 @@ class DuckDBSink:
         self._last_retention = 0.0
         self._last_maintain = 0.0
         # The one site this file holds: from the site file (topology) or the file's first
-        # readings. Readings of any other site are dead letters (see `_drop_foreign_sites`).
+        # readings. Readings of any other site are dead letters (see `Fetcher._drop_foreign_sites`).
         self._own_site: str | None = None
         self._latest_pending: pl.DataFrame | None = None
         self._latest_lock = threading.Lock()
@@ -235,6 +232,7 @@ class DuckDBSink:
             gen0, gen1, gen2 = gc.get_threshold()
             if gen0 < s.gc_gen0_threshold:
                 gc.set_threshold(s.gc_gen0_threshold, gen1, gen2)
+        forkserver = asyncio.create_task(asyncio.to_thread(fetch_process.prepare)) if s.decode_process else None
         self._write_cursor = self.db.cursor()
         write_retention_settings(self._write_cursor, s.storage)
         await asyncio.to_thread(self._dedup.load, self._write_cursor)
@@ -245,74 +243,18 @@ class DuckDBSink:
         site = self._write_cursor.execute("SELECT value FROM podwatch_meta WHERE key = 'site'").fetchone()
         if site:
             self._own_site = self._site_recorded = site[0]
-        self._producer, self._consumer = self._make_clients()
-        await self._start_kafka_clients()
-        if s.group_id is not None:
-            self._consumer.subscribe([s.topic], listener=_SeekToStoredOffsets(self))
+        if forkserver is not None:
+            await forkserver
+            self._fetch_process = FetchProcess(s, lambda: self._own_site, self._on_assigned, self._on_revoked)
+            await self._fetch_process.start()
         else:
-            partitions = await self._wait_for_partitions()
-            tps = [TopicPartition(s.topic, p) for p in sorted(partitions)]
-            self._consumer.assign(tps)
-            await self._seek_assigned(tps)
-        log.info("DuckDB sink started", extra=fields(db=self.db.path, kafka=s.kafka, topic=s.topic, group=s.group_id))
-
-    def _make_clients(self) -> tuple[AIOKafkaProducer, AIOKafkaConsumer]:
-        s = self.settings
-        # acks=all without idempotence (Tansu cannot do it); dedup by (device, seq) covers retries
-        producer = AIOKafkaProducer(bootstrap_servers=s.kafka, acks="all", enable_idempotence=False,
-                                    linger_ms=5, request_timeout_ms=10_000)
-        consumer = AIOKafkaConsumer(
-            bootstrap_servers=s.kafka,
-            group_id=s.group_id,
-            enable_auto_commit=False,
-            # Offsets come from DuckDB; "none" makes an out-of-range stored offset an error we
-            # see (and log loudly) instead of a silent reset.
-            auto_offset_reset="none",
-            session_timeout_ms=s.session_timeout_ms,
-            heartbeat_interval_ms=min(1000, s.session_timeout_ms // 3),
-            max_poll_interval_ms=max(60_000, s.session_timeout_ms),
-            rebalance_timeout_ms=s.session_timeout_ms,
-            fetch_max_bytes=64 * 1024 * 1024,
-            max_partition_fetch_bytes=16 * 1024 * 1024,
-            metadata_max_age_ms=30_000,
-        )
-        return producer, consumer
-
-    async def _start_kafka_clients(self) -> None:
-        """Start producer and consumer; retry the retriable (broker not up yet) with jittered
-        backoff for `connect_timeout_s`, then fail with a message naming the broker."""
-        deadline = time.monotonic() + self.settings.connect_timeout_s
-        delay_s = 0.2
-        while True:
-            try:
-                await self._producer.start()
-                await self._consumer.start()
-                return
-            except KafkaError as exc:
-                for client in (self._consumer, self._producer):
-                    with contextlib.suppress(Exception):
-                        await client.stop()
-                retriable = getattr(exc, "retriable", False) or isinstance(exc, KafkaConnectionError)
-                if not retriable or time.monotonic() + delay_s > deadline:
-                    raise PodwatchError(f"cannot reach Kafka at {self.settings.kafka}: {exc}") from None
-                log.warning("Kafka not reachable yet; retrying", extra=fields(kafka=self.settings.kafka, error=str(exc)))
-                await asyncio.sleep(delay_s * random.uniform(0.5, 1.5))
-                delay_s = min(delay_s * 2, 5.0)
-                self._producer, self._consumer = self._make_clients()
-
-    async def _wait_for_partitions(self) -> set[int]:
-        deadline = time.monotonic() + 30
-        while True:
-            await self._consumer.topics()
-            partitions = self._consumer.partitions_for_topic(self.settings.topic)
-            if partitions:
-                return partitions
-            if time.monotonic() > deadline:
-                raise KafkaError(f"topic {self.settings.topic} has no partitions after 30 s")
-            await asyncio.sleep(0.5)
+            self._fetcher = Fetcher(s, self._own_site, self._on_assigned, self._on_revoked, self._write_busy)
+            await self._fetcher.start()
+        log.info("DuckDB sink started", extra=fields(db=self.db.path, kafka=s.kafka, topic=s.topic, group=s.group_id,
+                                                     fetch_pid=self._fetch_process.pid if self._fetch_process else None))
 
     async def stop(self) -> None:
-        """Finish the batch being written, then close Kafka clients (idempotent)."""
+        """Finish the batch being written, then stop the Kafka side (idempotent)."""
         if self._stopped:  # a second caller waits for the first to finish
             await self._stop_done.wait()
             return
@@ -326,10 +268,10 @@ class DuckDBSink:
         if self._write_cursor is not None:
             with contextlib.suppress(Exception):
                 await asyncio.to_thread(self._flush_latest, self._write_cursor)
-        for client in (self._consumer, self._producer):
-            if client is not None:
+        for side in (self._fetch_process, self._fetcher):
+            if side is not None:
                 with contextlib.suppress(Exception):
-                    await client.stop()
+                    await side.stop()
         if self._write_cursor is not None:
             with contextlib.suppress(Exception):
                 self._write_cursor.close()
@@ -354,69 +296,39 @@ class DuckDBSink:
             cur.close()
         return {int(p): int(o) for p, o in rows}
 
-    async def _seek_assigned(self, tps: list[TopicPartition]) -> None:
+    async def _on_assigned(self, partitions: list[int]) -> dict[int, int]:
+        """The Kafka side got `partitions`: their next offsets as stored in DuckDB, answered
+        after every batch handed over before is committed (so they are exact)."""
         await self._drain_write()
-        self._keep_partition_state({tp.partition for tp in tps})
+        self._keep_partition_state(set(partitions))
         stored = self._stored_offsets()
-        for tp in tps:
-            if tp.partition in stored:
-                self._consumer.seek(tp, stored[tp.partition])
-            else:
-                await self._consumer.seek_to_beginning(tp)
-        log.info("partitions assigned; positions from DuckDB",
-                 extra=fields(partitions=[tp.partition for tp in tps], stored={p: stored.get(p) for p in (tp.partition for tp in tps)}))
+        return {p: stored[p] for p in partitions if p in stored}
 
-    async def _reset_to_earliest(self, tp: TopicPartition, stored: int, end: int | None) -> None:
-        self.stats.topic_resets += 1
-        self.health.inc("errors")
-        log.error(
-            "STORED OFFSET IS BEYOND THE END OF THE PARTITION: the topic was recreated (a broker restart with "
-            "memory storage does this). Re-reading it from the earliest offset; readings already stored are "
-            "skipped by (device, seq).",
-            extra=fields(topic=tp.topic, partition=tp.partition, stored_offset=stored, partition_end=end),
-        )
-        await self._consumer.seek_to_beginning(tp)
+    async def _on_revoked(self) -> None:
+        await self._drain_write()
 
-    async def _update_lag(self) -> None:
-        consumer = self._consumer
-        for tp in list(consumer.assignment()):
-            highwater = consumer.highwater(tp)  # Tansu's end_offsets() is wrong; the fetch's HW is right
-            if highwater is None:
-                continue
-            try:
-                position = await consumer.position(tp)
-            except KafkaError:
-                continue
-            if position > highwater:
-                await self._reset_to_earliest(tp, position, highwater)
-                continue
-            self.stats.lag[tp.partition] = highwater - position
-        self.health.set("lag", float(self.stats.total_lag))
+    def _write_busy(self) -> bool:
+        return self._pending_write is not None and not self._pending_write.done()
 
     # ------------------------------------------------------------------ main loop
     async def run(self) -> None:
         """Consume until `stop()`. A failed DuckDB write stops the sink (raises): on restart the
         dedup state and positions are rebuilt from the database, so nothing is lost."""
-        consumer = self._consumer
-        s = self.settings
         self._running = True
         self._run_finished.clear()
         try:
             while not self._stop.is_set():
-                try:
-                    data = await self._fetch_batch()
-                except OffsetOutOfRangeError as exc:
-                    for tp, offset in (exc.args[0] if exc.args and isinstance(exc.args[0], dict) else {}).items():
-                        await self._reset_to_earliest(tp, offset, consumer.highwater(tp))
-                    continue
-                except KafkaError as exc:
-                    self.health.inc("errors")
-                    log.warning("Kafka fetch failed; retrying", extra=fields(error=repr(exc)))
-                    await asyncio.sleep(0.5)
-                    continue
-                if data:
-                    await self._handle(data)
-                await self._update_lag()
+                if self._fetch_process is not None:
+                    report = await self._fetch_process.next(self.settings.fetch_timeout_ms / 1000)
+                    if self._fetch_process.restarts != self.stats.fetch_restarts:  # it died: an error
+                        self.health.inc("errors", self._fetch_process.restarts - self.stats.fetch_restarts)
+                        self.stats.fetch_restarts = self._fetch_process.restarts
+                else:
+                    report = await self._fetcher.poll()
+                if report is not None:
+                    self._note_report(report)
+                    if report.batch is not None:
+                        await self._handle(report.batch)
                 if self._pending_write is not None and self._pending_write.done():
                     await self._drain_write()  # surfaces a failed write now, not at the next batch
                 self.stats.note_progress()
@@ -426,85 +338,35 @@ class DuckDBSink:
             self._running = False
             self._run_finished.set()
 
-    async def _fetch_batch(self) -> dict[TopicPartition, list]:
-        """One fetch, topped up with whatever is already buffered (up to max_batch_messages):
-        bigger transactions amortise the per-commit costs while the previous write runs."""
-        s = self.settings
-        consumer = self._consumer
-        data = await consumer.getmany(timeout_ms=s.fetch_timeout_ms, max_records=s.max_batch_messages)
-        count = sum(len(v) for v in data.values())
-        while data and count < s.max_batch_messages and self._pending_write is not None and not self._pending_write.done():
-            more = await consumer.getmany(timeout_ms=0, max_records=s.max_batch_messages - count)
-            if not more:
-                await asyncio.sleep(0.005)
-                continue
-            for tp, records in more.items():
-                data.setdefault(tp, []).extend(records)
-                count += len(records)
-        return data
+    def _note_report(self, report: FetchReport) -> None:
+        self.stats.lag = report.lag
+        self.health.set("lag", float(self.stats.total_lag))
+        if report.new_topic_resets or report.new_fetch_errors:
+            self.stats.topic_resets += report.new_topic_resets
+            self.health.inc("errors", report.new_topic_resets + report.new_fetch_errors)
 
-    async def _handle(self, data: dict[TopicPartition, list]) -> None:
-        started = time.perf_counter()
-        values: list[bytes | None] = []
-        next_offsets: dict[int, int] = {}
-        parts = [(tp, records) for tp, records in data.items() if records]
-        for tp, records in parts:
-            values.extend(map(_RECORD_VALUE, records))
-            next_offsets[tp.partition] = records[-1].offset + 1
-        if not values:
-            return
-        self.stats.messages += len(values)
-        self.health.inc("received", len(values))
-        batch = decode_messages(values)
-        if self._own_site is None and len(batch.sites) == 1:
-            (self._own_site,) = batch.sites
-            log.info("this DuckDB file holds site %s (its first readings)", self._own_site)
-        if batch.sites and (self._own_site is None or not batch.sites <= {self._own_site}):
-            batch = self._drop_foreign_sites(values, batch)
-        if batch.rejected:
-            # (partition, offset) per message is needed only for dead letters
-            origins = [(tp, r.offset) for tp, records in parts for r in records]
-            await self._send_dead_letters(batch, values, origins)
+    async def _handle(self, fetched: FetchedBatch) -> None:
+        """Dedup a fetched batch, then start its write (after the previous one finished)."""
+        self.stats.messages += fetched.messages
+        self.health.inc("received", fetched.messages)
+        if self._own_site is None and fetched.own_site is not None:
+            self._own_site = fetched.own_site
+        if fetched.dead_letters:
+            self.stats.dead_letters += fetched.dead_letters
+            self.health.inc("errors", fetched.dead_letters)
+            self.health.set("dead_letters", float(self.stats.dead_letters))
+        batch = fetched.batch
         outcome = self._dedup.check(batch.devices, batch.seqs, batch.ts_ms)
         if outcome.duplicates or outcome.too_old:
             self.stats.duplicates += outcome.duplicates
             self.stats.too_old += outcome.too_old
             self.health.inc("dropped", outcome.duplicates + outcome.too_old)
         dedup_rows = self._dedup.state_rows(outcome.changed_devices)
-        newest_ms = _newest_per_partition(parts, batch.msg_index, batch.ts_ms)
         # One write at a time, in order: wait for the previous batch before starting this one.
         await self._drain_write()
         self._pending_write = asyncio.create_task(
-            self._write(batch, outcome.keep, dedup_rows, next_offsets, int(outcome.keep.sum()), started, newest_ms))
-
-    def _drop_foreign_sites(self, values: list, batch: DecodedBatch) -> DecodedBatch:
-        """One DuckDB file holds one site: device ids repeat across sites (`cdu-m1` exists in
-        many), so another site's readings would merge into this site's series. They become dead
-        letters naming both sites. Without a site file the first reading's site claims the file.
-        Slow path (parses the accepted messages once more): only when a batch carries a site
-        other than this file's, which is a deployment mistake to fix, not a steady state."""
-        accepted = batch.msg_index.tolist()
-        msg_sites = [orjson.loads(values[i]).get("site") for i in accepted]
-        if self._own_site is None:
-            self._own_site = msg_sites[0]
-            log.info("this DuckDB file holds site %s (its first readings)", self._own_site)
-        own = self._own_site
-        keep = [i for i, site in zip(accepted, msg_sites) if site == own]
-        foreign = [(i, site) for i, site in zip(accepted, msg_sites) if site != own]
-        if not foreign:
-            return batch
-        log.warning("readings of another site in this site's topic: sent to dead letters; give each site its own "
-                    "topic (or consumer) and DuckDB file", extra=fields(site=own, other_sites=sorted(
-                        {str(site) for _, site in foreign}), messages=len(foreign)))
-        positions = np.asarray(keep, dtype=np.int64)
-        kept = decode_messages([values[i] for i in keep])
-        kept.msg_index = positions[kept.msg_index] if len(kept.msg_index) else kept.msg_index
-        rejected = list(batch.rejected) + [Rejected(int(positions[r.index]), r.reason) for r in kept.rejected]
-        rejected += [Rejected(i, f"site {site!r} is not the site of this DuckDB file ({own!r}); one file holds one "
-                                 f"site") for i, site in foreign]
-        kept.rejected = sorted(rejected, key=attrgetter("index"))
-        kept.sites = kept.sites & {own}
-        return kept
+            self._write(batch, outcome.keep, dedup_rows, fetched.next_offsets, int(outcome.keep.sum()),
+                        fetched.fetched_at, fetched.newest_ms))
 
     async def _drain_write(self) -> None:
         task, self._pending_write = self._pending_write, None
@@ -512,7 +374,7 @@ class DuckDBSink:
             await task
 
     async def _write(self, batch: DecodedBatch, keep: np.ndarray, dedup_rows, next_offsets: dict[int, int],
-                     readings: int, started: float, newest_ms: dict[int, int]) -> None:
+                     readings: int, fetched_at: float, newest_ms: dict[int, int]) -> None:
         for partition, ts_ms in newest_ms.items():  # what this batch brings, noted before maintenance
             self._partition_newest_ms[partition] = max(ts_ms, self._partition_newest_ms.get(partition, ts_ms))
         now = time.monotonic()
@@ -521,7 +383,7 @@ class DuckDBSink:
             self._last_maintain = now
         rows = await asyncio.to_thread(self._write_batch, batch, keep, dedup_rows, next_offsets,
                                        now if maintain else None)
-        latency = time.perf_counter() - started
+        latency = max(0.0, time.time() - fetched_at)
         self.stats.observe_latency(latency)
         self.stats.points += rows.height
         self.stats.readings += readings
@@ -656,21 +518,6 @@ class DuckDBSink:
                 self.health.inc("errors")
                 log.exception("batch listener failed", extra=fields(listener=getattr(fn, "__name__", repr(fn))))
 
-    async def _send_dead_letters(self, batch: DecodedBatch, values: list, origins: list) -> None:
-        futures = []
-        for rej in batch.rejected:
-            tp, offset = origins[rej.index]
-            letter = dead_letter(values[rej.index] or b"", rej.reason, "duckdb_sink", topic=tp.topic,
-                                 partition=tp.partition, offset=offset)
-            futures.append(await self._producer.send(self.settings.dead_letter_topic, encode_dead_letter(letter),
-                                                     key=b"duckdb_sink"))
-            log.warning("message sent to dead letters", extra=fields(partition=tp.partition, offset=offset, reason=rej.reason))
-        # The offsets that pass these messages are committed only after the dead letters are acked.
-        await asyncio.gather(*futures)
-        self.stats.dead_letters += len(batch.rejected)
-        self.health.inc("errors", len(batch.rejected))
-        self.health.set("dead_letters", float(self.stats.dead_letters))
-
     async def _maybe_maintain(self) -> None:
         """Maintenance when no batch is being written (while batches flow, `_write` does it)."""
         now = time.monotonic()
@@ -728,6 +575,8 @@ class DuckDBSink:
         problems = []
         if not self._running:
             problems.append("sink is not running")
+        elif self._fetch_process is not None and not self._fetch_process.alive():
+            problems.append("the sink's fetch process is not running (being restarted)")
         lag = self.stats.total_lag
         last = self.stats.last_commit_monotonic or self.stats.started_monotonic
         idle_s = time.monotonic() - last
@@ -736,22 +585,6 @@ class DuckDBSink:
         if lag > self.settings.lag_limit_messages and self.stats.lag_growing():
             problems.append(f"lag {lag} messages exceeds {self.settings.lag_limit_messages} and keeps growing")
         return problems
-
-
-def _newest_per_partition(parts: list[tuple[TopicPartition, list]], msg_index: np.ndarray,
-                          ts_ms: list[int]) -> dict[int, int]:
-    """Newest reading time (epoch ms) per partition among a batch's accepted messages."""
-    if not len(msg_index):
-        return {}
-    ends = np.cumsum([len(records) for _, records in parts])
-    partition_of_message = np.searchsorted(ends, msg_index, side="right")
-    ts = np.asarray(ts_ms, dtype=np.int64)
-    newest = {}
-    for k, (tp, _) in enumerate(parts):
-        mine = ts[partition_of_message == k]
-        if mine.size:
-            newest[tp.partition] = int(mine.max())
-    return newest
 
 
 async def run_ingest(db_path: str, settings: SinkSettings, site_path: str | None = None) -> None:
@@ -794,10 +627,12 @@ def _main() -> None:  # `python -m podwatch.storage.sink --kafka H:P --db FILE [
     parser.add_argument("--group", default="podwatch-sink", help="consumer group; 'none' to assign partitions directly")
     parser.add_argument("--max-batch", type=int, default=20_000)
     parser.add_argument("--site")
+    parser.add_argument("--in-process", action="store_true", help="no fetch process (decode_process=False)")
     args = parser.parse_args()
     configure_logging()
     settings = SinkSettings(kafka=args.kafka, topic=args.topic, dead_letter_topic=args.dead_letter_topic,
-                            group_id=None if args.group == "none" else args.group, max_batch_messages=args.max_batch)
+                            group_id=None if args.group == "none" else args.group, max_batch_messages=args.max_batch,
+                            decode_process=not args.in_process)
     asyncio.run(run_ingest(args.db, settings, args.site))
 
 

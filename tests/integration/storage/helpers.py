@@ -93,6 +93,17 @@ def readings_check(db) -> dict[str, int]:
     return dict(zip(names, db.query(READINGS_CHECK_SQL)[0]))
 
 
+async def sink_reaches(task: asyncio.Task, predicate, what: str, timeout: float = 30.0) -> None:
+    """Wait until `predicate()` holds while the sink's `run()` task is running; a run that ended
+    (failed) raises its error at once instead of waiting for the timeout."""
+    from tests.conftest import wait_until
+
+    await wait_until(lambda: predicate() or task.done(), timeout=timeout, what=what)
+    if task.done():
+        task.result()
+        raise AssertionError(f"the sink stopped before {what}")
+
+
 async def healthz_ok(client: httpx.AsyncClient) -> bool:
     return (await client.get("/healthz")).status_code == 200
 

@@ -34,7 +34,8 @@ async def _run_until(sink: DuckDBSink, predicate, what: str, timeout: float = 20
 
 
 @pytest.mark.timeout(60)
-async def test_undecodable_messages_go_to_dead_letters_and_ingest_continues(tansu_broker, tmp_path):
+@pytest.mark.parametrize("decode_process", [True, False], ids=["fetch-process", "in-process"])
+async def test_undecodable_messages_go_to_dead_letters_and_ingest_continues(tansu_broker, tmp_path, decode_process):
     topic, dl_topic = f"t.dl.{uuid.uuid4().hex[:8]}", f"t.dl.out.{uuid.uuid4().hex[:8]}"
     await create_topics(tansu_broker, (topic, 1), (dl_topic, 1))
     good = [envelope_bytes(reading(1, seq)) for seq in range(10)]
@@ -56,7 +57,7 @@ async def test_undecodable_messages_go_to_dead_letters_and_ingest_continues(tans
 
     db = Database(tmp_path / "dl.duckdb")
     seen_batches: list[pl.DataFrame] = []
-    sink = DuckDBSink(db, _settings(tansu_broker, topic, dl_topic))
+    sink = DuckDBSink(db, _settings(tansu_broker, topic, dl_topic, decode_process=decode_process))
     sink.add_batch_listener(seen_batches.append)
     await sink.start()
     await _run_until(sink, lambda: sink.stats.messages == len(messages) and sink.stats.batches > 0

@@ -12,7 +12,7 @@ import pytest
 from podwatch.storage.db import Database
 from podwatch.storage.sink import DuckDBSink, SinkSettings
 from tests.conftest import wait_until
-from tests.integration.storage.helpers import create_topics, envelope_bytes, produce, reading
+from tests.integration.storage.helpers import create_topics, envelope_bytes, produce, reading, sink_reaches
 
 pytestmark = pytest.mark.integration
 
@@ -43,11 +43,12 @@ def _committed(db: Database, topic: str) -> tuple[int, int]:
 
 
 @pytest.mark.timeout(60)
-async def test_each_batch_commits_its_rows_with_its_offsets_in_order(tansu_broker, tmp_path):
+@pytest.mark.parametrize("decode_process", [True, False], ids=["fetch-process", "in-process"])
+async def test_each_batch_commits_its_rows_with_its_offsets_in_order(tansu_broker, tmp_path, decode_process):
     topic, dl_topic, total = await _topic_with_readings(tansu_broker, partitions=3)
     db = Database(tmp_path / "pipe.duckdb")
     sink = DuckDBSink(db, SinkSettings(kafka=tansu_broker, topic=topic, dead_letter_topic=dl_topic, group_id=None,
-                                       max_batch_messages=40))
+                                       max_batch_messages=40, decode_process=decode_process))
     seen: list[pl.DataFrame] = []
     at_commit: list[tuple[int, int, int]] = []  # (rows listeners saw so far, rows stored, offsets stored)
 
@@ -61,10 +62,8 @@ async def test_each_batch_commits_its_rows_with_its_offsets_in_order(tansu_broke
     await sink.start()
     task = asyncio.create_task(sink.run())
     try:
-        await wait_until(lambda: sink.stats.readings == total and sink._pending_write is None or task.done(),
-                         timeout=30, what="all readings committed")
-        if task.done():
-            task.result()
+        await sink_reaches(task, lambda: sink.stats.readings == total and sink._pending_write is None,
+                           "all readings committed")
     finally:
         await sink.stop()
         await task
