@@ -62,9 +62,10 @@ def truth_frames(truth: dict[str, Any]) -> tuple[pl.DataFrame, pl.DataFrame]:
     """(faults, breaches) frames from a simulator ground truth (`truth.json` as a dict).
 
     Each breach gets the kind and onset of its cause (the physical fault active on the rack or
-    its CDU that started last before the breach); "unknown" when none is named. A worn pump that
-    tripped before the breach (`trip_ms`) gives the trip as the onset: nothing announces the trip,
-    so a breach within 2 min of it is no more foreseeable than a healthy pump's trip.
+    its CDU that started last before the breach); "unknown" when none is named. A worn pump's trip
+    (`trip_ms`) is not an onset: a warning raised during the wear and held to the breach is a real
+    warning, so the lead counts from the wear's onset (the benchmark reports breaches soon after a
+    trip separately).
     `first_of_incident` marks the first breach of a rack per cause: later ones are the throttled
     rack re-crossing its limit. Training labels use every breach; the evaluation scores the first."""
     faults = pl.DataFrame(
@@ -82,7 +83,7 @@ def truth_frames(truth: dict[str, Any]) -> tuple[pl.DataFrame, pl.DataFrame]:
         first = cause is None or key not in seen
         seen.add(key)
         rows.append((b["rack"], b["ts_ms"], cause["kind"] if cause else "unknown",
-                     _scored_onset_ms(cause, b["ts_ms"]) if cause else None, first))
+                     cause["onset_ms"] if cause else None, first))
     breaches = pl.DataFrame(rows, schema={"rack": pl.String, "breach_ms": pl.Int64, "fault_kind": pl.String,
                                           "onset_ms": pl.Int64, "first_of_incident": pl.Boolean}, orient="row")
     breaches = breaches.select(
@@ -90,11 +91,6 @@ def truth_frames(truth: dict[str, Any]) -> tuple[pl.DataFrame, pl.DataFrame]:
         "fault_kind", pl.from_epoch("onset_ms", time_unit="ms").cast(pl.Datetime("us")).alias("onset_ts"),
         "first_of_incident")
     return faults, breaches
-
-
-def _scored_onset_ms(cause: dict[str, Any], breach_ms: int) -> int:
-    trip_ms = cause.get("trip_ms")
-    return trip_ms if trip_ms is not None and cause["onset_ms"] <= trip_ms <= breach_ms else cause["onset_ms"]
 
 
 @dataclass

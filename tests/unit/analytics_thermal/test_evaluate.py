@@ -86,9 +86,9 @@ def test_truth_frames_take_the_latest_cause_and_mark_first_breaches():
     assert rows[0]["onset_ts"] == datetime(1970, 1, 1, 0, 0, 5)
 
 
-def test_a_worn_pump_trip_before_the_breach_is_its_scored_onset():
-    # wear from 1 s, trip at 50 s: a breach at 80 s is scored from the trip (30 s: not
-    # foreseeable), one on a fault that never tripped, and one before the trip, from the onset
+def test_a_worn_pump_trip_is_not_the_onset_of_its_breaches():
+    # a warning raised during the wear and held through the trip is a real warning: every breach
+    # is scored from its fault's onset, tripped or not
     truth = {"faults": [
         {"id": "w1", "kind": "pump_degradation", "target": "cdu-1", "onset_ms": 1_000, "end_ms": None,
          "trip_ms": 50_000},
@@ -101,7 +101,7 @@ def test_a_worn_pump_trip_before_the_breach_is_its_scored_onset():
                      {"rack": "r3", "ts_ms": 80_000, "causes": ["w3"]}]}
     _, breaches = truth_frames(truth)
     onsets = {r["rack"]: r["onset_ts"] for r in breaches.to_dicts()}
-    assert onsets == {"r1": datetime(1970, 1, 1, 0, 0, 50), "r2": datetime(1970, 1, 1, 0, 0, 2),
+    assert onsets == {"r1": datetime(1970, 1, 1, 0, 0, 1), "r2": datetime(1970, 1, 1, 0, 0, 2),
                       "r3": datetime(1970, 1, 1, 0, 0, 3)}
 
 
