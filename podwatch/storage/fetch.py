@@ -326,6 +326,54 @@ class Fetcher:
         await asyncio.gather(*futures)
 
 
+class LeanRecord:
+    """What the sink reads of a Kafka record: its offset and its value."""
+
+    __slots__ = ("offset", "value")
+
+    def __init__(self, offset: int, value: bytes | None) -> None:
+        self.offset = offset
+        self.value = value
+
+
+@contextlib.contextmanager
+def lean_records():
+    """Within this block, this process's aiokafka consumers hand out `LeanRecord`s instead of
+    `ConsumerRecord`s. Only for a process whose consumers are all the sink's (the fetch
+    process): aiokafka builds an 11-field dataclass and a headers tuple per message, ~1.3 us of
+    the fetch process's CPU per message (~10 %), and the sink reads two fields of it (measured
+    against the raw consumer: 4.3 -> 3.1 us/msg). It replaces a private method of aiokafka
+    (`PartitionRecords._consumer_record`, pinned to aiokafka 0.14.x in pyproject.toml); when that
+    method is not the one this was written against, nothing is replaced (yields False)."""
+    try:
+        from aiokafka.consumer.fetcher import PartitionRecords
+    except ImportError:
+        yield False
+        return
+    original = PartitionRecords.__dict__.get("_consumer_record")
+    try:
+        import inspect
+
+        fits = original is not None and list(inspect.signature(original).parameters) == ["self", "tp", "record"]
+    except (TypeError, ValueError):
+        fits = False
+    if not fits:
+        log.warning("aiokafka's record constructor is not the expected one; using its full records")
+        yield False
+        return
+
+    def lean_record(self, tp, record, _new=LeanRecord):
+        if self._value_deserializer is not None:  # not the sink's consumer: aiokafka's own records
+            return original(self, tp, record)
+        return _new(record.offset, record.value)
+
+    PartitionRecords._consumer_record = lean_record
+    try:
+        yield True
+    finally:
+        PartitionRecords._consumer_record = original
+
+
 def _newest_per_partition(parts: list[tuple[TopicPartition, list]], msg_index: np.ndarray,
                           ts_ms: list[int]) -> dict[int, int]:
     """Newest reading time (epoch ms) per partition among a batch's accepted messages."""

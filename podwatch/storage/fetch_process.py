@@ -51,7 +51,7 @@ import polars as pl
 from podwatch.errors import PodwatchError
 from podwatch.logs import fields
 from podwatch.storage.decode import DecodedBatch, portable_row_parts, restore_row_parts
-from podwatch.storage.fetch import AssignedFn, FetchedBatch, Fetcher, FetchReport, RevokedFn
+from podwatch.storage.fetch import AssignedFn, FetchedBatch, Fetcher, FetchReport, RevokedFn, lean_records
 
 log = logging.getLogger(__name__)
 
@@ -281,7 +281,8 @@ def child_main(settings_json: str, own_site: str | None, data_w: Connection, ctl
     if gc_gen0 is not None:
         gc.set_threshold(gc_gen0, *gc.get_threshold()[1:])
     _grow_pipe(data_w)
-    asyncio.run(_child_run(SinkSettings.model_validate_json(settings_json), own_site, data_w, ctl_r))
+    with lean_records():  # this process's only consumer is the sink's
+        asyncio.run(_child_run(SinkSettings.model_validate_json(settings_json), own_site, data_w, ctl_r))
 
 
 # ---------------------------------------------------------------------- the parent's end
