@@ -69,27 +69,45 @@ class DecodedBatch:
     rejected: list[Rejected] = field(default_factory=list)
     sites: set[str] = field(default_factory=set)
     _row_parts: tuple | None = field(default=None, repr=False)
+    _layout: "RowLayout | None" = field(default=None, repr=False)
     _rows: pl.DataFrame | None = field(default=None, repr=False)
-    _row_reading: np.ndarray | None = field(default=None, repr=False)
 
     @property
     def n_readings(self) -> int:
         return len(self.devices)
 
     @property
+    def layout(self) -> "RowLayout":
+        """The long rows as numpy columns in stored order (what the writer inserts)."""
+        if self._layout is None:
+            self._layout = _build_layout(self, *self._row_parts)
+        return self._layout
+
+    @property
     def rows(self) -> pl.DataFrame:
         """One row per point, ordered by (device, ts): ts, device, metric, value, quality, seq."""
         if self._rows is None:
-            self._rows, self._row_reading = _build_rows(self, *self._row_parts)
-            self._row_parts = None
+            self._rows = _rows_of_layout(self, self.layout)
         return self._rows
 
     @property
     def row_reading(self) -> np.ndarray:
         """int64 per row: the index of its reading (into devices/seqs/ts_ms)."""
-        if self._row_reading is None:
-            self.rows  # noqa: B018 - builds both
-        return self._row_reading
+        return self.layout.reading
+
+
+@dataclass(slots=True)
+class RowLayout:
+    """A batch's long rows as numpy columns, in stored order: readings ordered by (device, ts),
+    a reading's points together in the order the device sent them."""
+
+    reading: np.ndarray  # int64 per row: index of its reading (into devices/seqs/ts_ms)
+    metric_code: np.ndarray  # uint32 per row: index into metric_names
+    value: np.ndarray  # float64 per row; NaN = null (bad or missing value)
+    quality: np.ndarray  # uint8 per row
+    metric_names: pl.Series  # Categorical: the names metric_code indexes
+    reading_order: np.ndarray  # int64: the readings in stored order
+    key_id: np.ndarray  # int64 per reading: equal ids = the same metric names in the same order
 
 
 def empty_rows() -> pl.DataFrame:
@@ -313,37 +331,38 @@ def _build_batch(devices: list[str], seqs: list[int], ts_ms: list[int], qualitie
     """The batch; its long rows are built later from these parts (`DecodedBatch.rows`). The
     metric dictionary is captured now: it may be cleared before the rows are built."""
     counts_np = np.asarray(counts, dtype=np.int64)
-    parts = (qualities, metric_codes, value_series, overrides, _metric_categories())
+    # the cached code array of a key tuple is one object: its id names the tuple (for the batch's life)
+    key_ids = np.fromiter(map(id, metric_codes), dtype=np.int64, count=len(metric_codes))
+    parts = (qualities, metric_codes, value_series, overrides, _metric_categories(), key_ids)
     return DecodedBatch(msg_index, devices, seqs, ts_ms, counts_np, rejected, sites, parts)
 
 
-def portable_row_parts(batch: DecodedBatch) -> tuple | None:
+def portable_row_parts(batch: DecodedBatch) -> tuple:
     """What the batch's long rows are built from, as flat arrays another process can take
     (pickle protocol 5 moves them without copies): ~12 B per point instead of the rows' ~33.
-    None when the rows are built already. `restore_row_parts` is the other end."""
-    if batch._row_parts is None:
-        return None
-    qualities, metric_codes, value_series, overrides, metric_categories = batch._row_parts
+    `restore_row_parts` is the other end."""
+    qualities, metric_codes, value_series, overrides, metric_categories, key_ids = batch._row_parts
     codes = np.concatenate(metric_codes) if metric_codes else np.empty(0, np.uint32)
     return (np.asarray(qualities, dtype=np.uint8), codes, value_series.to_numpy(), overrides,
-            metric_categories.to_list())
+            metric_categories.to_list(), key_ids)
 
 
 def restore_row_parts(batch: DecodedBatch, portable: tuple) -> DecodedBatch:
     """The batch with the row parts of `portable_row_parts`; its rows are built on first use,
     against this process's Categorical mapping (the metric codes index the names sent along)."""
-    qualities, codes, values, overrides, names = portable
+    qualities, codes, values, overrides, names, key_ids = portable
     batch._row_parts = (qualities, [codes], pl.Series("value", values, dtype=pl.Float64), overrides,
-                        pl.Series("metric", names, dtype=pl.Categorical))
+                        pl.Series("metric", names, dtype=pl.Categorical), key_ids)
     return batch
 
 
-def _build_rows(batch: DecodedBatch, qualities: list[int], metric_codes: list[np.ndarray], value_series: pl.Series,
-                overrides: list[tuple[int, tuple, dict]], metric_categories: pl.Series) -> tuple[pl.DataFrame, np.ndarray]:
+def _build_layout(batch: DecodedBatch, qualities: list[int], metric_codes: list[np.ndarray], value_series: pl.Series,
+                  overrides: list[tuple[int, tuple, dict]], metric_categories: pl.Series,
+                  key_ids: np.ndarray) -> RowLayout:
     """Long rows ordered by (device, ts) from per-message columns and the flat point values."""
-    devices, seqs, ts_ms, counts_np = batch.devices, batch.seqs, batch.ts_ms, batch.point_counts
+    devices, ts_ms, counts_np = batch.devices, batch.ts_ms, batch.point_counts
     row = len(value_series)
-    value_series = pl.Series("value", shortest_float32_decimals(value_series.to_numpy()), nan_to_null=True)
+    values = shortest_float32_decimals(value_series.to_numpy())
     reading_of_row = np.repeat(np.arange(len(counts_np), dtype=np.int64), counts_np)
     quality_rows = np.asarray(qualities, dtype=np.uint8)[reading_of_row] if len(counts_np) else np.empty(0, np.uint8)
     if overrides:
@@ -351,36 +370,35 @@ def _build_rows(batch: DecodedBatch, qualities: list[int], metric_codes: list[np
             for j, name in enumerate(names):
                 if name in pq:
                     quality_rows[first_row + j] = QUALITY_CODES[pq[name]]
-
-    reading_frame = pl.DataFrame(
-        {
-            # Categorical: dictionary-encoded Arrow, which DuckDB inserts ~25 % faster than strings
-            "device": pl.Series(devices, dtype=pl.Categorical),
-            "ts": pl.Series(ts_ms, dtype=pl.Int64),
-            "seq": pl.Series(seqs, dtype=pl.UInt64),
-        }
-    )
     # Store rows ordered by (device, ts) - decided at reading granularity (cheap) - so that
     # DuckDB gets long runs per column (RLE on device/ts/seq, a repeating metric cycle).
     # Rows of one batch span a short time range, so time-range scans still prune by zone maps.
-    reading_order = reading_frame.select(pl.arg_sort_by(["device", "ts"])).to_series().to_numpy().astype(np.int64)
+    reading_order = (pl.DataFrame({"device": pl.Series(devices, dtype=pl.Categorical),
+                                   "ts": pl.Series(ts_ms, dtype=pl.Int64)})
+                     .select(pl.arg_sort_by(["device", "ts"])).to_series().to_numpy().astype(np.int64))
     sorted_counts = counts_np[reading_order]
     first_row = np.concatenate(([0], np.cumsum(counts_np)[:-1])) if len(counts_np) else counts_np
     sorted_starts = np.concatenate(([0], np.cumsum(sorted_counts)[:-1])) if len(sorted_counts) else sorted_counts
     row_order = np.arange(row, dtype=np.int64) + np.repeat(first_row[reading_order] - sorted_starts, sorted_counts)
-    reading_of_sorted_row = reading_of_row[row_order]
-    rows = pl.DataFrame(
+    codes = np.concatenate(metric_codes) if metric_codes else np.empty(0, np.uint32)
+    return RowLayout(reading_of_row[row_order], codes[row_order], values[row_order], quality_rows[row_order],
+                     metric_categories, reading_order, np.asarray(key_ids, dtype=np.int64))
+
+
+def _rows_of_layout(batch: DecodedBatch, layout: RowLayout) -> pl.DataFrame:
+    """The layout as a polars frame with names (for the batch listeners and tests)."""
+    reading = layout.reading
+    return pl.DataFrame(
         {
-            "ts": reading_frame["ts"].gather(reading_of_sorted_row).cast(pl.Datetime("ms")),
-            "device": reading_frame["device"].gather(reading_of_sorted_row),
-            "metric": metric_categories.gather(
-                (np.concatenate(metric_codes) if metric_codes else np.empty(0, np.uint32))[row_order]),
-            "value": value_series.gather(row_order),
-            "quality": pl.Series(quality_rows, dtype=pl.UInt8).gather(row_order),
-            "seq": reading_frame["seq"].gather(reading_of_sorted_row),
+            "ts": pl.Series(batch.ts_ms, dtype=pl.Int64).gather(reading).cast(pl.Datetime("ms")),
+            # Categorical: dictionary-encoded, cheap to carry and to compare
+            "device": pl.Series(batch.devices, dtype=pl.Categorical).gather(reading),
+            "metric": layout.metric_names.gather(layout.metric_code),
+            "value": pl.Series("value", layout.value, nan_to_null=True),
+            "quality": pl.Series(layout.quality, dtype=pl.UInt8),
+            "seq": pl.Series(batch.seqs, dtype=pl.UInt64).gather(reading),
         }
     )
-    return rows, reading_of_sorted_row
 
 
 def _decode_with_bad_values(values, rejected, msg_index) -> DecodedBatch:
@@ -436,3 +454,24 @@ def select_readings(batch: DecodedBatch, keep: np.ndarray) -> pl.DataFrame:
         return batch.rows
     keep_rows = keep[batch.row_reading]
     return batch.rows.filter(pl.Series(keep_rows))
+
+
+def latest_rows_of_layout(batch: DecodedBatch, keep: np.ndarray) -> np.ndarray | None:
+    """Row positions (into the layout) of each kept (device, metric)'s newest row, when every
+    device's kept readings carry the same metric names (then its newest reading holds all of
+    them: a few rows per device instead of a group-by over all rows). None otherwise: the caller
+    groups the rows."""
+    layout = batch.layout
+    order = layout.reading_order[keep[layout.reading_order]]
+    if not order.size:
+        return np.empty(0, np.int64)
+    device_codes = pl.Series(batch.devices, dtype=pl.Categorical).to_physical().to_numpy()[order]
+    same_device_next = device_codes[1:] == device_codes[:-1]
+    key_ids = layout.key_id[order]
+    if not np.array_equal(key_ids[1:][same_device_next], key_ids[:-1][same_device_next]):
+        return None
+    last_of_device = np.ones(order.size, dtype=bool)
+    last_of_device[:-1] = ~same_device_next
+    newest = np.zeros(len(batch.devices), dtype=bool)
+    newest[order[last_of_device]] = True
+    return np.flatnonzero(newest[layout.reading])

@@ -46,7 +46,6 @@ from multiprocessing.connection import Connection
 from typing import Any
 
 import numpy as np
-import polars as pl
 
 from podwatch.errors import PodwatchError
 from podwatch.logs import fields
@@ -136,9 +135,7 @@ def pack_report(report: FetchReport) -> tuple:
     if fb is None:
         return (None, report.lag, report.new_topic_resets, report.new_fetch_errors)
     b = fb.batch
-    parts = portable_row_parts(b)
-    rows = (b.rows.to_arrow(), b.row_reading) if parts is None else None
-    batch = (parts, rows, b.devices, b.seqs, b.ts_ms, b.point_counts, b.sites)
+    batch = (portable_row_parts(b), b.devices, b.seqs, b.ts_ms, b.point_counts, b.sites)
     meta = (fb.next_offsets, fb.newest_ms, fb.messages, fb.dead_letters, fb.own_site, fb.fetched_at)
     return ((batch, meta), report.lag, report.new_topic_resets, report.new_fetch_errors)
 
@@ -147,12 +144,8 @@ def unpack_report(packed: tuple) -> FetchReport:
     body, lag, resets, errors = packed
     if body is None:
         return FetchReport(None, lag, resets, errors)
-    (parts, rows, devices, seqs, ts_ms, point_counts, sites), meta = body
-    batch = DecodedBatch(np.empty(0, np.int64), devices, seqs, ts_ms, point_counts, [], sites)
-    if parts is not None:
-        restore_row_parts(batch, parts)
-    else:
-        batch._rows, batch._row_reading = pl.from_arrow(rows[0]), rows[1]
+    (parts, devices, seqs, ts_ms, point_counts, sites), meta = body
+    batch = restore_row_parts(DecodedBatch(np.empty(0, np.int64), devices, seqs, ts_ms, point_counts, [], sites), parts)
     return FetchReport(FetchedBatch(batch, *meta), lag, resets, errors)
 
 

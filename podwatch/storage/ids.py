@@ -29,67 +29,36 @@ class IdMap:
     def load(self, con: duckdb.DuckDBPyConnection) -> None:
         self.ids = dict(con.execute(f"SELECT {self.kind}, {self.id_column} FROM {self.table}").fetchall())
 
-    def map_categorical(self, column: pl.Series) -> tuple[np.ndarray, list[tuple[int, str]]]:
-        """Ids for a Categorical column (vectorised through its physical codes), plus the
+    def ids_of(self, names: list[str]) -> tuple[np.ndarray, list[tuple[int, str]]]:
+        """Ids for a list of names (one per reading, or a batch's metric names), plus the
         (id, name) pairs that are new and must be inserted in the same transaction."""
-        if column.len() == 0:
-            return np.empty(0, dtype=np.uint32), []
-        present = column.unique()
-        codes = present.to_physical().to_numpy()
-        names = present.cast(pl.String).to_list()
+        ids = self.ids
+        missing = set(names).difference(ids)
         new: list[tuple[int, str]] = []
-        next_id = max(self.ids.values(), default=-1) + 1  # ids need not be dense (other writers)
-        lookup = np.zeros(int(codes.max()) + 1, dtype=np.uint32)
-        for code, name in zip(codes.tolist(), names):
-            known = self.ids.get(name)
-            if known is None:
-                known = self.ids[name] = next_id
+        if missing:
+            next_id = max(ids.values(), default=-1) + 1  # ids need not be dense (other writers)
+            for name in sorted(missing):
+                ids[name] = next_id
                 new.append((next_id, name))
                 next_id += 1
-            lookup[code] = known
-        return lookup[column.to_physical().to_numpy()], new
+        return np.fromiter(map(ids.__getitem__, names), dtype=np.uint32, count=len(names)), new
 
     def insert_new(self, con: duckdb.DuckDBPyConnection, new: list[tuple[int, str]]) -> None:
         if new:
             con.executemany(f"INSERT INTO {self.table} VALUES (?, ?)", new)
 
     def forget(self, new: list[tuple[int, str]]) -> None:
-        """Undo `map_categorical`'s additions after a failed transaction."""
+        """Undo `ids_of`'s additions after a failed transaction."""
         for _, name in new:
             self.ids.pop(name, None)
 
 
-def reading_rows_table(ts: pl.Series, device_ids: np.ndarray, seqs: pl.Series) -> pa.Table:
-    """The `reading_rows` of a batch of sample rows (ts, device_id, seq, n_points), ordered by
-    (ts, device_id, seq): one row per (device_id, seq, ts) with its number of rows. Vectorised
-    (no GROUP BY on the write path): runs of equal keys are found in one pass - the decoder
-    emits each reading's points together, so a run is a reading - and runs are then sorted,
-    and merged should a reading's points ever come in several runs. `ts` must have ms
-    precision (polars Datetime("ms"), as decoded)."""
-    n = len(device_ids)
-    if n == 0:
-        return pa.table({"ts": pa.array([], pa.timestamp("ms")), "device_id": pa.array([], pa.uint32()),
-                         "seq": pa.array([], pa.uint64()), "n_points": pa.array([], pa.uint32())})
-    ts_i = ts.to_physical().to_numpy()
-    seq_i = seqs.to_numpy()
-    starts = np.empty(n, dtype=bool)
-    starts[0] = True
-    np.not_equal(device_ids[1:], device_ids[:-1], out=starts[1:])
-    starts[1:] |= seq_i[1:] != seq_i[:-1]
-    starts[1:] |= ts_i[1:] != ts_i[:-1]
-    first = np.flatnonzero(starts)
-    counts = np.diff(np.append(first, n)).astype(np.uint32)
-    # time order (not the rows' device order): small ts deltas and long seq runs compress best
-    order = np.lexsort((seq_i[first], device_ids[first], ts_i[first]))
-    first, counts = first[order], counts[order]
-    if len(first) > 1:
-        same = ((ts_i[first[1:]] == ts_i[first[:-1]]) & (device_ids[first[1:]] == device_ids[first[:-1]])
-                & (seq_i[first[1:]] == seq_i[first[:-1]]))
-        if same.any():  # one reading's points in several runs: one row, counts added
-            keep = np.flatnonzero(np.concatenate(([True], ~same)))
-            first, counts = first[keep], np.add.reduceat(counts, keep).astype(np.uint32)
-    return pa.table({"ts": pa.array(ts_i[first], pa.timestamp("ms")), "device_id": pa.array(device_ids[first], pa.uint32()),
-                     "seq": pa.array(seq_i[first], pa.uint64()), "n_points": pa.array(counts, pa.uint32())})
+def reading_rows_table(ts_ms: np.ndarray, device_ids: np.ndarray, seqs: np.ndarray, n_points: np.ndarray) -> pa.Table:
+    """The `reading_rows` of a batch's readings (one row each: ts, device_id, seq, n_points),
+    in time order - small ts deltas and long seq runs compress best."""
+    order = np.lexsort((seqs, device_ids, ts_ms))
+    return pa.table({"ts": pa.array(ts_ms[order], pa.timestamp("ms")), "device_id": pa.array(device_ids[order], pa.uint32()),
+                     "seq": pa.array(seqs[order], pa.uint64()), "n_points": pa.array(n_points[order], pa.uint32())})
 
 
 def insert_named_samples(con: duckdb.DuckDBPyConnection, select_sql: str, params: list | None = None,

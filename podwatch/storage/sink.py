@@ -50,7 +50,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from podwatch.health import REGISTRY, ComponentHealth
 from podwatch.logs import fields
 from podwatch.storage.db import Database
-from podwatch.storage.decode import DecodedBatch, select_readings
+from podwatch.storage.decode import DecodedBatch, latest_rows_of_layout, select_readings
 from podwatch.storage.dedup import DEFAULT_WINDOW, SeqDeduper
 from podwatch.storage.fetch import FetchedBatch, Fetcher, FetchReport, _newest_per_partition  # noqa: F401
 from podwatch.storage import fetch_process
@@ -72,6 +72,8 @@ log = logging.getLogger(__name__)
 
 BatchListener = Callable[[pl.DataFrame], Any | Awaitable[Any]]
 MAINTAIN_EVERY_S = 1.0  # latest-value flush, rollup and retention check period
+_EPOCH = datetime(1970, 1, 1)  # DuckDB TIMESTAMPs are naive UTC
+_ONE_MS = timedelta(milliseconds=1)
 LATENCY_BUCKETS_S = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 
 
@@ -381,23 +383,25 @@ class DuckDBSink:
         maintain = now - self._last_maintain >= MAINTAIN_EVERY_S
         if maintain:
             self._last_maintain = now
-        rows = await asyncio.to_thread(self._write_batch, batch, keep, dedup_rows, next_offsets,
-                                       now if maintain else None)
+        points, rows = await asyncio.to_thread(self._write_batch, batch, keep, dedup_rows, next_offsets,
+                                               now if maintain else None)
         latency = max(0.0, time.time() - fetched_at)
         self.stats.observe_latency(latency)
-        self.stats.points += rows.height
+        self.stats.points += points
         self.stats.readings += readings
         self.stats.batches += 1
         self.stats.last_commit_monotonic = time.monotonic()
-        self.health.inc("sent", rows.height)
-        if self._listeners and rows.height:
+        self.health.inc("sent", points)
+        if rows is not None and rows.height:
             await self._notify(rows)
 
-    def _write_transaction(self, rows: pl.DataFrame, dedup_rows, next_offsets: dict[int, int]) -> None:
-        """One transaction: the batch's rows, new names, dedup state, the consumer's next offsets
-        (and rollup buckets the late rows touched). Runs in the worker thread; the common case is
-        one `execute` of all its statements, so the thread takes the GIL back a few times per
-        batch, not once per statement (each take can wait a switch interval behind the loop)."""
+    def _write_transaction(self, batch: DecodedBatch, keep: np.ndarray, dedup_rows, next_offsets: dict[int, int]) -> int:
+        """One transaction: the kept readings' rows and `reading_rows`, new names, dedup state,
+        the consumer's next offsets (and rollup buckets the late rows touched). Runs in the
+        worker thread; the common case is one `execute` of all its statements, so the thread
+        takes the GIL back a few times per batch, not once per statement (each take can wait a
+        switch interval behind the loop). Columns go from the batch's numpy layout straight to
+        Arrow (no data frame on this path). Returns the points written."""
         cur = self._write_cursor
         now = datetime.now(timezone.utc).replace(tzinfo=None)
         tables = {"_batch_offsets": pa.table({
@@ -410,20 +414,34 @@ class DuckDBSink:
         new_devices: list[tuple[int, str]] = []
         new_metrics: list[tuple[int, str]] = []
         late = None
-        if rows.height:
-            device_ids, new_devices = self._device_ids.map_categorical(rows["device"])
-            metric_ids, new_metrics = self._metric_ids.map_categorical(rows["metric"])
+        points = 0
+        if batch.n_readings and keep.any():
+            layout = batch.layout
+            kept = slice(None) if keep.all() else np.flatnonzero(keep[layout.reading])
+            reading = layout.reading[kept]
+            points = len(reading)
+            device_ids, new_devices = self._device_ids.ids_of(batch.devices)
+            metric_ids, new_metrics = self._metric_ids.ids_of(layout.metric_names.to_list())
+            ts_ms = np.asarray(batch.ts_ms, dtype=np.int64)
+            row_ts = ts_ms[reading]
             tables["_batch_rows"] = pa.table({
-                "ts": rows["ts"].to_arrow(), "device_id": pa.array(device_ids, pa.uint32()),
-                "metric_id": pa.array(metric_ids, pa.uint32()), "value": rows["value"].to_arrow(),
-                "quality": rows["quality"].to_arrow()})
+                "ts": pa.array(row_ts, pa.timestamp("ms")), "device_id": pa.array(device_ids[reading], pa.uint32()),
+                "metric_id": pa.array(metric_ids[layout.metric_code[kept]], pa.uint32()),
+                "value": pa.array(layout.value[kept], pa.float64(), from_pandas=True),  # NaN -> null
+                "quality": pa.array(layout.quality[kept], pa.uint8())})
             statements.append("INSERT INTO sample_rows SELECT * FROM _batch_rows")
             # seq is stored once per reading (reading_rows), not on each of its points
-            tables["_batch_readings"] = reading_rows_table(rows["ts"], device_ids, rows["seq"])
+            readings = np.flatnonzero(keep)
+            tables["_batch_readings"] = reading_rows_table(
+                ts_ms[readings], device_ids[readings], np.asarray(batch.seqs, dtype=np.uint64)[readings],
+                batch.point_counts[readings])
             statements.append("INSERT INTO reading_rows SELECT * FROM _batch_readings")
             mark_1m = self._rollup_marks.get("rollup_1m")
-            if mark_1m is not None and rows["ts"].min() < mark_1m:
-                late = rows.filter(pl.col("ts") < mark_1m)["ts"]
+            if mark_1m is not None:
+                late_ms = row_ts[row_ts < (mark_1m - _EPOCH) // _ONE_MS]
+                if late_ms.size:
+                    late = (_EPOCH + timedelta(milliseconds=int(late_ms.min())),
+                            _EPOCH + timedelta(milliseconds=int(late_ms.max())))
         for table, new in (("device_ids", new_devices), ("metric_ids", new_metrics)):
             if new:
                 tables[f"_new_{table}"] = pa.table({"id": pa.array([i for i, _ in new], pa.uint32()),
@@ -452,7 +470,7 @@ class DuckDBSink:
             else:
                 for statement in statements:
                     cur.execute(statement)
-                recompute_buckets(cur, late.min(), late.max(), self._rollup_marks,
+                recompute_buckets(cur, late[0], late[1], self._rollup_marks,
                                   raw_kept_since=self._raw_kept_since(self._rollup_marks["rollup_1m"]))
                 cur.execute("COMMIT")
         except BaseException:
@@ -467,8 +485,9 @@ class DuckDBSink:
                     cur.unregister(name)
         if site is not None:
             self._site_recorded = site
-        if rows.height:
-            self._remember_latest(rows)
+        if points:
+            self._remember_latest(batch, keep)
+        return points
 
     def _raw_kept_since(self, newest_hint: datetime) -> datetime | None:
         days = self.settings.storage.raw_retention_days
@@ -478,10 +497,22 @@ class DuckDBSink:
                      if self._dedup.newest_ts_ms() else newest_hint)
         return newest - timedelta(days=days)
 
-    def _remember_latest(self, rows: pl.DataFrame) -> None:
-        # rows are ordered by (device, ts): the last row of each series is its newest
-        newest = (rows.group_by(["device", "metric"]).last()
-                  .select(pl.col("device").cast(pl.String), pl.col("metric").cast(pl.String), "ts", "value", "quality"))
+    def _remember_latest(self, batch: DecodedBatch, keep: np.ndarray) -> None:
+        newest_rows = latest_rows_of_layout(batch, keep)
+        if newest_rows is None:  # some device's readings carry different metrics: group them all
+            # rows are ordered by (device, ts): the last row of each series is its newest
+            newest = (select_readings(batch, keep).group_by(["device", "metric"]).last()
+                      .select(pl.col("device").cast(pl.String), pl.col("metric").cast(pl.String), "ts", "value",
+                              "quality"))
+        else:
+            layout = batch.layout
+            reading = layout.reading[newest_rows]
+            newest = pl.DataFrame({
+                "device": pl.Series(batch.devices, dtype=pl.String).gather(reading),
+                "metric": layout.metric_names.gather(layout.metric_code[newest_rows]).cast(pl.String),
+                "ts": pl.Series(batch.ts_ms, dtype=pl.Int64).gather(reading).cast(pl.Datetime("ms")),
+                "value": pl.Series("value", layout.value[newest_rows], nan_to_null=True),
+                "quality": pl.Series(layout.quality[newest_rows], dtype=pl.UInt8)})
         with self._latest_lock:
             if self._latest_pending is not None:
                 newest = pl.concat([self._latest_pending, newest]).sort("ts").group_by(["device", "metric"]).last()
@@ -527,15 +558,17 @@ class DuckDBSink:
         await asyncio.to_thread(self._maintain, now)
 
     def _write_batch(self, batch: DecodedBatch, keep: np.ndarray, dedup_rows, next_offsets: dict[int, int],
-                     maintain_at: float | None) -> pl.DataFrame:
-        """The worker thread's part of a batch: build its long rows (numpy/polars, mostly without
-        the GIL), write them in one transaction with the offsets, then - when due - maintenance.
-        The event loop meanwhile fetches and decodes the next batch."""
-        rows = select_readings(batch, keep) if batch.n_readings else batch.rows
-        self._write_transaction(rows, dedup_rows, next_offsets)
+                     maintain_at: float | None) -> tuple[int, pl.DataFrame | None]:
+        """The worker thread's part of a batch: lay out its long rows (numpy, mostly without the
+        GIL), write them in one transaction with the offsets, then - when due - maintenance.
+        The event loop meanwhile receives the next batch. Returns (points written, named rows for
+        the batch listeners or None when there are none)."""
+        points = self._write_transaction(batch, keep, dedup_rows, next_offsets)
         if maintain_at is not None:
             self._maintain(maintain_at)
-        return rows
+        # the listeners (streaming checks) get named rows; building them costs ~1 us per message
+        rows = select_readings(batch, keep) if self._listeners and points else None
+        return points, rows
 
     def _maintain(self, now: float) -> None:
         """Flush latest values, advance rollups when a bucket closed, apply retention every

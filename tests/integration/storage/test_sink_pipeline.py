@@ -96,12 +96,12 @@ async def test_a_failed_write_stops_the_sink_and_no_later_batch_is_committed(tan
     writes = 0
     write_transaction = sink._write_transaction
 
-    def third_write_fails(rows, dedup_rows, next_offsets):
+    def third_write_fails(batch, keep, dedup_rows, next_offsets):
         nonlocal writes
         writes += 1
         if writes == 3:
             raise OSError("disk full (injected into the third write)")
-        return write_transaction(rows, dedup_rows, next_offsets)
+        return write_transaction(batch, keep, dedup_rows, next_offsets)
 
     sink._write_transaction = third_write_fails
     await sink.start()

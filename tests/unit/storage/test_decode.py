@@ -190,26 +190,23 @@ def test_decode_never_accepts_what_the_envelope_validator_rejects(drawn):
     _same_batch(decode_messages(messages), _decode_checked(messages))
 
 
-def test_reading_rows_of_decoded_rows_one_per_reading_with_point_counts():
-    """The sink stores seq once per reading: `reading_rows_table` finds each reading's rows in
-    the decoder's output (two readings of a device at the same ts stay apart by seq)."""
+def test_reading_rows_one_per_reading_with_point_counts_in_time_order():
+    """The sink stores seq once per reading: one `reading_rows` row per kept reading with its
+    number of points (two readings of a device at the same ts stay apart by seq), in time order."""
     messages = [
         env("pdu-b", 1, 2_000_000_000_000),
         orjson.dumps(Reading("s1", "pdu-a", 7, 2_000_000_001_000, {"x_kw": 1.0, "y_kw": 2.0, "z_kw": None}).to_envelope()),
         env("pdu-a", 6, 2_000_000_000_000),
         env("pdu-a", 9, 2_000_000_000_000),  # a restarted counter at an equal timestamp
     ]
-    rows = decode_messages(messages).rows
-    device_ids = np.where(rows["device"].cast(pl.String).to_numpy() == "pdu-a", 3, 8).astype(np.uint32)
-    table = reading_rows_table(rows["ts"], device_ids, rows["seq"])
-    got = sorted(zip(table["device_id"].to_pylist(), table["seq"].to_pylist(), table["n_points"].to_pylist(),
-                     table["ts"].cast(pa.int64()).to_pylist()))
-    assert got == [(3, 6, 2, 2_000_000_000_000), (3, 7, 3, 2_000_000_001_000), (3, 9, 2, 2_000_000_000_000),
-                   (8, 1, 2, 2_000_000_000_000)]
-    assert sum(table["n_points"].to_pylist()) == rows.height
-    assert reading_rows_table(rows["ts"].head(0), device_ids[:0], rows["seq"].head(0)).num_rows == 0
-    # robust to a reading's points not being together (another row order): still one row each
-    shuffled = np.random.default_rng(3).permutation(rows.height)
-    again = reading_rows_table(rows["ts"].gather(shuffled), device_ids[shuffled], rows["seq"].gather(shuffled))
-    assert sorted(zip(again["device_id"].to_pylist(), again["seq"].to_pylist(), again["n_points"].to_pylist(),
-                      again["ts"].cast(pa.int64()).to_pylist())) == got
+    batch = decode_messages(messages)
+    device_ids = np.where(np.asarray(batch.devices) == "pdu-a", 3, 8).astype(np.uint32)
+    table = reading_rows_table(np.asarray(batch.ts_ms, dtype=np.int64), device_ids,
+                               np.asarray(batch.seqs, dtype=np.uint64), batch.point_counts)
+    got = list(zip(table["device_id"].to_pylist(), table["seq"].to_pylist(), table["n_points"].to_pylist(),
+                   table["ts"].cast(pa.int64()).to_pylist()))
+    assert got == [(3, 6, 2, 2_000_000_000_000), (3, 9, 2, 2_000_000_000_000), (8, 1, 2, 2_000_000_000_000),
+                   (3, 7, 3, 2_000_000_001_000)]
+    assert sum(table["n_points"].to_pylist()) == batch.rows.height
+    empty = np.empty(0, np.int64)
+    assert reading_rows_table(empty, empty.astype(np.uint32), empty.astype(np.uint64), empty).num_rows == 0
