@@ -347,5 +347,7 @@ def build_features(rows: pl.DataFrame, site: Site, *, step_s: int = DEFAULT_STEP
 def latest_features(rows: pl.DataFrame, site: Site, **kwargs) -> pl.DataFrame:
     """The newest feature row per rack (for online scoring over a recent window of rows)."""
     feats = build_features(rows, site, **kwargs)
+    if feats.is_empty():  # no reading of the site's racks in the window yet (a service just started)
+        return feats
     return feats.filter(pl.col("return_c").is_not_null()).group_by("rack").agg(pl.all().sort_by("ts").last()) \
         .sort("rack")

@@ -110,6 +110,14 @@ def test_empty_input_gives_an_empty_frame_with_the_model_columns():
     assert f.is_empty() and set(MODEL_FEATURES) <= set(f.columns)
 
 
+def test_latest_features_of_a_window_without_the_sites_devices_is_empty():
+    """A service that just started can hold rows of devices the site file does not list (or
+    none of its racks yet): scoring finds nothing to score instead of failing."""
+    rows = healthy_rows(SITE, 0, 30).with_columns(pl.lit("meter-elsewhere").alias("device"))
+    assert latest_features(rows, SITE).is_empty()
+    assert latest_features(healthy_rows(SITE, 0, 1).clear(), SITE).is_empty()
+
+
 def _flow(rows_override, seconds=661):
     rows = healthy_rows(SITE, 0, seconds, load=0.9, noise=False, override=_rack_override("rack.liquid_flow_lpm", rows_override))
     return build_features(rows, SITE, horizon_s=300).filter(pl.col("rack") == RACK).row(-1, named=True)
