@@ -3,7 +3,7 @@
 Everything in the sink is GIL-bound Python (aiokafka's record parsing, JSON decoding, the
 writer's bookkeeping), so threads do not overlap. `SinkSettings.decode_process=True` moves the
 `Fetcher` (consumer, decoding, site check, dead letters; `fetch.py`) into a child process;
-the process that owns the DuckDB file keeps dedup, builds the long rows and writes. The two
+the process that owns the DuckDB file keeps dedup, lays out the long rows and writes. The two
 run on two cores.
 
 Protocol (two one-way pipes; frames are pickles, protocol 5, with the numpy columns as
@@ -128,9 +128,9 @@ def _grow_pipe(conn: Connection) -> None:
 
 
 def pack_report(report: FetchReport) -> tuple:
-    """A FetchReport as plain columns. The long rows are not built here: their parts are
-    smaller to send, and building them (~1.5 us per message) balances the two processes
-    better in the writer's thread, which has the spare CPU."""
+    """A FetchReport as plain columns. The long rows are not laid out here: their parts are
+    smaller to send, and laying them out (~1.3 us per message) belongs in the writer's thread:
+    the fetch process is the busier of the two."""
     fb = report.batch
     if fb is None:
         return (None, report.lag, report.new_topic_resets, report.new_fetch_errors)
