@@ -49,9 +49,10 @@ async def produce(bootstrap: str, topic: str, messages: list[tuple[bytes | None,
         await producer.stop()
 
 
-async def read_all(bootstrap: str, topic: str, expected: int, timeout: float = 15.0) -> list:
+async def read_all(bootstrap: str, topic: str, expected: int, timeout: float = 15.0, **consumer_options) -> list:
     """Read a topic from the beginning until `expected` records arrived (or fail)."""
-    consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap, enable_auto_commit=False, auto_offset_reset="earliest")
+    consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap, enable_auto_commit=False, auto_offset_reset="earliest",
+                                **consumer_options)
     await consumer.start()
     records = []
     try:

@@ -4,32 +4,14 @@ a consumer with a deserializer or after the block."""
 
 from __future__ import annotations
 
-import asyncio
-
 import pytest
-from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
+from aiokafka import AIOKafkaProducer
 from aiokafka.structs import ConsumerRecord
 
 from podwatch.storage.fetch import LeanRecord, lean_records
-from tests.integration.storage.helpers import create_topics
+from tests.integration.storage.helpers import create_topics, read_all
 
 pytestmark = pytest.mark.integration
-
-
-async def _read(bootstrap: str, topic: str, expected: int, **options) -> list:
-    consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap, enable_auto_commit=False,
-                                auto_offset_reset="earliest", **options)
-    await consumer.start()
-    try:
-        consumer.assign([TopicPartition(topic, 0)])
-        records: list = []
-        async with asyncio.timeout(15):
-            while len(records) < expected:
-                for batch in (await consumer.getmany(timeout_ms=200)).values():
-                    records.extend(batch)
-        return records
-    finally:
-        await consumer.stop()
 
 
 async def test_lean_records_carry_the_same_offsets_and_values(tansu_broker, unique_topic):
@@ -43,12 +25,12 @@ async def test_lean_records_carry_the_same_offsets_and_values(tansu_broker, uniq
     finally:
         await producer.stop()
 
-    stock = await _read(tansu_broker, unique_topic, len(sent))
+    stock = await read_all(tansu_broker, unique_topic, len(sent))
     with lean_records() as replaced:
         assert replaced
-        lean = await _read(tansu_broker, unique_topic, len(sent))
-        decoded = await _read(tansu_broker, unique_topic, len(sent), value_deserializer=lambda v: v)
-    after = await _read(tansu_broker, unique_topic, len(sent))
+        lean = await read_all(tansu_broker, unique_topic, len(sent))
+        decoded = await read_all(tansu_broker, unique_topic, len(sent), value_deserializer=lambda v: v)
+    after = await read_all(tansu_broker, unique_topic, len(sent))
 
     assert all(type(r) is LeanRecord for r in lean)
     assert [(r.offset, r.value) for r in lean] == [(r.offset, r.value) for r in stock]
