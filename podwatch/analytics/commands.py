@@ -179,9 +179,13 @@ def scenario_specs(sites: list[str], per_kind: int, hours: float, seed: int, *, 
                 specs.append(RunSpec(f"{prefix}-{stem}-{kind}-{i}", site_path, hours, seed + 50_000 + len(specs),
                                      faults=[fault]))
         if fault_free_hours > 0:
-            specs.append(RunSpec(f"{prefix}-faultfree-{stem}", site_path, fault_free_hours,
-                                 seed + 90_000 + len(specs), fault_free=True))
+            specs.append(fault_free_spec(prefix, site_path, fault_free_hours, seed + 90_000 + len(specs)))
     return specs
+
+
+def fault_free_spec(prefix: str, site_path: str, hours: float, seed: int) -> RunSpec:
+    """A healthy run for the false-alarm rate (no faults, sensor noise only)."""
+    return RunSpec(f"{prefix}-faultfree-{Path(site_path).stem}", site_path, hours, seed, fault_free=True)
 
 
 SENSOR_FAULT_POINTS = (("rack", "rack.liquid_return_temp_c"), ("rack", "rack.liquid_supply_temp_c"),
@@ -324,12 +328,6 @@ def user_scenario_specs(paths: list[Path], sites: list[str], seed: int, hours: f
             specs.append(RunSpec(name=name, site_path=site_path, hours=(SCENARIO_WARMUP_S + length_s) / 3600.0,
                                  seed=seed + len(specs), faults=faults))
     return specs
-
-
-def fault_free_specs(sites: list[str], hours: float, seed: int) -> list[RunSpec]:
-    """Healthy runs for the false-alarm rate (no faults, sensor noise only)."""
-    return [RunSpec(name=f"faultfree-{Path(site_path).stem}", site_path=site_path, hours=hours, seed=seed + 90_000 + i,
-                    fault_free=True) for i, site_path in enumerate(sites) if hours > 0]
 
 
 def simulate_all(specs: list[RunSpec], work_dir: Path, echo) -> list[SimRun]:
@@ -523,7 +521,9 @@ def register(app: typer.Typer) -> None:
             sites = site or [EXAMPLE_SITES[0]]
             if history and len(sites) != 1:
                 raise PodwatchError("--history needs exactly one --site (the site the histories were simulated on)")
-            specs = user_scenario_specs(scenario or [], sites, seed, hours) + fault_free_specs(sites, fault_free_hours, seed)
+            specs = user_scenario_specs(scenario or [], sites, seed, hours)
+            specs += [fault_free_spec("eval", site_path, fault_free_hours, seed + 90_000 + i)
+                      for i, site_path in enumerate(sites) if fault_free_hours > 0]
         else:
             sites = site or list(EXAMPLE_SITES)
             specs = heldout_specs(sites, per_kind, hours or 3.0, seed, fault_free_hours,
