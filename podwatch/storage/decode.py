@@ -108,6 +108,7 @@ class RowLayout:
     metric_names: pl.Series  # Categorical: the names metric_code indexes
     reading_order: np.ndarray  # int64: the readings in stored order
     key_id: np.ndarray  # int64 per reading: equal ids = the same metric names in the same order
+    reading_devices: pl.Series  # Categorical, one per reading (its physical codes tell devices apart)
 
 
 def empty_rows() -> pl.DataFrame:
@@ -373,8 +374,8 @@ def _build_layout(batch: DecodedBatch, qualities: list[int], metric_codes: list[
     # Store rows ordered by (device, ts) - decided at reading granularity (cheap) - so that
     # DuckDB gets long runs per column (RLE on device/ts/seq, a repeating metric cycle).
     # Rows of one batch span a short time range, so time-range scans still prune by zone maps.
-    reading_order = (pl.DataFrame({"device": pl.Series(devices, dtype=pl.Categorical),
-                                   "ts": pl.Series(ts_ms, dtype=pl.Int64)})
+    device_series = pl.Series("device", devices, dtype=pl.Categorical)
+    reading_order = (pl.DataFrame({"device": device_series, "ts": pl.Series(ts_ms, dtype=pl.Int64)})
                      .select(pl.arg_sort_by(["device", "ts"])).to_series().to_numpy().astype(np.int64))
     sorted_counts = counts_np[reading_order]
     first_row = np.concatenate(([0], np.cumsum(counts_np)[:-1])) if len(counts_np) else counts_np
@@ -382,7 +383,7 @@ def _build_layout(batch: DecodedBatch, qualities: list[int], metric_codes: list[
     row_order = np.arange(row, dtype=np.int64) + np.repeat(first_row[reading_order] - sorted_starts, sorted_counts)
     codes = np.concatenate(metric_codes) if metric_codes else np.empty(0, np.uint32)
     return RowLayout(reading_of_row[row_order], codes[row_order], values[row_order], quality_rows[row_order],
-                     metric_categories, reading_order, np.asarray(key_ids, dtype=np.int64))
+                     metric_categories, reading_order, np.asarray(key_ids, dtype=np.int64), device_series)
 
 
 def _rows_of_layout(batch: DecodedBatch, layout: RowLayout) -> pl.DataFrame:
@@ -392,7 +393,7 @@ def _rows_of_layout(batch: DecodedBatch, layout: RowLayout) -> pl.DataFrame:
         {
             "ts": pl.Series(batch.ts_ms, dtype=pl.Int64).gather(reading).cast(pl.Datetime("ms")),
             # Categorical: dictionary-encoded, cheap to carry and to compare
-            "device": pl.Series(batch.devices, dtype=pl.Categorical).gather(reading),
+            "device": layout.reading_devices.gather(reading),
             "metric": layout.metric_names.gather(layout.metric_code),
             "value": pl.Series("value", layout.value, nan_to_null=True),
             "quality": pl.Series(layout.quality, dtype=pl.UInt8),
@@ -465,7 +466,7 @@ def latest_rows_of_layout(batch: DecodedBatch, keep: np.ndarray) -> np.ndarray |
     order = layout.reading_order[keep[layout.reading_order]]
     if not order.size:
         return np.empty(0, np.int64)
-    device_codes = pl.Series(batch.devices, dtype=pl.Categorical).to_physical().to_numpy()[order]
+    device_codes = layout.reading_devices.to_physical().to_numpy()[order]
     same_device_next = device_codes[1:] == device_codes[:-1]
     key_ids = layout.key_id[order]
     if not np.array_equal(key_ids[1:][same_device_next], key_ids[:-1][same_device_next]):

@@ -508,7 +508,7 @@ class DuckDBSink:
             layout = batch.layout
             reading = layout.reading[newest_rows]
             newest = pl.DataFrame({
-                "device": pl.Series(batch.devices, dtype=pl.String).gather(reading),
+                "device": layout.reading_devices.gather(reading).cast(pl.String),
                 "metric": layout.metric_names.gather(layout.metric_code[newest_rows]).cast(pl.String),
                 "ts": pl.Series(batch.ts_ms, dtype=pl.Int64).gather(reading).cast(pl.Datetime("ms")),
                 "value": pl.Series("value", layout.value[newest_rows], nan_to_null=True),
