@@ -52,7 +52,7 @@ from podwatch.logs import fields
 from podwatch.storage.db import Database
 from podwatch.storage.decode import DecodedBatch, latest_rows_of_layout, select_readings
 from podwatch.storage.dedup import DEFAULT_WINDOW, SeqDeduper
-from podwatch.storage.fetch import FetchedBatch, Fetcher, FetchReport, _newest_per_partition  # noqa: F401
+from podwatch.storage.fetch import FetchedBatch, Fetcher, FetchReport
 from podwatch.storage import fetch_process
 from podwatch.storage.fetch_process import FetchProcess
 from podwatch.storage.ids import IdMap, reading_rows_table

@@ -8,7 +8,8 @@ import numpy as np
 from aiokafka import TopicPartition
 
 from podwatch.storage.db import Database
-from podwatch.storage.sink import DuckDBSink, SinkSettings, _newest_per_partition
+from podwatch.storage.fetch import _newest_per_partition
+from podwatch.storage.sink import DuckDBSink, SinkSettings
 
 
 def test_newest_reading_per_partition_counts_accepted_messages_only():
