@@ -71,19 +71,22 @@ async def test_killed_fetch_process_is_restarted_and_nothing_is_lost_or_duplicat
     task = asyncio.create_task(sink.run())
     try:
         killed = []
+        committed_at_kill = []
         for kill in range(3):
             pid = sink._fetch_process.pid
             progress = sink.stats.messages
             await wait_until(lambda: sink.stats.messages > progress or task.done(), timeout=20,
                              what="ingest progress before the kill")
             assert not task.done()
+            committed_at_kill.append(_stored_offsets_total(db, topic))
             os.kill(pid, signal.SIGKILL)
             killed.append(pid)
             await wait_until(lambda: sink.stats.fetch_restarts == kill + 1 or task.done(), timeout=20,
                              what="fetch process restarted")
             assert not task.done()
             assert sink._fetch_process.pid not in killed
-        assert 0 < _stored_offsets_total(db, topic) < len(messages)  # the kills landed mid-ingest
+        # the first kill lands mid-ingest (later ones may come after the last batch: the sink is fast)
+        assert committed_at_kill[0] < len(messages)
         await sink_reaches(task, lambda: _stored_offsets_total(db, topic) == len(messages)
                            and sink._pending_write is None, "all messages committed", timeout=40)
     finally:
