@@ -187,7 +187,9 @@ class EvalReport:
                      f"by a breach of that rack (near misses, not counted as false alarms)")
         lines.append("goals:")
         for _, text, value, goal, met in self.goals():
-            lines.append(f"  [{'met' if met else 'NOT MET'}] {text}: {fmt(value)} (goal {goal})")
+            # a goal the runs cannot measure (no slow fault, no fault-free hours) is neither met nor missed
+            state = "not measured" if value is None else "met" if met else "NOT MET"
+            lines.append(f"  [{state}] {text}: {fmt(value)} (goal {goal})")
         return lines
 
 

@@ -53,6 +53,10 @@ def test_lead_recall_and_onset_cap():
     assert report.predictable_breaches == 1 and report.recall_predictable_at_2min == 1.0
     assert report.slow_fault_median_lead_s == 200.0
     assert report.false_alarms_per_rack_day is None
+    # no fault-free hours: that goal is reported as not measured, not as missed
+    lines = report.summary_lines()
+    assert any(line.startswith("  [not measured] false alarms per rack-day") for line in lines)
+    assert any(line.startswith("  [NOT MET] median lead for slow faults") for line in lines)
 
 
 def test_false_alarms_per_rack_day_on_fault_free_runs():
