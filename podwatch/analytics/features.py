@@ -6,7 +6,9 @@ default 10 s; each signal is averaged over its bucket (ts − step, ts], so a ro
 samples up to ts only, and a sample taken at ts counts at ts) with:
 
 - levels of the rack (power from A + B PDUs, falling back on the BMS figure; supply, return,
-  flow) and of its CDU (supply, facility water, flow, pumps running, reservoir);
+  flow) and of its CDU (supply, facility water, flow, pumps running, reservoir); a rack without
+  liquid sensors of its own gets its design share of the CDU's flow and the return the heat
+  balance implies (`return_estimated`);
 - physics: flow per kW against design, ΔT against the design ΔT at the present load, the
   steady-state ΔT the present flow and power lead to (ΔT_ss = P·f_liquid / (ṁ·c_p)), the return
   temperature that implies and its margin to the rack's limit, CDU approach against design;
@@ -71,11 +73,12 @@ def site_frames(site: Site) -> tuple[pl.DataFrame, pl.DataFrame, pl.DataFrame]:
         [(d.id, d.kind, d.entity, d.side) for d in site.devices if d.enabled],
         schema={"device": pl.String, "kind": pl.String, "entity": pl.String, "side": pl.String}, orient="row")
     cdus = {c.id: c for c in site.cdus}
+    sensed = {d.entity for d in site.devices if d.enabled and d.kind == "rack"}
     racks = pl.DataFrame(
-        [(r.id, r.cdu, r.rated_kw, r.design_flow_lpm, r.return_limit_c, cdus[r.cdu].heat_to_liquid)
+        [(r.id, r.cdu, r.rated_kw, r.design_flow_lpm, r.return_limit_c, cdus[r.cdu].heat_to_liquid, r.id in sensed)
          for r in site.racks],
         schema={"rack": pl.String, "cdu": pl.String, "rated_kw": pl.Float64, "design_flow_lpm": pl.Float64,
-                "limit_c": pl.Float64, "heat_to_liquid": pl.Float64}, orient="row")
+                "limit_c": pl.Float64, "heat_to_liquid": pl.Float64, "rack_sensed": pl.Boolean}, orient="row")
     cdu_frame = pl.DataFrame(
         [(c.id, c.supply_setpoint_c, c.approach_c, float(c.working_pumps), float(c.pumps),
           sum(r.design_flow_lpm for r in site.racks if r.cdu == c.id)) for c in site.cdus],
@@ -233,6 +236,22 @@ def build_features(rows: pl.DataFrame, site: Site, *, step_s: int = DEFAULT_STEP
         .then(pl.min_horizontal("supply_c", pl.col("cdu_supply_c") + SUPPLY_PIPE_TOLERANCE_K))
         .otherwise(pl.coalesce("supply_c", "cdu_supply_c")).alias("supply_c"),
     ).with_columns(
+        # A rack without liquid sensors of its own (a retrofit hall: PDUs on the rack, temperatures
+        # and flow only at the CDU), or whose sensors sent no return reading in this window at all:
+        # its flow is its design share of the CDU's measured flow and its return is where the heat
+        # balance puts it (supply + P·f_liquid / (ṁ·c_p)). CDU-wide faults (facility water, fouling,
+        # pumps, leaks, load) show through these; a restriction on that one rack cannot.
+        (~pl.col("rack_sensed") | pl.col("return_c").is_null().all().over("rack")).alias("return_estimated"),
+    ).with_columns(
+        pl.when("return_estimated")
+        .then(pl.col("cdu_flow_lpm") * pl.col("design_flow_lpm") / pl.col("cdu_design_flow_lpm"))
+        .otherwise(pl.col("flow_lpm")).alias("flow_lpm"),
+    ).with_columns(
+        pl.when("return_estimated")
+        .then(pl.col("supply_c") + (pl.col("power_kw") * pl.col("heat_to_liquid")
+                                    / (pl.col("flow_lpm").clip(lower_bound=1.0) * cp_per_lpm)).clip(upper_bound=200.0))
+        .otherwise(pl.col("return_c")).alias("return_c"),
+    ).with_columns(
         (pl.col("power_kw") / pl.col("rated_kw")).alias("power_frac"),
         (pl.col("limit_c") - pl.col("return_c")).alias("margin_c"),
         (pl.col("return_c") - pl.col("supply_c")).alias("delta_t_c"),
@@ -331,7 +350,8 @@ def build_features(rows: pl.DataFrame, site: Site, *, step_s: int = DEFAULT_STEP
         .then((pl.col("margin_c").clip(lower_bound=0.0) / pl.col("return_slope_2m") * 60.0).clip(upper_bound=3600.0))
         .otherwise(3600.0).alias("time_to_limit_s"),
     )
-    keep = ["rack", "ts", "cdu", "power_kw", "supply_c", "return_c", "flow_lpm", "design_flow_lpm", "limit_c",
+    keep = ["rack", "ts", "cdu", "power_kw", "supply_c", "return_c", "return_estimated", "flow_lpm", "design_flow_lpm",
+            "limit_c",
             "delta_t_c",
             "balance_error_c",
             "flow_per_kw", "design_flow_per_kw", "dt_design_c", "dt_ss_c", "cdu_supply_c", "facility_c",

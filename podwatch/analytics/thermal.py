@@ -68,7 +68,10 @@ def level_expr(col: str = "probability") -> pl.Expr:
 def breaches_from_features(features: pl.DataFrame) -> pl.DataFrame:
     """Breach episodes (rack, breach_ts, breach_end_ts) from the measured return vs limit — for
     histories without ground truth. Ground truth from the simulator is preferred."""
-    f = features.filter(pl.col("return_c").is_not_null()).sort("rack", "ts").with_columns(
+    measured = pl.col("return_c").is_not_null()
+    if "return_estimated" in features.columns:  # a heat-balance estimate is no evidence of a breach
+        measured = measured & ~pl.col("return_estimated").fill_null(False)
+    f = features.filter(measured).sort("rack", "ts").with_columns(
         (pl.col("return_c") >= pl.col("limit_c")).alias("in_breach"))
     f = f.with_columns((pl.col("in_breach") != pl.col("in_breach").shift(1).over("rack").fill_null(False))
                        .cum_sum().over("rack").alias("episode"))
@@ -139,18 +142,20 @@ def explain(row: dict[str, Any], max_reasons: int = 3) -> list[str]:
     slope = g("return_slope_2m")
     rising = f" and rising {slope:.1f} K/min" if slope is not None and slope > 0.2 else ""
     margin, ret, limit = g("margin_c"), g("return_c"), g("limit_c")
+    # a rack without liquid sensors: its return and flow come from the CDU and PDUs (features.py)
+    est = " (estimated from the CDU and PDUs)" if row.get("return_estimated") else ""
     if margin is not None and ret is not None and limit is not None:
         sev = max(0.0, (8.0 - margin) / 4.0) + (max(0.0, slope or 0.0) / 0.5)
         if sev > 0.5:
             if margin <= 0:
-                cands.append((10.0, f"return {ret:.1f} °C at or above the {limit:.0f} °C limit"))
+                cands.append((10.0, f"return {ret:.1f} °C{est} at or above the {limit:.0f} °C limit"))
             else:
-                cands.append((sev, f"return {ret:.1f} °C, {margin:.1f} K below the {limit:.0f} °C limit{rising}"))
+                cands.append((sev, f"return {ret:.1f} °C{est}, {margin:.1f} K below the {limit:.0f} °C limit{rising}"))
     ratio, fpk, design = g("flow_ratio"), g("flow_per_kw"), g("design_flow_per_kw")
     if ratio is not None and fpk is not None and design is not None and ratio < 0.9:
         fslope = g("flow_ratio_slope_2m")
         falling = " and falling" if fslope is not None and fslope < -0.02 else ""
-        cands.append(((0.9 - ratio) / 0.1 + 0.5, f"flow {fpk:.2f} L/min/kW (design {design:.2f}){falling}"))
+        cands.append(((0.9 - ratio) / 0.1 + 0.5, f"flow {fpk:.2f} L/min/kW{est} (design {design:.2f}){falling}"))
     dtr, dt, dtd = g("dt_ratio"), g("delta_t_c"), g("dt_design_c")
     if dtr is not None and dt is not None and dtd is not None and dtr > 1.1:
         at_load = f" at {g('power_kw'):.0f} kW" if g("power_kw") is not None else ""

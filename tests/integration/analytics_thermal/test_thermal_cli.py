@@ -95,6 +95,32 @@ def test_analyze_without_a_model_uses_the_physics_risk(tmp_path):
     assert out.splitlines()[2].startswith("m1-"), out
 
 
+
+def test_analyze_scores_racks_that_have_no_liquid_sensors(tmp_path):
+    """A retrofit hall (examples/sites/rtu-gateways.yaml): PDUs on the racks, temperatures and
+    flow only at the CDUs. Three of CDU_1's four pumps trip: row 1's racks are at risk, with their
+    return estimated from the CDU and PDUs; row 2 is fine."""
+    retrofit = str(Path(SITE).parent / "rtu-gateways.yaml")
+    site = load_site(retrofit)
+    scenario = Scenario.parse({"name": "trip", "faults": [{"kind": "pump_failure", "target": "CDU_1", "onset_s": 400,
+                                                           "pumps": [1, 2, 3], "standby_takeover": False}]}, "t", site)
+    hist = generate_history(site, days=480 / 86400, resolution_s=5, scenarios=[scenario], seed=5,
+                            out_dir=tmp_path / "hist")
+    db = tmp_path / "risk.duckdb"
+    code, out = invoke("analyze", "--site", retrofit, "--history", str(hist.out_dir), "--write-db", str(db),
+                       "--model-dir", str(tmp_path / "none"))
+    assert code == 0, out
+    assert f"wrote {len(site.racks)} risk score(s)" in out
+    con = duckdb.connect(str(db), read_only=True)
+    rows = con.execute("SELECT rack, probability, reasons FROM risk_scores").fetchall()
+    con.close()
+    risk = {rack: (p, json.loads(reasons)) for rack, p, reasons in rows}
+    row1 = [r.id for r in site.racks if r.cdu == "CDU_1"]
+    row2 = [r.id for r in site.racks if r.cdu == "CDU_2"]
+    assert all(risk[r][0] >= 0.5 for r in row1), {r: risk[r][0] for r in row1}
+    assert all(risk[r][0] < 0.3 for r in row2), {r: risk[r][0] for r in row2}
+    assert any("estimated from the CDU and PDUs" in reason for reason in risk[row1[0]][1]), risk[row1[0]][1]
+
 def test_eval_prints_figures_and_goals(model_dir, tmp_path):
     code, out = invoke("eval", "thermal", "--site", SITE, "--model-dir", str(model_dir), "--per-kind", "1",
                        "--hours", "0.5", "--fault-free-hours", "0.5", "--work-dir", str(tmp_path / "ev"),

@@ -255,3 +255,41 @@ def test_racks_ramping_together_raise_a_saturated_cdus_settled_supply():
     # the racks head for their peak power (1.17 x rated): far more heat than now
     assert row["supply_settle_c"] > still["supply_settle_c"] + 3.0
     assert row["worst_margin_c"] < still["worst_margin_c"] - 3.0
+
+
+RETROFIT = load_site(Path(__file__).parents[3] / "examples/sites/rtu-gateways.yaml")  # PDUs only on the racks
+
+
+def test_a_rack_without_liquid_sensors_gets_its_flow_share_and_the_heat_balance_return():
+    assert not any(d.kind == "rack" for d in RETROFIT.devices)
+    cp_per_lpm = 4.18 / 60.0  # kW per (L/min · K) of water
+
+    def half_flow_after_60s(t, kind, entity, m, value):
+        return value / 2 if entity == "CDU_1" and m == "cdu.flow_lpm" and t >= 60 else value
+
+    f = build_features(healthy_rows(RETROFIT, 0, 120, load=0.8, noise=False, override=half_flow_after_60s), RETROFIT)
+    assert f["return_estimated"].all() and f["return_c"].null_count() == 0
+    for rack_id, flow_share in (("R1.01", 0.5), ("R2.02", 1.0)):
+        rack = RETROFIT.rack(rack_id)
+        cdu = RETROFIT.cdu(rack.cdu)
+        row = f.filter(pl.col("rack") == rack_id).row(-1, named=True)
+        flow = rack.design_flow_lpm * flow_share  # its design share of the CDU's measured flow
+        assert row["flow_lpm"] == pytest.approx(flow)
+        expected_return = cdu.supply_setpoint_c + rack.rated_kw * 0.8 * cdu.heat_to_liquid / (flow * cp_per_lpm)
+        assert row["return_c"] == pytest.approx(expected_return, rel=2e-3)
+        assert row["margin_c"] == pytest.approx(rack.return_limit_c - row["return_c"])
+    # every rack is scored online, not skipped for want of a measured return
+    assert latest_features(healthy_rows(RETROFIT, 0, 30), RETROFIT).height == len(RETROFIT.racks)
+
+
+def test_a_rack_whose_sensors_sent_nothing_is_estimated_the_others_stay_measured():
+    rows = healthy_rows(SITE, 0, 90, noise=False).filter(pl.col("device") != "bms-m1-r03")
+    f = build_features(rows, SITE)
+    assert f.filter(pl.col("rack") == RACK)["return_estimated"].all()
+    assert not f.filter(pl.col("rack") != RACK)["return_estimated"].any()
+    row = f.filter(pl.col("rack") == RACK).row(-1, named=True)
+    measured = f.filter(pl.col("rack") == "m1-r04").row(-1, named=True)
+    # a healthy loop at design flow: the estimate lands where the sensor of a twin rack reads
+    assert SITE.rack(RACK).rated_kw == SITE.rack("m1-r04").rated_kw
+    assert row["return_c"] == pytest.approx(measured["return_c"], abs=0.01)
+    assert row["flow_lpm"] == pytest.approx(measured["flow_lpm"], abs=0.01)

@@ -73,6 +73,22 @@ def test_explain_names_flow_and_delta_t_in_words():
         ["all signals within healthy ranges"]
 
 
+
+def test_explain_says_when_the_return_and_flow_are_estimated():
+    row = {"flow_ratio": 0.59, "flow_per_kw": 0.71, "design_flow_per_kw": 1.2, "margin_c": 3.0, "return_c": 52.0,
+           "limit_c": 55.0, "return_estimated": True}
+    reasons = explain(row)
+    assert "return 52.0 °C (estimated from the CDU and PDUs), 3.0 K below the 55 °C limit" in reasons, reasons
+    assert any(r.startswith("flow 0.71 L/min/kW (estimated from the CDU and PDUs)") for r in reasons), reasons
+    assert not any("estimated" in r for r in explain({**row, "return_estimated": False}))
+
+
+def test_breaches_are_not_read_from_estimated_returns():
+    ts = [T0 + timedelta(seconds=10 * i) for i in range(4)]
+    f = pl.DataFrame({"rack": ["r1"] * 4 + ["r2"] * 4, "ts": ts * 2, "return_c": [50.0, 56.0, 56.0, 50.0] * 2,
+                      "limit_c": [55.0] * 8, "return_estimated": [False] * 4 + [True] * 4})
+    assert breaches_from_features(f)["rack"].to_list() == ["r1"]
+
 def test_levels():
     assert [level_of(p) for p in (0.0, 0.2, 0.5, 0.79, 0.8, 1.0)] == \
         ["ok", "watch", "warning", "warning", "critical", "critical"]
