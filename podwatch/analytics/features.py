@@ -17,7 +17,8 @@ samples up to ts only, and a sample taken at ts counts at ts) with:
 - projections to the risk horizon: the return margin extrapolated linearly and the
   steady-state margin moved by the supply trend, the worst-case margin (the higher of the
   supply's 10-minute peak and its trend — or, on a saturated CDU, where its supply settles at the
-  heat its racks' recent peaks and ongoing ramps lead to — plus the load's 10-minute peak or its
+  heat its racks' recent peaks and ongoing ramps lead to, with its exchanger's steady fouling
+  trend (approach per kW of heat) carried on — plus the load's 10-minute peak or its
   ramp, held for a minute, at the present flow), the
   settled margin carried along its 5-minute trend, the time to the limit at the present rate, and the
   time until a falling reservoir reaches the level where the pumps draw air.
@@ -45,6 +46,7 @@ SUSTAINED_WINDOW_S = 300  # a trend counts as sustained when it holds over both 
 LOAD_SUSTAINED_WINDOW_S = 60  # ... for the load (ramps of a surge), a shorter window
 RAMP_HOLD_S = 60  # a load ramp seen within this long is still credible (the workload's swings hide it at times)
 SUPPLY_LAG_WINDOW_S = 120  # the CDU supply follows its heat load with ~60 s lag: compare against this mean
+APPROACH_TREND_MIN_PER_MIN = 0.005  # a fouling trend: approach per kW up >= 0.5 % of itself per minute
 SATURATED_OVER_SETPOINT_K = 0.5  # CDU supply this far above setpoint = control saturated
 RACK_PEAK_OVER_RATED = 1.17  # GB300-class racks peak ~155 kW on 132 kW nominal (DOMAIN.md)
 RESERVOIR_LOW_PCT = 20.0  # below this CDU pumps start drawing air (flow falls)
@@ -117,6 +119,19 @@ def _sustained(col: str, half_steps: int, step_s: int, over: str, *, rising: boo
     return pl.when(recent.is_not_null() & before.is_not_null()).then(both).otherwise(None)
 
 
+def _steady_rise(col: str, third_steps: int, step_s: int, over: str) -> pl.Expr:
+    """Per-minute rise of `col` over the last 3 x `third_steps` grid steps, from the means of
+    its three thirds: when they rise one after the other, the smaller of the two steps between
+    them per third's length, else 0. Means, not end points: a one-row swing (a load dip the lag
+    model of the heat misfits for a minute) moves a third's mean by a fraction only."""
+    minutes = third_steps * step_s / 60.0
+    mean = pl.col(col).rolling_mean(third_steps, min_samples=third_steps).over(over)
+    m3, m2, m1 = (mean.shift(k * third_steps).over(over) if k else mean for k in range(3))
+    rise = pl.min_horizontal(m3 - m2, m2 - m1) / minutes
+    return pl.when(m1.is_not_null() & m2.is_not_null() & m3.is_not_null()).then(rise.clip(lower_bound=0.0)) \
+        .otherwise(None)
+
+
 def _held(slope: pl.Expr, step_s: int, over: str) -> pl.Expr:
     """The highest of a sustained load ramp's slopes over the last `RAMP_HOLD_S`, once the ramp
     showed in at least two rows of it: a surge being rolled out stays a ramp while the workload's
@@ -141,7 +156,8 @@ def _with_saturated_supply(f: pl.DataFrame, step_s: int, horizon_s: int) -> pl.D
     own sustained ramps carried to the horizon, and its 10-minute peak — the same "what happened
     lately can happen again" as the racks' load peaks: a CDU whose racks peaked together minutes
     ago can see that heat again within the horizon. Ramps are held for `RAMP_HOLD_S` (`_held`).
-    Null otherwise."""
+    On top, a fouling exchanger's approach per kW rising steadily (`_steady_rise`, >= 0.5 % of
+    itself per minute) and a facility-water rise are carried to the horizon. Null otherwise."""
     horizon_min = horizon_s / 60.0
     # each rack's own sustained ramp carried to the horizon (to its peak power at most), summed
     # over the CDU: racks ramping together (a surge rolled out over a module) show in their own
@@ -171,14 +187,41 @@ def _with_saturated_supply(f: pl.DataFrame, step_s: int, horizon_s: int) -> pl.D
                                      pl.col("cdu_heat_kw").rolling_max(max(1, round(PEAK_WINDOW_S / step_s)), min_samples=1)
                                      .over("cdu")).alias("cdu_heat_worst_kw")
                    ).drop("_missing", "_peak_kw", "cdu_heat_ramps_kw")
-    f = f.join(heat, on=["cdu", "ts"], how="left")
+    # The exchanger itself, load taken out: its approach per kW of heat (~1/UA). Fouling grows it,
+    # a load swing does not — so a fouling trend is judged here, where the CDU's own supply slows
+    # down or even stalls whenever its racks' load dips. Carried to the horizon (a sustained rise
+    # only, like every trend here) together with a sustained facility-water rise, at the worst heat.
+    cdu_levels = (f.group_by("cdu", "ts")
+                  .agg(pl.col("cdu_supply_c").first(), pl.col("facility_c").first(), pl.col("setpoint_c").first())
+                  .join(heat.select("cdu", "ts", "cdu_heat_lag_kw", "cdu_heat_worst_kw"), on=["cdu", "ts"], how="left")
+                  .sort("cdu", "ts"))
+    half = max(1, round(SUSTAINED_WINDOW_S / 2 / step_s))
     saturated = pl.col("cdu_supply_c") > pl.col("setpoint_c") + SATURATED_OVER_SETPOINT_K
     approach_now = (pl.col("cdu_supply_c") - pl.col("facility_c")).clip(lower_bound=0.0)
+    cdu_levels = cdu_levels.with_columns(
+        pl.when(saturated & (pl.col("cdu_heat_lag_kw") > 0))
+        .then(approach_now / pl.col("cdu_heat_lag_kw")).otherwise(None).alias("_approach_per_kw"),
+    ).with_columns(
+        _steady_rise("_approach_per_kw", max(1, round(SUSTAINED_WINDOW_S / 3 / step_s)), step_s, "cdu")
+        .alias("_apk_trend"),
+        _sustained("facility_c", half, step_s, "cdu", rising=True).alias("_facility_trend"),
+    ).with_columns(
+        # below APPROACH_TREND_MIN_PER_MIN of itself per minute it is the 2-min lag model's misfit
+        # after a load change, not fouling
+        pl.when(pl.col("_apk_trend") >= APPROACH_TREND_MIN_PER_MIN * pl.col("_approach_per_kw"))
+        .then(pl.col("_apk_trend")).otherwise(0.0).alias("_apk_trend"),
+    ).with_columns(
+        (pl.col("facility_c") + pl.col("_facility_trend").fill_null(0.0) * horizon_min
+         + (pl.col("_approach_per_kw") + pl.col("_apk_trend").fill_null(0.0) * horizon_min)
+         * pl.col("cdu_heat_worst_kw")).alias("_settle_trend_cdu"))
+    f = f.join(heat, on=["cdu", "ts"], how="left").join(cdu_levels.select("cdu", "ts", "_settle_trend_cdu"),
+                                                        on=["cdu", "ts"], how="left")
     ratio = (pl.col("cdu_heat_worst_kw") / pl.col("cdu_heat_lag_kw").clip(lower_bound=1.0)).clip(upper_bound=3.0)
-    settle_cdu = pl.col("facility_c") + approach_now * ratio
+    settle_cdu = pl.max_horizontal(pl.col("facility_c") + approach_now * ratio, pl.col("_settle_trend_cdu"))
     return f.with_columns(
         pl.when(saturated & (pl.col("cdu_heat_lag_kw") > 0))
-        .then(pl.col("supply_c") + settle_cdu - pl.col("cdu_supply_c")).otherwise(None).alias("supply_settle_c"))
+        .then(pl.col("supply_c") + settle_cdu - pl.col("cdu_supply_c")).otherwise(None).alias("supply_settle_c")
+    ).drop("_settle_trend_cdu")
 
 
 def build_features(rows: pl.DataFrame, site: Site, *, step_s: int = DEFAULT_STEP_S,

@@ -220,6 +220,7 @@ def explain(row: dict[str, Any], max_reasons: int = 3) -> list[str]:
 PHYSICS_SCALE_K = 0.5
 MODEL_GATE_MARGIN_K = 6.0  # model risk above "watch" needs a worst-case or projected margin below this
 MODEL_GATE_CAP = 0.19
+SETTLING_BALANCE_K = 1.0  # a return at most this far above the heat balance is settling, not running away
 SENSOR_SUSPECT_K = 6.0  # return this far from the heat balance = the sensor, not the loop
 SENSOR_JUDGE_MIN_FLOW_SHARE = 0.7  # ... judged only while flow >= 70 % of the rack's design flow
 
@@ -228,9 +229,9 @@ def physics_risk(features: pl.DataFrame, horizon_s: int) -> np.ndarray:
     """A risk floor from first principles, independent of what the training set held.
 
     - the worst-case margin (`worst_margin_c`: supply at its recent peak or on its trend, load at
-      its recent peak, at the present flow, settled through ΔT = P·f/(ṁ·c_p)), or the settled
-      margin carried along its trend (`trend_margin_c`) if smaller, through a logistic of scale
-      0.5 K: 0.5 at 0 K, 0.88 at −1 K, 0.12 at +1 K;
+      its recent peak, at the present flow, settled through ΔT = P·f/(ṁ·c_p)) through a logistic
+      of scale 0.5 K: 0.5 at 0 K, 0.88 at −1 K, 0.12 at +1 K (the settled margin carried along
+      its trend, `trend_margin_c`, is a model input, not part of this floor);
     - a falling reservoir that reaches the pumps' air-drawing level within the horizon: 0.9.
     The probability is the larger of this and the model's, so a fault the model never saw still
     raises the risk when the physics says the loop cannot hold the limit."""
@@ -295,9 +296,19 @@ class ThermalModel:
         p_model = self.classifier.predict_proba(x)[:, 1]
         # A rack whose worst-case and extrapolated margins are both wide cannot reach its limit
         # within the horizon without a new fault, which no model sees coming: cap the model there.
+        # Nor can one whose worst case is wide and whose return is not above where the heat
+        # balance settles it: a first-order loop approaches its settled return without overshoot,
+        # so a return climbing after a load step is heading for that settled value, not for the
+        # limit. (A return running above the balance — a flow loss the flow sensor misses — keeps
+        # the extrapolation in the gate.)
         if "worst_margin_c" in features.columns and "proj_margin_c" in features.columns:
-            closest = np.fmin(features["worst_margin_c"].cast(pl.Float64).fill_null(np.nan).to_numpy(),
-                              features["proj_margin_c"].cast(pl.Float64).fill_null(np.nan).to_numpy())
+            worst = features["worst_margin_c"].cast(pl.Float64).fill_null(np.nan).to_numpy()
+            proj = features["proj_margin_c"].cast(pl.Float64).fill_null(np.nan).to_numpy()
+            closest = np.fmin(worst, proj)
+            if "balance_error_c" in features.columns:
+                err = features["balance_error_c"].cast(pl.Float64).fill_null(np.nan).to_numpy()
+                settling = np.nan_to_num(err, nan=np.inf) <= SETTLING_BALANCE_K
+                closest = np.where(settling & ~np.isnan(worst), worst, closest)
             p_model = np.where(np.nan_to_num(closest, nan=0.0) > MODEL_GATE_MARGIN_K,
                                np.minimum(p_model, MODEL_GATE_CAP), p_model)
         suspect = sensor_suspect(features)

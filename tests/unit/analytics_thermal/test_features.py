@@ -163,16 +163,22 @@ def test_a_saturated_cdu_supply_settles_at_its_recent_peak_heat():
     # a saturated CDU's supply settles at the approach of that peak heat, not only of the present one
     cdu = SITE.cdu(SITE.rack(RACK).cdu)
 
+    def burst(t):
+        return 1.3 if 200 <= t < 400 else 1.0  # a module-wide burst 5-8 min ago, over now
+
     def override(t, kind, entity, metric, value):
-        if metric in ("rack.power_kw", "pdu.power_kw") and 200 <= t < 400:
-            return value * 1.3  # a module-wide burst 5-8 min ago, over now
+        if metric in ("rack.power_kw", "pdu.power_kw"):
+            return value * burst(t)
         if metric in ("cdu.supply_temp_c", "rack.liquid_supply_temp_c"):
-            return value + 6.0  # supply 6 K above setpoint: the CDU cannot hold it
+            # 6 K above setpoint at the base load: the CDU cannot hold it; its approach follows
+            # the heat of the last 2 minutes (approach ~ Q/UA, the facility loop's lag)
+            window = range(max(0, t - 119), t + 1)
+            return cdu.facility_supply_c + approach * sum(burst(u) for u in window) / len(window)
         return value
 
+    approach = cdu.supply_setpoint_c + 6.0 - cdu.facility_supply_c
     row = build_features(healthy_rows(SITE, 0, 661, load=0.7, noise=False, override=override), SITE) \
         .filter(pl.col("rack") == RACK).row(-1, named=True)
-    approach = cdu.supply_setpoint_c + 6.0 - cdu.facility_supply_c
     # the present heat equals the heat of the last 2 minutes (ratio 1); the burst's was 1.3x
     assert row["supply_settle_c"] == pytest.approx(row["supply_c"] + approach * 0.3, rel=1e-3)
     # 11 minutes after the burst it is out of the window and the supply settles where it is
@@ -293,3 +299,44 @@ def test_a_rack_whose_sensors_sent_nothing_is_estimated_the_others_stay_measured
     assert SITE.rack(RACK).rated_kw == SITE.rack("m1-r04").rated_kw
     assert row["return_c"] == pytest.approx(measured["return_c"], abs=0.01)
     assert row["flow_lpm"] == pytest.approx(measured["flow_lpm"], abs=0.01)
+
+
+def test_a_fouling_exchangers_trend_is_judged_per_kw_of_heat_so_a_load_dip_does_not_hide_it():
+    """A saturated CDU whose exchanger fouls (approach per kW of heat up 3 %/min) while its racks'
+    load dips to 70 % for a minute: the supply's own trend is lost in the dip, the approach per kW
+    keeps most of it, and where the supply settles within the horizon carries the fouling on at
+    the recent peak heat."""
+    cdu = SITE.cdu(SITE.rack(RACK).cdu)
+    racks = SITE.racks_of_cdu(cdu.id)
+    load, rate = 0.8, 0.03
+
+    def load_at(t):
+        return load * (0.7 if 450 <= t < 510 else 1.0)
+
+    def heat_kw(t):
+        return sum(r.rated_kw * load_at(t) for r in racks) * cdu.heat_to_liquid
+
+    apk0 = (cdu.supply_setpoint_c + 4.0 - cdu.facility_supply_c) / heat_kw(0)  # saturated from the start
+
+    def apk(t):
+        return apk0 * (1 + rate * t / 60)
+
+    def supply(t):  # the supply follows its heat with the facility loop's lag (2-min mean)
+        window = range(max(0, t - 119), t + 1)
+        return cdu.facility_supply_c + apk(t) * sum(heat_kw(u) for u in window) / len(window)
+
+    def override(t, kind, entity, metric, value):
+        if metric in ("rack.power_kw", "pdu.power_kw"):
+            return value * load_at(t) / load
+        if metric in ("cdu.supply_temp_c", "rack.liquid_supply_temp_c") and (kind == "rack" or entity == cdu.id):
+            return supply(t)
+        return value
+
+    row = build_features(healthy_rows(SITE, 0, 661, load=load, noise=False, override=override), SITE, horizon_s=300) \
+        .filter(pl.col("rack") == RACK).row(-1, named=True)
+    settled_now = cdu.facility_supply_c + apk(660) * heat_kw(0)
+    with_trend = cdu.facility_supply_c + (apk(660) + 5 * apk0 * rate) * heat_kw(0)
+    assert row["supply_trend_5m"] == 0.0  # the supply's own 5-min trend: hidden by the dip
+    # the exchanger's trend: most of the fouling's next 5 minutes (1.5 K), never more
+    assert settled_now + 0.5 * (with_trend - settled_now) < row["supply_settle_c"] <= with_trend + 0.05
+    assert row["supply_worst_c"] >= row["supply_settle_c"]

@@ -161,3 +161,25 @@ def test_explain_names_what_drives_the_worst_case():
     text = " ".join(explain(row))
     assert "within the horizon the return may settle near 56 °C (limit 55 °C)" in text
     assert "supply up to 43.2 °C" in text and "load up to 130 kW" in text and "flow down" not in text
+
+
+class _Confident:
+    """A classifier that is sure of a breach on every row: what the gate lets through shows."""
+
+    def predict_proba(self, x):
+        return np.column_stack([np.full(len(x), 0.1), np.full(len(x), 0.9)])
+
+
+def test_a_return_settling_after_a_load_step_does_not_pass_the_gate_one_running_away_does():
+    from podwatch.analytics.thermal import MODEL_GATE_CAP
+    model = ThermalModel(_Confident(), ["worst_margin_c"], 300, "test")
+    rows = pl.DataFrame({
+        "worst_margin_c": [14.9, 14.9, 14.9, 3.0],
+        "proj_margin_c": [4.2, 4.2, 9.0, 4.2],  # the return climbed fast in the last 2 minutes
+        "balance_error_c": [-0.2, 3.0, 3.0, -0.2],  # at its settled value / 3 K above the balance
+        "margin_c": [15.4, 15.4, 15.4, 6.0]})
+    p = model.predict_proba(rows)
+    assert p[0] == pytest.approx(MODEL_GATE_CAP)  # heading for a settled return 15 K below the limit
+    assert p[1] == pytest.approx(0.9)  # above the balance: a flow loss the flow sensor misses
+    assert p[2] == pytest.approx(MODEL_GATE_CAP)  # both margins wide
+    assert p[3] == pytest.approx(0.9)  # the worst case itself is close
