@@ -14,8 +14,11 @@ Design load under A/B (2N) feeds — why a busway carries "whole racks":
 - A node's usable capacity (one side's rating x 80 %) is compared against that failover load; the
   normal, half-loaded reading is not the number that matters.
 - A rack whose A or B PDU has no reading in a bucket is estimated at twice the side that did read
-  (normal sharing is even). A rack with no reading at all leaves its nodes without a value for that
-  bucket (counted in `LoadData.missing_buckets`) rather than pretending the load was lower.
+  (normal sharing is even). A rack with no PDU reading in a bucket — or no PDUs at all (a colo pod
+  whose racks report only through their BMS) — takes the rack's own power figure
+  (`rack.power_kw`, the whole rack). A rack with no reading at all leaves its nodes without a
+  value for that bucket (counted in `LoadData.missing_buckets`) rather than pretending the load
+  was lower.
 - A transformer (or any node with no side) that has its own meter uses the meter: it also sees the
   cooling plant, auxiliaries and losses that rack PDUs do not. Sided nodes always use the failover
   load from PDUs, because their meters read only the normal half share. Such a node also gets an
@@ -39,7 +42,7 @@ from podwatch.site import Site
 
 log = logging.getLogger(__name__)
 
-LOAD_METRICS = ("pdu.power_kw", "meter.power_kw", "cdu.heat_removed_kw")
+LOAD_METRICS = ("pdu.power_kw", "meter.power_kw", "cdu.heat_removed_kw", "rack.power_kw")
 GOOD_QUALITY = 0
 FILL_LIMIT_BUCKETS = 5
 IT_SUFFIX = "#it"  # column of the IT-only (PDU) load of a node whose design load comes from its meter  # a reading carries forward over at most this many empty buckets
@@ -201,7 +204,8 @@ def node_loads(site: Site, samples: pl.DataFrame, bucket_s: int) -> LoadData:
     capacities = site_capacities(site)
     kinds = {n: c.kind for n, c in capacities.items()}
     if samples.is_empty():
-        raise DataSourceError("no pdu.power_kw / meter.power_kw / cdu.heat_removed_kw samples in the selected data")
+        raise DataSourceError("no pdu.power_kw / rack.power_kw / meter.power_kw / cdu.heat_removed_kw samples "
+                              "in the selected data")
     every = f"{int(bucket_s)}s"
     samples = samples.with_columns(pl.col("ts").dt.truncate(every))
     t0, t1 = samples["ts"].min(), samples["ts"].max()
@@ -218,13 +222,17 @@ def node_loads(site: Site, samples: pl.DataFrame, bucket_s: int) -> LoadData:
 
     pdu_col = {d.id: f"{d.entity}/{d.side}" for d in site.devices if d.kind == "pdu" and d.side in ("a", "b")}
     pdu = wide("pdu.power_kw", pdu_col).with_columns(pl.exclude("ts").forward_fill(limit=FILL_LIMIT_BUCKETS))
+    bms_col = {d.id: f"bms:{d.entity}" for d in site.devices if d.kind == "rack"}
+    bms = wide("rack.power_kw", bms_col).with_columns(pl.exclude("ts").forward_fill(limit=FILL_LIMIT_BUCKETS))
+    pdu = pdu.join(bms, on="ts", how="left")
     rack_exprs = []
     for rack in site.racks:
         a = pl.col(f"{rack.id}/a") if f"{rack.id}/a" in pdu.columns else pl.lit(None, pl.Float64)
         b = pl.col(f"{rack.id}/b") if f"{rack.id}/b" in pdu.columns else pl.lit(None, pl.Float64)
+        own = pl.col(f"bms:{rack.id}") if f"bms:{rack.id}" in pdu.columns else pl.lit(None, pl.Float64)
         rack_exprs.append(pl.when(a.is_not_null() & b.is_not_null()).then(a + b)
                           .when(a.is_not_null()).then(2 * a).when(b.is_not_null()).then(2 * b)
-                          .otherwise(None).cast(pl.Float64).alias(rack.id))
+                          .otherwise(own).cast(pl.Float64).alias(rack.id))
     racks = pdu.select(["ts", *rack_exprs])
 
     meter_col = {d.id: d.entity for d in site.devices if d.kind == "meter" and d.entity in site.power_nodes}

@@ -99,3 +99,28 @@ def test_parquet_reader_names_missing_columns(tmp_path):
     pl.DataFrame({"time": [T0], "device": ["p"]}).write_parquet(tmp_path / "x.parquet")
     with pytest.raises(DataSourceError, match="lacks column"):
         read_samples_parquet(tmp_path, 60)
+
+
+EXAMPLES = __import__("pathlib").Path(__file__).parents[3] / "examples" / "sites"
+
+
+def test_racks_that_report_only_through_their_bms_carry_their_own_power_figure():
+    from podwatch.site import load_site
+    colo = load_site(EXAMPLES / "mqtt-only.yaml")  # no PDUs: rack power comes from the BMS
+    bms = {d.entity: d.id for d in colo.devices if d.kind == "rack"}
+    rows = [(0, bms[r.id], "rack.power_kw", 100.0 + i) for i, r in enumerate(colo.racks)]
+    row = node_loads(colo, samples(rows), 60).loads.row(0, named=True)
+    total = sum(100.0 + i for i in range(len(colo.racks)))
+    assert row["ups-a"] == pytest.approx(total) and row["ups-b"] == pytest.approx(total)  # failover: whole racks
+
+
+def test_pdus_win_over_the_bms_figure_which_stands_in_when_they_are_silent():
+    from podwatch.site import load_site
+    demo = load_site(EXAMPLES / "demo.yaml")
+    rows = [(0, "pdu-m1-r01-a", "pdu.power_kw", 50.0), (0, "pdu-m1-r01-b", "pdu.power_kw", 52.0),
+            (0, "bms-m1-r01", "rack.power_kw", 99.0),  # the BMS's own figure differs: PDUs win
+            (0, "bms-m1-r02", "rack.power_kw", 80.0)]  # m1-r02's PDUs silent: the BMS stands in
+    row = node_loads(demo, samples(rows), 60).loads.row(0, named=True)
+    assert row["m1-r01/a"] == pytest.approx(102.0)
+    assert row["m1-r02/a"] == pytest.approx(80.0)
+    assert row["m1-r03/a"] is None  # nothing at all: unknown, not zero
