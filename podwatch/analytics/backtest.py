@@ -165,7 +165,7 @@ class BacktestResult:
                             if s.fallback_pairs else ""))
             for q in self.quantiles:
                 lines.append(f"  P{round(q * 100)}: pinball model {s.pinball_model[q]:.4f} vs seasonal-naive "
-                             f"{s.pinball_naive[q]:.4f} ({s.improvement(q) * 100:+.1f} % better); coverage model "
+                             f"{s.pinball_naive[q]:.4f} ({_better_or_worse(s.improvement(q))}); coverage model "
                              f"{s.coverage_model[q] * 100:.1f} % vs naive {s.coverage_naive[q] * 100:.1f} %")
                 lines.append(f"       (naive with residual quantiles pooled over nodes: pinball {s.pinball_naive_pooled[q]:.4f}, "
                              f"coverage {s.coverage_naive_pooled[q] * 100:.1f} %)")
@@ -303,3 +303,8 @@ def backtest_figures(result: BacktestResult, out_dir: str | Path, node: str | No
         plt.close(fig)
         paths.append(path)
     return paths
+
+
+def _better_or_worse(improvement: float) -> str:
+    """"35.4 % better" / "34.6 % worse" (never "-34.6 % better")."""
+    return f"{abs(improvement) * 100:.1f} % {'better' if improvement >= 0 else 'worse'}"

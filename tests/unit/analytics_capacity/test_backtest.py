@@ -105,3 +105,9 @@ def test_combine_scores_weighs_every_pair_alike():
     assert (both.first_origin, both.last_origin) == (datetime(2026, 1, 1), datetime(2026, 3, 1))
     with pytest.raises(ValueError):
         combine_scores([a, HorizonScores("24h", 1, 1, None, None)])
+
+
+def test_a_model_worse_than_the_baseline_is_called_worse():
+    from podwatch.analytics.backtest import _better_or_worse
+    assert _better_or_worse(0.354) == "35.4 % better"
+    assert _better_or_worse(-0.346) == "34.6 % worse"
