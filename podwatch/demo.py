@@ -192,7 +192,10 @@ class Demo:
             serve += ["--alertmanager", self.opts.alertmanager]
         self.start_child("serve", _podwatch(*serve), self.opts.api_port, timeout=90)
         self.say(f"podwatch serve: ingest + analytics + alerts + API on {self.api_url}")
-        first_port = min(d.port for d in self.site.devices if d.port) + offset
+        # ready once its first Modbus server listens; a site with no Modbus TCP device (MQTT-only
+        # racks, a serial line) has nothing to wait on
+        ports = [d.port for d in self.site.devices if d.port]
+        first_port = min(ports) + offset if ports else None
         sim = ["simulate", "--site", str(self.opts.site), "--speed", speed, "--clock-origin", origin,
                "--port-offset", str(offset), "--mqtt", mqtt, "--seed", str(self.opts.seed),
                "--truth-out", str(self.truth_path)]
@@ -241,7 +244,9 @@ class Demo:
         seen = getattr(self, "_alert_states", {})
         for a in alerts:
             key = a.get("alert_id")
-            if seen.get(key) != a.get("state") and a.get("state") in ("firing", "resolved"):
+            # a pending alert that clears before its hold time never fired: nothing to announce
+            announce = a.get("state") == "firing" or (a.get("state") == "resolved" and a.get("fired_at"))
+            if seen.get(key) != a.get("state") and announce:
                 self.say(f"alert {a.get('state')}: {a.get('rule')} on {a.get('target')} ({a.get('severity')})")
             seen[key] = a.get("state")
         self._alert_states = seen

@@ -417,7 +417,15 @@ def train_thermal(runs: list[TrainingRun], *, horizon_s: int = 300, max_iter: in
     positives = int(y.sum())
     if positives == 0 or positives == len(y):
         raise ModelError(f"training needs both breach and healthy rows; got {positives} positive of {len(y)}")
-    x = data.select([pl.col(c).cast(pl.Float64) for c in MODEL_FEATURES]).to_numpy()
+    # A signal no training site measures (a landlord CDU without telemetry leaves every CDU column
+    # empty) cannot be learnt — and an all-empty column breaks the binning: the model does without it.
+    features = [c for c in MODEL_FEATURES if data[c].cast(pl.Float64).is_not_null().any()
+                and data[c].cast(pl.Float64).is_not_nan().any()]
+    unmeasured = [c for c in MODEL_FEATURES if c not in features]
+    if unmeasured:
+        log.info("thermal model trained without %d signal(s) no training row measures: %s",
+                 len(unmeasured), ", ".join(unmeasured))
+    x = data.select([pl.col(c).cast(pl.Float64) for c in features]).to_numpy()
     # Positives are rare; weigh them up (capped) so the boundary sits before the breach, not at it.
     pos_weight = min(20.0, (len(y) - positives) / positives / keep_share)
     weights = np.where(y == 1, pos_weight, 1.0 / keep_share)
@@ -435,10 +443,11 @@ def train_thermal(runs: list[TrainingRun], *, horizon_s: int = 300, max_iter: in
         "negative_share_kept": keep_share,
         "params": {k: v for k, v in clf.get_params().items() if isinstance(v, (int, float, str, bool, type(None)))},
         "train_accuracy": float((clf.predict(x) == y).mean()),
+        "features_not_measured": unmeasured,
         **(extra_metadata or {}),
     }
     log.info("trained thermal model %s on %d rows (%d positive) from %d runs", version, len(y), positives, len(runs))
-    return ThermalModel(classifier=clf, features=list(MODEL_FEATURES), horizon_s=horizon_s, version=version,
+    return ThermalModel(classifier=clf, features=features, horizon_s=horizon_s, version=version,
                         metadata=metadata)
 
 

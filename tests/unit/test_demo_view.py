@@ -62,3 +62,21 @@ def test_a_broken_scenario_stops_the_demo_before_any_child_starts(tmp_path):
     assert result.exit_code == 2, result.output
     assert "onset_s" in result.output and "Traceback" not in result.output
     assert not (tmp_path / "d" / "logs").exists()  # nothing was started
+
+
+def test_the_log_announces_alerts_that_fired_and_their_resolution_not_pending_ones_that_cleared():
+    demo = Demo(DemoOptions(site=ROOT / "examples/sites/demo.yaml", scenario=None, ui=False))
+    said: list[str] = []
+    demo.say = said.append
+    demo.sim_seconds = lambda: 0.0
+
+    def tick(*alerts):
+        demo.state.last = {"alerts": list(alerts)}
+        demo.tick_events()
+
+    pending = {"alert_id": "p", "rule": "delta_t_high", "target": "m1-r01", "severity": "warning", "state": "pending"}
+    real = {"alert_id": "f", "rule": "delta_t_high", "target": "m1-r02", "severity": "warning", "state": "firing",
+            "fired_at": "2026-11-22T10:00:00Z"}
+    tick(pending, real)
+    tick({**pending, "state": "resolved", "fired_at": None}, {**real, "state": "resolved"})
+    assert said == ["alert firing: delta_t_high on m1-r02 (warning)", "alert resolved: delta_t_high on m1-r02 (warning)"]

@@ -183,3 +183,26 @@ def test_a_return_settling_after_a_load_step_does_not_pass_the_gate_one_running_
     assert p[1] == pytest.approx(0.9)  # above the balance: a flow loss the flow sensor misses
     assert p[2] == pytest.approx(MODEL_GATE_CAP)  # both margins wide
     assert p[3] == pytest.approx(0.9)  # the worst case itself is close
+
+
+@pytest.mark.slow
+def test_a_model_trains_without_the_signals_no_training_site_measures(tmp_path):
+    """A colo pod whose landlord CDU sends no telemetry (examples/sites/mqtt-only.yaml): every CDU
+    column is empty. Training leaves those signals out (and says so) instead of failing, and
+    the model scores frames that lack them."""
+    def without_cdus(rows: pl.DataFrame) -> pl.DataFrame:
+        return rows.filter(~pl.col("device").str.starts_with("cdu-"))
+
+    runs = []
+    for i, (onset, rate) in enumerate([(200, 0.0015), (300, 0.001)]):
+        feats = build_features(without_cdus(restriction_rows(onset, 1200, rate)), SITE)
+        runs.append(TrainingRun(f"restriction-{i}", feats, breaches_from_features(feats)))
+    assert runs[0].features["cdu_flow_ratio"].null_count() == runs[0].features.height
+    model = train_thermal(runs, horizon_s=300, max_iter=30)
+    assert "cdu_flow_ratio" not in model.features and "supply_over_setpoint_c" not in model.features
+    assert "cdu_flow_ratio" in model.metadata["features_not_measured"]
+    assert "margin_ss_c" in model.features
+    model.save(tmp_path)
+    loaded = ThermalModel.load(tmp_path)
+    assert loaded.features == model.features
+    assert loaded.predict_proba(runs[0].features).max() > 0.5  # the restriction is still seen
