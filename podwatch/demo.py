@@ -15,6 +15,7 @@ A machine-readable summary goes to `<data-dir>/demo-summary.json` (the end-to-en
 from __future__ import annotations
 
 import json
+import re
 import signal
 import sys
 import time
@@ -88,17 +89,49 @@ class Demo:
 
         self.opts = opts
         self.site = load_site(opts.site)
+        # another site than the demo's gets its own folder under the data directory: it must not
+        # write into the demo site's DuckDB file or reuse the thermal model trained on its histories
+        self.data = opts.data_dir.resolve()
+        if Path(opts.site).resolve() != DEFAULT_SITE.resolve():
+            self.data = self.data / "sites" / re.sub(r"[^A-Za-z0-9._-]", "_", self.site.id)
+        if opts.scenario is not None and opts.scenario.resolve() == DEFAULT_SCENARIO.resolve():
+            opts.scenario = self._default_story_for_site()
         # Checked against the site before any child starts: a broken scenario is a config error
         # naming its field, not a simulator child that dies a few seconds into the demo.
         self.scenario = Scenario.load(opts.scenario, self.site) if opts.scenario else None
         self.state = DemoState()
-        self.data = opts.data_dir.resolve()
         self.logs = self.data / "logs"
         self.db_path = self.data / "podwatch.duckdb"
         self.model_dir = self.data / "models" / "thermal"
         self.truth_path = self.data / "truth.json"
         self.api_url = f"http://127.0.0.1:{opts.api_port}"
         self._stop_requested = False
+
+    def _default_story_for_site(self) -> Path | None:
+        """The default scenario (both duty pumps of a CDU trip at 60 s, no standby, repaired 4 min
+        later) as written for the demo site, or retold for the site given: its first CDU with
+        telemetry (else its first CDU) and that CDU's duty pumps. None for a site without CDUs."""
+        from podwatch.errors import ConfigError
+        from podwatch.simulators.scenario import Scenario
+        from podwatch.site import read_yaml_file
+
+        try:
+            Scenario.load(DEFAULT_SCENARIO, self.site)
+            return DEFAULT_SCENARIO
+        except ConfigError:
+            pass
+        if not self.site.cdus:
+            return None
+        watched = {d.entity for d in self.site.devices if d.kind == "cdu"}
+        cdu = next((c for c in self.site.cdus if c.id in watched), self.site.cdus[0])
+        story = read_yaml_file(DEFAULT_SCENARIO)
+        fault = {**story["faults"][0], "target": cdu.id, "pumps": list(range(1, cdu.working_pumps + 1))}
+        story.update(name=f"demo-{self.site.id}", faults=[fault],
+                     description=f"{cdu.id} loses its duty pumps at t=60 s (no standby takeover), repaired at t=300 s")
+        path = self.data / "demo-scenario.yaml"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(story, indent=1) + "\n")  # JSON is YAML
+        return path
 
     # ------------------------------------------------------------------ helpers
     def say(self, text: str) -> None:
@@ -123,6 +156,11 @@ class Demo:
 
         if (self.model_dir / META_FILE).exists():
             self.say(f"thermal model cached at {self.model_dir}")
+            return
+        if not any(d.enabled and d.kind in ("cdu", "rack") for d in self.site.devices):
+            # nothing to learn from (PDUs and meters only): serve scores what it can without a model
+            self.say("the site reports no coolant telemetry (no CDU or rack sensors): no thermal-risk model to "
+                     "train; power, capacity and alerts only")
             return
         self.say("first run: generating simulator histories and training the thermal-risk model")
         argv = _podwatch("train", "thermal", "--site", str(self.opts.site), "--model-dir", str(self.model_dir),
@@ -202,9 +240,12 @@ class Demo:
         if self.opts.scenario:
             sim += ["--scenario", str(self.opts.scenario)]
         self.start_child("simulate", _podwatch(*sim), first_port, timeout=60)
-        n_modbus = sum(1 for d in self.site.devices if d.port)
-        self.say(f"simulator serving {n_modbus} Modbus devices (ports +{offset}) and "
-                 f"{len(self.site.devices) - n_modbus} MQTT devices, speed x{self.opts.speed:g}")
+        n_tcp = sum(1 for d in self.site.devices if d.port)
+        n_mqtt = sum(1 for d in self.site.devices if d.protocol == "mqtt")
+        n_serial = len(self.site.devices) - n_tcp - n_mqtt
+        self.say(f"simulator serving {n_tcp} Modbus TCP devices (ports +{offset})"
+                 + (f", {n_serial} on serial lines" if n_serial else "")
+                 + f" and {n_mqtt} MQTT devices, speed x{self.opts.speed:g}")
         collect = ["collect", "--site", str(self.opts.site), "--kafka", kafka, "--mqtt", mqtt,
                    "--port-offset", str(offset), "--spool-dir", str(self.data / "spool"),
                    "--speed", speed, "--clock-origin", origin]

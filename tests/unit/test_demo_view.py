@@ -80,3 +80,22 @@ def test_the_log_announces_alerts_that_fired_and_their_resolution_not_pending_on
     tick(pending, real)
     tick({**pending, "state": "resolved", "fired_at": None}, {**real, "state": "resolved"})
     assert said == ["alert firing: delta_t_high on m1-r02 (warning)", "alert resolved: delta_t_high on m1-r02 (warning)"]
+
+
+def test_the_default_story_is_retold_for_another_site_and_each_site_keeps_its_own_data(tmp_path):
+    demo = Demo(DemoOptions(site=ROOT / "examples/sites/demo.yaml", data_dir=tmp_path, ui=False))
+    assert demo.opts.scenario.name == "demo.yaml" and demo.data == tmp_path.resolve()
+    retrofit = Demo(DemoOptions(site=ROOT / "examples/sites/rtu-gateways.yaml", data_dir=tmp_path, ui=False))
+    assert retrofit.data == tmp_path.resolve() / "sites" / "hall_3.retrofit"  # not the demo site's file or model
+    [fault] = retrofit.scenario.faults
+    assert (fault.kind, fault.target, fault.pumps, fault.onset_s) == ("pump_failure", "CDU_1", [1, 2], 60)
+    assert fault.standby_takeover is False and fault.duration_s == 240
+
+
+def test_a_site_without_coolant_telemetry_gets_no_model_and_says_why(tmp_path):
+    demo = Demo(DemoOptions(site=ROOT / "examples/sites/minimal.yaml", data_dir=tmp_path, ui=False))
+    said: list[str] = []
+    demo.say = said.append
+    demo.ensure_model()  # returns at once: no training subprocess for a site with PDUs only
+    assert said and "no coolant telemetry" in said[0]
+    assert not demo.model_dir.exists()
