@@ -95,7 +95,7 @@ class DeviceSpec(_Model):
         if v is None:
             return v
         if "+" in v or "#" in v:
-            raise ValueError(f"'{v}' contains an MQTT wildcard (+ or #); topics cannot")
+            raise ValueError(f"'{v}' contains an MQTT wildcard (+ or #); a published topic cannot contain one")
         if v.startswith("/") or v.endswith("/") or "//" in v or not v.strip():
             raise ValueError(f"'{v}' has an empty topic level (leading, trailing or double '/')")
         return v
