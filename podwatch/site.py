@@ -36,6 +36,7 @@ from podwatch.errors import ConfigError
 SQRT3 = math.sqrt(3.0)
 CONTINUOUS_LOAD_FACTOR = 0.8  # NEC 80 % rule: continuous load (>= 3 h) may use 80 % of a rating
 ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.:-]*$"
+DEFAULT_VOLTAGE_V = 415.0
 
 Protocol = Literal["modbus-tcp", "modbus-rtu-over-tcp", "modbus-rtu", "mqtt"]
 Side = Literal["a", "b"]
@@ -94,7 +95,7 @@ class DeviceSpec(_Model):
         if v is None:
             return v
         if "+" in v or "#" in v:
-            raise ValueError(f"'{v}' contains an MQTT wildcard (+ or #); topics cannot")
+            raise ValueError(f"'{v}' contains an MQTT wildcard (+ or #); a published topic cannot contain one")
         if v.startswith("/") or v.endswith("/") or "//" in v or not v.strip():
             raise ValueError(f"'{v}' has an empty topic level (leading, trailing or double '/')")
         return v
@@ -110,7 +111,7 @@ class Defaults(_Model):
     poll_interval_s: float = Field(1.0, gt=0)
     timeout_s: float = Field(0.5, gt=0)
     power_factor: float = Field(0.95, gt=0, le=1, description="Used to turn kVA ratings into kW")
-    voltage_v: float = Field(415.0, gt=0, description="Line-to-line voltage for ratings given in amperes")
+    voltage_v: float = Field(DEFAULT_VOLTAGE_V, gt=0, description="Line-to-line voltage for ratings given in amperes")
 
 
 # --------------------------------------------------------------------------- power path
@@ -207,10 +208,10 @@ class RackWhips(_Model):
 
     per_side: int = Field(5, ge=1, description="Whips per side (A or B)")
     rating_a: float = Field(60.0, gt=0)
-    voltage_v: float = Field(415.0, gt=0)
+    voltage_v: float | None = Field(None, gt=0, description="Line-to-line voltage (default: site defaults.voltage_v)")
 
     def side_kva(self) -> float:
-        return self.per_side * SQRT3 * self.voltage_v * self.rating_a / 1000.0
+        return self.per_side * SQRT3 * (self.voltage_v or DEFAULT_VOLTAGE_V) * self.rating_a / 1000.0
 
 
 class RackSpec(_Model):
@@ -292,6 +293,16 @@ class SiteSpec(_Model):
     gateways: list[Gateway] = Field(default_factory=list)
     power: Power
     modules: list[Module] = Field(min_length=1)
+
+    @model_validator(mode="after")
+    def _whips_default_to_site_voltage(self):
+        """Whips are rated in amperes; like every rating in amperes they are at the site's
+        `defaults.voltage_v` unless they name their own voltage."""
+        for m in self.modules:
+            for r in m.racks:
+                if r.whips.voltage_v is None:
+                    r.whips.voltage_v = self.defaults.voltage_v
+        return self
 
 
 # --------------------------------------------------------------------------- flattened views

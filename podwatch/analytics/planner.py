@@ -128,10 +128,18 @@ def positions(site: Site, module: str | None = None) -> list[Position]:
     return sorted(seen.values(), key=lambda p: (p.module, p.feed_a, p.feed_b, p.cdu))
 
 
+def _at_site_voltage(site: Site, whips: RackWhips) -> RackWhips:
+    """Whips rated in amperes are at the site's `defaults.voltage_v` unless they name a voltage."""
+    if whips.voltage_v is None:
+        return whips.model_copy(update={"voltage_v": site.spec.defaults.voltage_v})
+    return whips
+
+
 def build_resources(site: Site, p99: Mapping[str, float], rack_kw: float, flow_lpm_per_kw: float,
                     whips: RackWhips, notes: list[str] | None = None) -> tuple[dict[str, Resource], dict[Position, list[str]]]:
     """Every resource a new rack could touch, and the resources on each position's paths."""
     notes = notes if notes is not None else []
+    whips = _at_site_voltage(site, whips)
     resources: dict[str, Resource] = {}
     rated = {r.id: r.rated_kw for r in site.racks}
 
@@ -284,7 +292,7 @@ def plan(site: Site, forecasts: Iterable | Mapping[str, float] | None, rack_kw: 
         raise ValueError(f"--rack-kw must be > 0 and --count >= 1 (got {rack_kw:g} kW, {count})")
     if module is not None and module not in {m.id for m in site.modules}:
         raise ValueError(f"--module: unknown module '{module}' (site has {', '.join(m.id for m in site.modules)})")
-    whips = whips or RackWhips()
+    whips = _at_site_voltage(site, whips or RackWhips())
     notes: list[str] = []
     p99, horizon = _p99_by_node(forecasts)
     if horizon:
@@ -370,6 +378,7 @@ def _feasible(pos_list, by_position, resources, rack_kw, count) -> tuple[int, ..
 
 
 def _fits(site, p99, rack_kw, count, module, flow_lpm_per_kw, whips) -> bool:
+    whips = _at_site_voltage(site, whips)
     whip_usable = whips.side_kva() * site.spec.defaults.power_factor * CONTINUOUS_LOAD_FACTOR
     if rack_kw > whip_usable + EPS:
         return False

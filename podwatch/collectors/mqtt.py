@@ -55,6 +55,7 @@ from podwatch.health import REGISTRY
 from podwatch.logs import fields
 from podwatch.samples import Quality, Reading
 from podwatch.site import Device, MqttSettings, Site
+from podwatch.stream.envelope import MAX_TS_MS, MIN_TS_MS
 
 log = logging.getLogger(__name__)
 
@@ -144,6 +145,9 @@ def _number(value, what: str) -> float:
 def _timestamp_ms(value, what: str) -> int:
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
         raise DeadLetter("wrong_type", f"{what} is {value!r}, expected milliseconds since the epoch")
+    if not MIN_TS_MS <= value < MAX_TS_MS:  # seconds or microseconds: the envelope would break the telemetry schema
+        raise DeadLetter("bad_timestamp", f"{what} {value!r} is outside 2000-01-01..2100-01-01 "
+                                          "(milliseconds since the epoch expected)")
     return int(value)
 
 

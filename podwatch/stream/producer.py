@@ -404,17 +404,20 @@ class TelemetryProducer:
         except Exception as exc:  # an outage: the runner fails over to the spool
             entry.error = exc
             return
+        # Read every future's outcome (not only up to the first failure): an exception nobody
+        # retrieved is logged by asyncio as "Future exception was never retrieved" with a traceback.
+        outcomes = [(index, asyncio.CancelledError() if fut.cancelled() else fut.exception()) for index, fut in indexed]
         if entry.state != "inflight":
             return  # moved to the spool meanwhile; these acks make duplicates the sink drops
-        for index, fut in indexed:
-            exc = fut.exception()
+        for index, exc in outcomes:
             if exc is None:
                 continue
             if is_permanent(exc):
                 entry.permanent[index] = exc
-            else:
+            elif entry.error is None:
                 entry.error = exc
-                return
+        if entry.error is not None:
+            return
         del self._inflight[entry]
         entry.state = "acked"
         self._kafka_ok = True
@@ -470,8 +473,8 @@ class TelemetryProducer:
             if entry.task is not None and not entry.task.done():
                 entry.task.cancel()
             for fut in entry.futures:
+                fut.add_done_callback(_retrieve)  # failed ones too, done before the task was cancelled
                 if not fut.done():
-                    fut.add_done_callback(_retrieve)
                     self._abandoned.add(fut)
             waiters.extend((len(records) + first, count, w) for first, count, w in entry.waiters)
             records.extend(entry.records)
@@ -601,8 +604,8 @@ class TelemetryProducer:
             if task in done and task.exception() is None:
                 self._unconfirmed = (batch, futures, len(permanent))
             for fut in futures:
+                fut.add_done_callback(_retrieve)
                 if not fut.done():
-                    fut.add_done_callback(_retrieve)
                     self._abandoned.add(fut)
             self._kafka_ok = False
             self._drain_failures += 1

@@ -100,6 +100,9 @@ MALFORMED = [
     ("missing_field", "BMS/v1/PUB/Value/Rack/RackPower/t1/m1/r1", b'{"timestamp": 1}'),
     ("wrong_type", "BMS/v1/PUB/Value/Rack/RackPower/t1/m1/r1", b'{"value": "41.2"}'),
     ("non_finite", "BMS/v1/PUB/Value/Rack/RackPower/t1/m1/r1", b'{"value": NaN}'),
+    # seconds instead of milliseconds: the envelope would break the telemetry schema (ts in 2000..2100)
+    ("bad_timestamp", "BMS/v1/PUB/Value/Rack/RackPower/t1/m1/r1", b'{"value": 1, "timestamp": 1795373500}'),
+    ("bad_timestamp", "BMS/v1/PUB/Value/Rack/RackPower/t1/m1/r1", b'{"value": 1, "timestamp": 4102444800000}'),
     ("too_large", "BMS/v1/PUB/Value/Rack/RackPower/t1/m1/r1", b'{"value": 1, "pad": "' + b"x" * 1_000_000 + b'"}'),
     ("unknown_device", "BMS/v1/PUB/Value/Rack/RackPower/t1/m9/r77", b'{"value": 1}'),
     ("unknown_point", "BMS/v1/PUB/Value/Rack/RackColour/t1/m1/r1", b'{"value": 1}'),
@@ -135,14 +138,15 @@ async def test_unknown_topic_under_the_subscription_is_dead_lettered(mosquitto_b
     publisher("podwatch/dc1/telemetry/rs-1", {"supply_temp_c": 30.5, "flow_lpm": 140, "ts": TS, "extra": "ignored"})
     publisher("podwatch/dc1/telemetry/nobody", {"supply_temp_c": 30.5})
     publisher("podwatch/dc1/telemetry/rs-1", {"other": 1})
-    await wait_until(lambda: len(sink.dead_letters) == 2 and sink.readings, 5, what="generic reading + dead letters")
+    publisher("podwatch/dc1/telemetry/rs-1", {"supply_temp_c": 30.5, "ts": 1795373500})  # seconds, not ms
+    await wait_until(lambda: len(sink.dead_letters) == 3 and sink.readings, 5, what="generic reading + dead letters")
     # a handed-in message on a topic no profile maps (as a bridged/misconfigured subscription would deliver)
     await collector.handle("podwatch/dc1/status/rs-1", b"{}")
     stop.set()
     await task
     assert sink.readings[0].device == "rs-1" and sink.readings[0].ts_ms == TS
     assert sink.readings[0].points == {"rack.liquid_supply_temp_c": 30.5, "rack.liquid_flow_lpm": 140.0}
-    assert [d["reason"] for d in sink.dead_letters] == ["unknown_device", "missing_field", "unknown_topic"]
+    assert [d["reason"] for d in sink.dead_letters] == ["unknown_device", "missing_field", "bad_timestamp", "unknown_topic"]
 
 
 class FailingOnceSink(MemorySink):

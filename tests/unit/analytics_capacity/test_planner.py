@@ -157,3 +157,18 @@ def test_planner_matches_brute_force(problem):
     if fits:
         assert sum(result.placements.values()) == count
         assert all(c.margin_after_kw >= -1e-9 for c in result.checks)
+
+
+def test_new_rack_whips_are_at_the_site_voltage():
+    """A 400 V site: the new rack's 5 x 60 A whips carry 400 V x sqrt(3) x 60 A each, not 415 V."""
+    from podwatch.site import parse_site
+    from tests.unit.analytics_capacity.sites import site_dict
+
+    data = site_dict([{"racks": [100.0]}])
+    data["defaults"] = {"voltage_v": 400}
+    site = parse_site(data)
+    result = plan(site, {}, rack_kw=170.0, count=1)
+    usable_400 = 5 * 3 ** 0.5 * 400 * 60 / 1000.0 * site.spec.defaults.power_factor * CONTINUOUS_LOAD_FACTOR
+    assert result.limiting_resource == "new rack whips"
+    assert result.limiting_margin_kw == pytest.approx(usable_400 - 170.0)
+    assert not _fits(site, {}, 160.0, 1, None, FLOW_PER_KW, RackWhips())  # 157.9 kW usable at 400 V (163.7 at 415 V)

@@ -240,3 +240,19 @@ def test_a_worn_pump_trip_is_recorded_in_the_ground_truth(demo, tmp_path):
     (fault,) = result.truth.faults
     assert fault.trip_ms == START_MS + round(scenario.faults[0].trip_s() * 1000) == START_MS + 975_000
     assert GroundTruth.read_json(result.truth.write_json(tmp_path / "t.json")).faults[0].trip_ms == fault.trip_ms
+
+
+def test_pdu_voltage_follows_the_site_voltage_when_whips_do_not_name_one():
+    """A 400 V site: PDUs report ~231 V line-to-neutral, like the meters, not 415 V / sqrt(3)."""
+    import yaml
+    from podwatch.site import parse_site
+
+    path = Path(__file__).parents[3] / "examples/sites/demo.yaml"
+    text = path.read_text()
+    assert "whips" not in text and "voltage_v: 415" in text
+    data = yaml.safe_load(text.replace("voltage_v: 415", "voltage_v: 400"))
+    site = parse_site(data, source=str(path), base=path.parent)
+    sim = Simulator(site, seed=1, serve_modbus=False, mqtt_url=None)
+    sim.step(5.0)
+    pdu_v = [v for dev in sim.readings().values() for k, v in dev.items() if k == "pdu.l1.voltage_v"]
+    assert pdu_v and all(abs(v - 400 / 3 ** 0.5) < 3 for v in pdu_v), pdu_v[:4]

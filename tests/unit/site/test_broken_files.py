@@ -63,7 +63,8 @@ EXPECTED: dict[str, list[str]] = {
         "modules[0].racks[0].sensors: max_registers_per_read / max_gap apply to Modbus devices, not MQTT"],
     "syntax-error.yaml": ["line 3, column 6: invalid YAML"],
     "mqtt-tag-paths.yaml": [
-        "modules[0].racks[0].sensors.tag_path: 'DC1/+/r1' contains an MQTT wildcard",
+        "modules[0].racks[0].sensors.tag_path: 'DC1/+/r1' contains an MQTT wildcard (+ or #); "
+        "a published topic cannot contain one",
         "modules[0].racks[1].sensors.tag_path: 'DC1//r2' has an empty topic level"],
     "duplicate-tag-path.yaml": [
         "modules[0].racks[3].sensors.tag_path: 'DC1/row/r' is already used by modules[0].racks[2].sensors"],

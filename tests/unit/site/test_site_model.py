@@ -182,3 +182,22 @@ def test_every_example_site_is_valid_against_the_published_json_schema(path):
     assert list(validator.iter_errors(yaml.safe_load(path.read_text()))) == []
     broken = yaml.safe_load((Path(__file__).parent / "broken" / "unknown-keys.yaml").read_text())
     assert any("'gateway' was unexpected" in e.message for e in validator.iter_errors(broken))
+
+
+def test_rack_whips_default_to_the_site_voltage():
+    """site.md: ratings in amperes are at `voltage_v`, default `defaults.voltage_v`. A 400 V site
+    whose racks do not repeat the voltage on their whips must not get 415 V whips."""
+    data = small_site()
+    data["defaults"] = {"voltage_v": 400}
+    site = parse_site(data)
+    rack = site.racks[0].spec
+    assert rack.whips.voltage_v == 400
+    expected_kva = 5 * 3 ** 0.5 * 400 * 60 / 1000.0
+    assert site.power_nodes[f"{rack.id}/a"].nameplate_kw == pytest.approx(expected_kva * 0.95)
+
+
+def test_rack_whips_keep_their_own_voltage():
+    data = small_site()
+    data["defaults"] = {"voltage_v": 400}
+    data["modules"][0]["racks"][0]["template"]["whips"] = {"per_side": 5, "rating_a": 60, "voltage_v": 480}
+    assert parse_site(data).racks[0].spec.whips.voltage_v == 480
