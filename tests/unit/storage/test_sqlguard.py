@@ -69,3 +69,30 @@ def test_time_limit_cancels_and_row_cap_truncates(con):
     result = run_guarded(con, "SELECT * FROM range(100) r(i)", max_rows=10)
     assert result.truncated and len(result.rows) == 10 and result.columns == ["i"]
     assert run_guarded(con, "SELECT 42 AS answer").records() == [{"answer": 42}]
+
+
+@pytest.mark.parametrize("template", [
+    # a CTE of an inner query is not in scope outside it: DuckDB reads the file there
+    'SELECT * FROM (WITH "{f}" AS (SELECT 1 AS z) SELECT 1 AS q) a, "{f}" b',
+    "SELECT * FROM (WITH \"{f}\" AS (SELECT 1 AS z) SELECT 1 AS q) a, '{f}' b",
+    'SELECT * FROM samples WHERE device IN (SELECT * FROM (WITH "{f}" AS (SELECT 1) SELECT 1)) UNION ALL SELECT * FROM "{f}"',
+    # a non-recursive CTE does not see itself: the name inside its body is the file
+    'WITH "{f}" AS (SELECT * FROM "{f}") SELECT * FROM "{f}"',
+    # a CTE sees only the CTEs declared before it
+    'WITH a AS (SELECT * FROM "{f}"), "{f}" AS (SELECT 1 AS z) SELECT * FROM a',
+])
+def test_cte_names_do_not_whitelist_files_outside_their_scope(con, tmp_path, template):
+    secret = tmp_path / "secret.csv"
+    secret.write_text("user,password\nroot,hunter2\n")
+    with pytest.raises(SqlRejected) as info:
+        run_guarded(con, template.format(f=secret))
+    assert info.value.status == 403 and "unknown relation" in str(info.value)
+
+
+@pytest.mark.parametrize("sql, rows", [
+    ("WITH RECURSIVE r(n) AS (SELECT 1 UNION ALL SELECT n + 1 FROM r WHERE n < 3) SELECT count(*) FROM r", [(3,)]),
+    ("WITH a AS (SELECT 1 AS x), b AS (SELECT x + 1 AS y FROM a) SELECT y FROM b", [(2,)]),
+    ("WITH a AS (SELECT 2 AS x) SELECT (SELECT max(x) FROM a) + (SELECT count(*) FROM (SELECT * FROM a))", [(3,)]),
+])
+def test_ctes_in_scope_still_pass(con, sql, rows):
+    assert run_guarded(con, sql).rows == rows
