@@ -28,6 +28,7 @@ class QueryError(PodwatchError):
 
 _RELATIVE = re.compile(r"^now(?:\s*-\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d|w|y))?$")
 _DURATION = re.compile(r"^(\d+(?:\.\d+)?)\s*(ms|s|m|h|d|w)?$")
+MAX_STEP_S = 3650 * 86400  # a step's microseconds go to DuckDB as an integer literal
 _UNIT_S = {"ms": 0.001, "s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800, "y": 365 * 86400}
 
 
@@ -40,8 +41,14 @@ def parse_time(value: str | None, name: str, default: datetime | None = None, no
     or `now-6h` (ms, s, m, h, d, w, y). Returns a naive UTC datetime."""
     if value is None or value == "":
         return default
+    try:
+        return _parse_time(value, name, now or utcnow())
+    except (OverflowError, ValueError):  # past datetime's years 1-9999
+        raise QueryError(f"parameter '{name}': time {value!r} is out of range (years 1-9999)") from None
+
+
+def _parse_time(value: str, name: str, now: datetime) -> datetime:
     text = value.strip()
-    now = now or utcnow()
     if re.fullmatch(r"-?\d+(\.\d+)?", text):
         number = float(text)
         seconds = number / 1000 if abs(number) >= 1e11 else number
@@ -72,6 +79,8 @@ def parse_step_s(value: str | None, name: str = "step") -> float | None:
     seconds = float(amount) * _UNIT_S[unit or "s"]
     if seconds < 0.001:
         raise QueryError(f"parameter '{name}' must be at least 1ms, got {value!r}")
+    if seconds > MAX_STEP_S:
+        raise QueryError(f"parameter '{name}' must be at most 3650d, got {value!r}")
     return seconds
 
 
