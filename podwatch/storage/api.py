@@ -58,7 +58,10 @@ def _cell(value: Any) -> Any:
 
 
 def rows_response(request: Request, rows: list[dict], headers: dict | None = None) -> Response:
-    if request.query_params.get("format", "json") == "csv":
+    fmt = request.query_params.get("format", "json")
+    if fmt not in ("json", "csv"):
+        return _error(400, f"parameter 'format' must be json or csv, got {fmt!r}")
+    if fmt == "csv":
         out = io.StringIO()
         columns = list(rows[0]) if rows else []
         writer = csv.writer(out)
@@ -201,8 +204,10 @@ def create_app(service, extra_routes: list[Route] | None = None) -> Starlette:
         responses:
           200: {description: "[{time, alert_id, rule, target, severity, state, labels, annotations, ...}]"}
         """
-        rows = await run(lambda cur: queries.alerts(cur, request.query_params.get("state")))
-        return rows_response(request, rows)
+        async def go():
+            rows = await run(lambda cur: queries.alerts(cur, request.query_params.get("state")))
+            return rows_response(request, rows)
+        return await guarded(request, go)
 
     async def risk(request: Request) -> Response:
         """

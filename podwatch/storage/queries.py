@@ -238,9 +238,15 @@ def _parse_json(text: str | None, fallback: Any) -> Any:
         return text
 
 
+ALERT_STATES = ("pending", "firing", "resolved")
+
+
 def alerts(con: duckdb.DuckDBPyConnection, state: str | None = None) -> list[dict]:
     filters, params = ["TRUE"], []
     if state:
+        unknown = [s for s in _csv(state) if s not in ALERT_STATES]
+        if unknown:
+            raise QueryError(f"parameter 'state': unknown state {unknown[0]!r} (one of {', '.join(ALERT_STATES)})")
         filters.append(_in("state", _csv(state), params))
     cur = con.execute(f"SELECT started_at AS time, * FROM alerts WHERE {' AND '.join(filters)} ORDER BY updated_at DESC", params)
     rows = _records(cur)

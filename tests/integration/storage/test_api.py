@@ -227,3 +227,17 @@ async def test_wide_views_through_sql(api):
     loops = (await api.post("/api/sql", headers=auth, json={
         "sql": "SELECT cdu, count(*) AS n, avg(supply_temp_c) AS supply, avg(flow_lpm) AS flow FROM cdu_loops GROUP BY cdu"})).json()
     assert loops == [{"cdu": "cdu-m1", "n": 720, "supply": pytest.approx(32.5), "flow": pytest.approx(902.5)}]
+
+
+@pytest.mark.timeout(30)
+async def test_out_of_range_and_unknown_parameter_values_are_400_not_500(api):
+    for params in ({"device": "cdu-m1", "from": "0", "to": "99999999999999999999"},
+                   {"device": "cdu-m1", "from": "now-100000000y"},
+                   {"device": "cdu-m1", "step": "99999999999999999999d"},
+                   {"device": "cdu-m1", "format": "xml"}):
+        response = await api.get("/api/series", params=params)
+        assert response.status_code == 400, (params, response.text)
+        assert response.json()["error"].startswith("parameter '"), response.text
+    bad_state = await api.get("/api/alerts", params={"state": "fring"})
+    assert bad_state.status_code == 400 and "'state'" in bad_state.json()["error"]
+    assert (await api.get("/api/alerts", params={"state": "firing,resolved"})).status_code == 200
