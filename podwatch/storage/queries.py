@@ -93,6 +93,12 @@ def _in(column: str, values: list[str], params: list) -> str:
     return f"{column} IN ({', '.join('?' for _ in values)})"
 
 
+def _floor_to(ts: datetime, seconds: int) -> datetime:
+    """`ts` floored to a multiple of `seconds` since the epoch (the rollups' bucket starts)."""
+    epoch = datetime(1970, 1, 1)
+    return epoch + timedelta(seconds=(ts - epoch) // timedelta(seconds=seconds) * seconds)
+
+
 def pick_rollup(step_s: float) -> str | None:
     """The coarsest rollup whose bucket divides the step, or None for raw samples."""
     for name, seconds in sorted(ROLLUP_SECONDS.items(), key=lambda kv: -kv[1]):
@@ -146,19 +152,26 @@ def series(con: duckdb.DuckDBPyConnection, *, device: str | None = None, metric:
     rollup = pick_rollup(step_s)
     mark = done_until(con).get(rollup) if rollup else None
     parts, all_params = [], []
-    if rollup and mark is not None and mark > start:
-        parts.append(f"""SELECT time_bucket(to_microseconds({step_us}), ts) AS t, device, metric,
-                         sum(value_sum) AS s, sum(n_values) AS n
-                         FROM {rollup} WHERE ts >= ? AND ts < ? AND {where} GROUP BY ALL""")
-        all_params += [start, min(end, mark), *params]
-        raw_start = max(start, mark)
-    else:
-        raw_start = start
-    if raw_start < end:
+    raw_ranges = [(start, end)]
+    if rollup and mark is not None:
+        # Closed rollup buckets lying wholly inside [start, end) come from the rollup; the edges
+        # (before the first whole bucket, after the last one or the rollup's mark) from samples.
+        bucket_s = ROLLUP_SECONDS[rollup]
+        lo = _floor_to(start, bucket_s)
+        if lo < start:
+            lo += timedelta(seconds=bucket_s)
+        hi = _floor_to(min(end, mark), bucket_s)
+        if lo < hi:
+            parts.append(f"""SELECT time_bucket(to_microseconds({step_us}), ts) AS t, device, metric,
+                             sum(value_sum) AS s, sum(n_values) AS n
+                             FROM {rollup} WHERE ts >= ? AND ts < ? AND {where} GROUP BY ALL""")
+            all_params += [lo, hi, *params]
+            raw_ranges = [(a, b) for a, b in ((start, lo), (hi, end)) if a < b]
+    for raw_start, raw_end in raw_ranges:
         parts.append(f"""SELECT time_bucket(to_microseconds({step_us}), ts) AS t, device, metric,
                          sum(value) AS s, count(value) AS n
                          FROM samples WHERE ts >= ? AND ts < ? AND {where} GROUP BY ALL""")
-        all_params += [raw_start, end, *params]
+        all_params += [raw_start, raw_end, *params]
     sql = (f"SELECT t AS time, device, metric, sum(s) / nullif(sum(n), 0) AS value FROM ({' UNION ALL '.join(parts)}) "
            f"GROUP BY ALL ORDER BY time, device, metric")
     rows = con.execute(sql, all_params).fetchall()
