@@ -28,6 +28,7 @@ class QueryError(PodwatchError):
 
 _RELATIVE = re.compile(r"^now(?:\s*-\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d|w|y))?$")
 _DURATION = re.compile(r"^(\d+(?:\.\d+)?)\s*(ms|s|m|h|d|w)?$")
+MAX_BUCKETS = 100_000  # per series, as many rows as `step=raw` returns at most
 MAX_STEP_S = 3650 * 86400  # a step's microseconds go to DuckDB as an integer literal
 _UNIT_S = {"ms": 0.001, "s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800, "y": 365 * 86400}
 
@@ -148,6 +149,9 @@ def series(con: duckdb.DuckDBPyConnection, *, device: str | None = None, metric:
             f"SELECT ts AS time, device, metric, value FROM samples WHERE ts >= ? AND ts < ? AND {where} "
             f"ORDER BY time, device, metric LIMIT 100000", [start, end, *params]).fetchall()
         return [{"time": t, "device": d, "metric": m, "value": v} for t, d, m, v in rows]
+    if span_s / step_s > MAX_BUCKETS:
+        raise QueryError(f"parameter 'step': {step_s:g} s over this range gives {span_s / step_s:,.0f} buckets per series "
+                         f"(at most {MAX_BUCKETS:,}); use a larger step or a shorter range")
     step_us = int(step_s * 1_000_000)
     rollup = pick_rollup(step_s)
     mark = done_until(con).get(rollup) if rollup else None

@@ -55,3 +55,12 @@ def test_rollup_series_equals_the_raw_average_over_the_range(con, start, end, st
     assert set(got) == set(want)
     for t, value in want.items():
         assert got[t] == pytest.approx(value), t
+
+
+def test_a_step_giving_more_buckets_than_the_raw_cap_is_refused(con):
+    from podwatch.storage.queries import QueryError
+
+    # 10 years in 1-ms buckets would return every stored reading as its own bucket, uncapped
+    with pytest.raises(QueryError, match="parameter 'step'"):
+        series(con, device="pdu-1", start=T0 - timedelta(days=3650), end=T0 + timedelta(hours=3), step_s=0.001)
+    assert series(con, device="pdu-1", start=T0, end=T0 + timedelta(hours=3), step_s=10)  # 1,080 buckets: fine
