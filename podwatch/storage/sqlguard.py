@@ -139,14 +139,19 @@ def _catalog(con: duckdb.DuckDBPyConnection) -> str:
 
 def run_guarded(con: duckdb.DuckDBPyConnection, sql: str, timeout_s: float = 10.0, max_rows: int = 10_000) -> SqlResult:
     """Check and run `sql` on cursor `con` (blocking; call it from a worker thread)."""
-    check_select(sql, con)
+    try:
+        check_select(sql, con)
+    except duckdb.InterruptException:  # Ctrl-C while the guard looks up the catalog
+        raise KeyboardInterrupt from None
     done = threading.Event()
+    limit_reached = threading.Event()
 
     def cancel_at_limit() -> None:
         # DuckDB can drop an interrupt that lands between the execution phases of a query (seen
         # under load: a query then ran to its end); interrupting again until it stops makes the
         # limit hold.
         if not done.wait(timeout_s):
+            limit_reached.set()
             while True:
                 con.interrupt()
                 if done.wait(0.2):
@@ -159,15 +164,16 @@ def run_guarded(con: duckdb.DuckDBPyConnection, sql: str, timeout_s: float = 10.
         from podwatch.storage.queries import fetch_rows
 
         columns, rows = fetch_rows(con.execute(sql), max_rows)
-    except duckdb.InterruptException:
-        raise SqlTimeout(f"query cancelled after the {timeout_s:g} s time limit") from None
-    except duckdb.Error as exc:
-        if time.perf_counter() - started >= timeout_s:
+    except (duckdb.Error, RuntimeError) as exc:
+        # an interrupt while the Arrow reader streams surfaces as RuntimeError "Query interrupted"
+        if limit_reached.is_set() or time.perf_counter() - started >= timeout_s:
             raise SqlTimeout(f"query cancelled after the {timeout_s:g} s time limit") from None
-        raise SqlRejected(f"query failed: {exc}", 400) from None
-    except RuntimeError:  # an interrupt while the Arrow reader streams surfaces as "Query interrupted"
-        if time.perf_counter() - started >= timeout_s:
-            raise SqlTimeout(f"query cancelled after the {timeout_s:g} s time limit") from None
+        if isinstance(exc, duckdb.InterruptException) or "interrupted" in str(exc).lower():
+            # interrupted before the limit, by someone else: Ctrl-C (DuckDB turns SIGINT into an
+            # interrupt of the running query) -> the CLI exits 130 without a traceback
+            raise KeyboardInterrupt from None
+        if isinstance(exc, duckdb.Error):
+            raise SqlRejected(f"query failed: {exc}", 400) from None
         raise
     finally:
         done.set()

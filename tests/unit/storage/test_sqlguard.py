@@ -96,3 +96,30 @@ def test_cte_names_do_not_whitelist_files_outside_their_scope(con, tmp_path, tem
 ])
 def test_ctes_in_scope_still_pass(con, sql, rows):
     assert run_guarded(con, sql).rows == rows
+
+
+def test_an_interrupt_before_the_limit_is_a_keyboard_interrupt_not_a_runtime_error(tmp_path):
+    """Ctrl-C on `podwatch sql --db` reaches DuckDB as an interrupt of the running query; it was a
+    RuntimeError('Query interrupted') traceback (or a false 'time limit' message), not exit 130."""
+    import threading
+
+    own = duckdb.connect(str(tmp_path / "i.duckdb"))
+    started = threading.Event()
+
+    def ctrl_c() -> None:
+        started.wait(5)
+        while not stop.is_set():
+            own.interrupt()
+            stop.wait(0.05)
+
+    stop = threading.Event()
+    thread = threading.Thread(target=ctrl_c, daemon=True)
+    thread.start()
+    try:
+        started.set()
+        with pytest.raises(KeyboardInterrupt):
+            run_guarded(own, "SELECT count(*) FROM range(100000000000) a, range(10) b", timeout_s=60)
+    finally:
+        stop.set()
+        thread.join()
+        own.close()
