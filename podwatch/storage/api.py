@@ -166,7 +166,8 @@ def create_app(service, extra_routes: list[Route] | None = None) -> Starlette:
             step_s = queries.parse_step_s(q.get("step"))
             rows = await run(lambda cur: queries.series(cur, device=q.get("device"), metric=q.get("metric"), rack=q.get("rack"),
                                                          module=q.get("module"), start=start, end=end, step_s=step_s))
-            return rows_response(request, rows)
+            truncated = getattr(rows, "truncated", False)
+            return rows_response(request, rows, {"X-Podwatch-Truncated": "true" if truncated else "false"})
         return await guarded(request, go)
 
     async def latest(request: Request) -> Response:

@@ -29,6 +29,13 @@ class QueryError(PodwatchError):
 _RELATIVE = re.compile(r"^now(?:\s*-\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d|w|y))?$")
 _DURATION = re.compile(r"^(\d+(?:\.\d+)?)\s*(ms|s|m|h|d|w)?$")
 MAX_BUCKETS = 100_000  # per series, as many rows as `step=raw` returns at most
+MAX_RAW_ROWS = 100_000  # rows of `step=raw`; a longer result is cut (oldest first) and marked truncated
+
+
+class SeriesRows(list):
+    """Rows of `series`; `truncated` when `step=raw` hit MAX_RAW_ROWS."""
+
+    truncated = False
 MAX_STEP_S = 3650 * 86400  # a step's microseconds go to DuckDB as an integer literal
 _UNIT_S = {"ms": 0.001, "s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800, "y": 365 * 86400}
 
@@ -147,8 +154,10 @@ def series(con: duckdb.DuckDBPyConnection, *, device: str | None = None, metric:
     if step_s == 0:
         rows = con.execute(
             f"SELECT ts AS time, device, metric, value FROM samples WHERE ts >= ? AND ts < ? AND {where} "
-            f"ORDER BY time, device, metric LIMIT 100000", [start, end, *params]).fetchall()
-        return [{"time": t, "device": d, "metric": m, "value": v} for t, d, m, v in rows]
+            f"ORDER BY time, device, metric LIMIT {MAX_RAW_ROWS + 1}", [start, end, *params]).fetchall()
+        result = SeriesRows({"time": t, "device": d, "metric": m, "value": v} for t, d, m, v in rows[:MAX_RAW_ROWS])
+        result.truncated = len(rows) > MAX_RAW_ROWS
+        return result
     if span_s / step_s > MAX_BUCKETS:
         raise QueryError(f"parameter 'step': {step_s:g} s over this range gives {span_s / step_s:,.0f} buckets per series "
                          f"(at most {MAX_BUCKETS:,}); use a larger step or a shorter range")

@@ -241,3 +241,19 @@ async def test_out_of_range_and_unknown_parameter_values_are_400_not_500(api):
     bad_state = await api.get("/api/alerts", params={"state": "fring"})
     assert bad_state.status_code == 400 and "'state'" in bad_state.json()["error"]
     assert (await api.get("/api/alerts", params={"state": "firing,resolved"})).status_code == 200
+
+
+@pytest.mark.timeout(30)
+async def test_raw_series_at_the_row_cap_says_it_was_truncated(api, monkeypatch):
+    """step=raw stops at the row cap, oldest first: a panel then silently ended mid-range."""
+    from podwatch.storage import queries
+
+    monkeypatch.setattr(queries, "MAX_RAW_ROWS", 100)
+    params = {"device": "pdu-m1-r01-a", "metric": "pdu.power_kw", "from": str(_ms(START)), "to": str(_ms(NOW)), "step": "raw"}
+    capped = await api.get("/api/series", params=params)
+    assert capped.status_code == 200 and len(capped.json()) == 100
+    assert capped.headers.get("x-podwatch-truncated") == "true"
+    as_csv = await api.get("/api/series", params={**params, "format": "csv"})
+    assert as_csv.headers.get("x-podwatch-truncated") == "true" and len(as_csv.text.splitlines()) == 101
+    whole = await api.get("/api/series", params={**params, "from": str(_ms(START + timedelta(minutes=115)))})
+    assert 0 < len(whole.json()) < 100 and whole.headers.get("x-podwatch-truncated") == "false"
