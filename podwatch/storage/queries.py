@@ -284,6 +284,8 @@ def alerts(con: duckdb.DuckDBPyConnection, state: str | None = None) -> list[dic
 
 def risk(con: duckdb.DuckDBPyConnection, rack: str | None = None, start: datetime | None = None,
          end: datetime | None = None) -> list[dict]:
+    if start is not None and end is not None and end <= start:
+        raise QueryError("parameter 'to' must be after 'from'")
     filters, params = ["TRUE"], []
     if rack:
         filters.append(_in("rack", _csv(rack), params))

@@ -257,3 +257,13 @@ async def test_raw_series_at_the_row_cap_says_it_was_truncated(api, monkeypatch)
     assert as_csv.headers.get("x-podwatch-truncated") == "true" and len(as_csv.text.splitlines()) == 101
     whole = await api.get("/api/series", params={**params, "from": str(_ms(START + timedelta(minutes=115)))})
     assert 0 < len(whole.json()) < 100 and whole.headers.get("x-podwatch-truncated") == "false"
+
+
+@pytest.mark.timeout(30)
+async def test_risk_history_with_a_reversed_range_is_400_like_series(api):
+    reversed_range = {"rack": "m1-r01", "from": "now", "to": "now-1h"}
+    for path in ("/api/risk", "/api/series"):
+        response = await api.get(path, params=reversed_range)
+        assert response.status_code == 400, (path, response.text)
+        assert "'to' must be after 'from'" in response.json()["error"]
+    assert len((await api.get("/api/risk", params={"rack": "m1-r01", "from": "now-1h"})).json()) == 2
