@@ -53,7 +53,7 @@ def _cell(value: Any) -> Any:
     if isinstance(value, datetime):
         return orjson.loads(_dumps(value))
     if isinstance(value, (dict, list)):
-        return json.dumps(value)
+        return json.dumps(value, default=_default)
     return value
 
 

@@ -237,8 +237,30 @@ def fetch_rows(cur: duckdb.DuckDBPyConnection, max_rows: int | None = None) -> t
                 break
         table = pa.Table.from_batches(batches, schema=reader.schema).slice(0, max_rows + 1)
     table = naive_utc(table)
-    data = [table.column(i).to_pylist() for i in range(table.num_columns)]
+    data = [_pylist(table.column(i)) for i in range(table.num_columns)]
     return columns, list(zip(*data)) if data else []
+
+
+def _pylist(column: pa.ChunkedArray) -> list:
+    """Python values of a column; a time Python cannot hold ('infinity', a year past 9999) as text."""
+    try:
+        return column.to_pylist()
+    except (OverflowError, ValueError):
+        return [_scalar_py(v) for v in column]
+
+
+def _scalar_py(scalar: pa.Scalar):
+    try:
+        return scalar.as_py()
+    except (OverflowError, ValueError):
+        if pa.types.is_timestamp(scalar.type) or pa.types.is_date(scalar.type):
+            raw = scalar.cast(pa.int64() if pa.types.is_timestamp(scalar.type) or pa.types.is_date64(scalar.type)
+                              else pa.int32()).as_py()
+            if raw in (2**63 - 1, 2**31 - 1):
+                return "infinity"
+            if raw in (-(2**63 - 1), -(2**31 - 1)):
+                return "-infinity"
+        return scalar.cast(pa.string()).as_py()
 
 
 def _records(cur: duckdb.DuckDBPyConnection) -> list[dict]:

@@ -267,3 +267,15 @@ async def test_risk_history_with_a_reversed_range_is_400_like_series(api):
         assert response.status_code == 400, (path, response.text)
         assert "'to' must be after 'from'" in response.json()["error"]
     assert len((await api.get("/api/risk", params={"rack": "m1-r01", "from": "now-1h"})).json()) == 2
+
+
+@pytest.mark.timeout(30)
+async def test_sql_values_without_a_python_or_csv_form_are_not_500(api):
+    auth = {"Authorization": f"Bearer {TOKEN}"}
+    sql = "SELECT {'a': 1.5::DECIMAL(4,1)} AS s, 'infinity'::TIMESTAMP AS t"
+    as_json = await api.post("/api/sql", json={"sql": sql}, headers=auth)
+    assert as_json.status_code == 200, as_json.text
+    assert as_json.json() == [{"s": {"a": 1.5}, "t": "infinity"}]
+    as_csv = await api.post("/api/sql", params={"format": "csv"}, json={"sql": sql}, headers=auth)
+    assert as_csv.status_code == 200, as_csv.text
+    assert as_csv.text.splitlines() == ["s,t", '"{""a"": 1.5}",infinity']

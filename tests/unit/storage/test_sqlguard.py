@@ -123,3 +123,13 @@ def test_an_interrupt_before_the_limit_is_a_keyboard_interrupt_not_a_runtime_err
         stop.set()
         thread.join()
         own.close()
+
+
+def test_times_python_cannot_hold_come_back_as_text_not_an_error(con):
+    """'infinity' timestamps/dates and years past 9999 made to_pylist raise OverflowError: a 500 on /api/sql."""
+    result = run_guarded(con, "SELECT 'infinity'::TIMESTAMP AS a, '-infinity'::DATE AS b, "
+                              "'10000-01-01'::TIMESTAMP AS c, TIMESTAMP '2026-03-01 12:00:00' AS d, 1 AS e")
+    a, b, c, d, e = result.rows[0]
+    assert (a, b) == ("infinity", "-infinity")
+    assert c.startswith("10000-01-01")
+    assert d.isoformat() == "2026-03-01T12:00:00" and e == 1
