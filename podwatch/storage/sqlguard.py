@@ -179,4 +179,20 @@ def run_guarded(con: duckdb.DuckDBPyConnection, sql: str, timeout_s: float = 10.
         done.set()
         timer.join()
     truncated = len(rows) > max_rows
-    return SqlResult(columns, rows[:max_rows], truncated, time.perf_counter() - started)
+    return SqlResult(_unique(columns), rows[:max_rows], truncated, time.perf_counter() - started)
+
+
+def _unique(columns: list[str]) -> list[str]:
+    """Column names made unique (x, x_1, ...): a self-join's `SELECT *` repeats names, and the JSON
+    rows (one key per name) kept only the last column of each name."""
+    seen = set(columns)
+    out: list[str] = []
+    for name in columns:
+        if name in out:
+            n = 1
+            while f"{name}_{n}" in seen:
+                n += 1
+            name = f"{name}_{n}"
+            seen.add(name)
+        out.append(name)
+    return out

@@ -133,3 +133,10 @@ def test_times_python_cannot_hold_come_back_as_text_not_an_error(con):
     assert (a, b) == ("infinity", "-infinity")
     assert c.startswith("10000-01-01")
     assert d.isoformat() == "2026-03-01T12:00:00" and e == 1
+
+
+def test_duplicate_column_names_are_made_unique_so_json_keeps_every_column(con):
+    """`SELECT *` over a self-join names columns twice; the JSON rows kept only the last of each."""
+    result = run_guarded(con, "SELECT * FROM (SELECT 1 AS x, 3 AS ts, 5 AS x_1) a JOIN (SELECT 2 AS x, 4 AS ts) b ON true")
+    assert result.columns == ["x", "ts", "x_1", "x_2", "ts_1"]
+    assert result.records() == [{"x": 1, "ts": 3, "x_1": 5, "x_2": 2, "ts_1": 4}]
