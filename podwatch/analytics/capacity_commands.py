@@ -24,11 +24,15 @@ BUCKET_OPT = typer.Option(60, "--bucket-s", min=1, help="Load buckets in seconds
 
 
 
-def _load(site_file: Path, db: Path | None, history: Path | None, bucket_s: int):
+def _load(site_file: Path, db: Path | None, history: Path | None, bucket_s: int, write_db: Path | None = None):
     from podwatch.analytics.load import load_from_source
     from podwatch.site import load_site
+    from podwatch.storage.topology import check_file_site
 
     site = load_site(site_file)
+    for path in (db, write_db):
+        if path is not None:
+            check_file_site(path, site.id)
     return site, load_from_source(site, db=db, history=history, bucket_s=bucket_s)
 
 
@@ -85,7 +89,7 @@ def register(app: typer.Typer) -> None:
 
         if horizon not in ("24h", "7d"):
             raise ValueError(f"--horizon must be 24h or 7d, got '{horizon}'")
-        site, load = _load(site_file, db, history, bucket_s)
+        site, load = _load(site_file, db, history, bucket_s, write_db)
         report = compute_headroom(site, load)
         rows = [r for r in report.rows if r.horizon == horizon and (rack_feeds or r.node_kind != "rack_feed")]
         if as_json:
@@ -127,6 +131,10 @@ def register(app: typer.Typer) -> None:
         from podwatch.site import load_site
 
         site = load_site(site_file)
+        if db is not None:
+            from podwatch.storage.topology import check_file_site
+
+            check_file_site(db, site.id)
         rows = []
         if db is not None and not fresh:
             try:

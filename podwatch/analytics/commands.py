@@ -466,6 +466,11 @@ def register(app: typer.Typer) -> None:
         from podwatch.site import load_site
 
         site_model = load_site(site)
+        for path in (db, write_db):
+            if path is not None:
+                from podwatch.storage.topology import check_file_site
+
+                check_file_site(path, site_model.id)
         try:
             model = ThermalModel.load(model_dir)
         except ModelError as exc:

@@ -53,12 +53,15 @@ def _cell(value: Any) -> Any:
     if isinstance(value, datetime):
         return orjson.loads(_dumps(value))
     if isinstance(value, (dict, list)):
-        return json.dumps(value)
+        return json.dumps(value, default=_default)
     return value
 
 
 def rows_response(request: Request, rows: list[dict], headers: dict | None = None) -> Response:
-    if request.query_params.get("format", "json") == "csv":
+    fmt = request.query_params.get("format", "json")
+    if fmt not in ("json", "csv"):
+        return _error(400, f"parameter 'format' must be json or csv, got {fmt!r}")
+    if fmt == "csv":
         out = io.StringIO()
         columns = list(rows[0]) if rows else []
         writer = csv.writer(out)
@@ -163,7 +166,8 @@ def create_app(service, extra_routes: list[Route] | None = None) -> Starlette:
             step_s = queries.parse_step_s(q.get("step"))
             rows = await run(lambda cur: queries.series(cur, device=q.get("device"), metric=q.get("metric"), rack=q.get("rack"),
                                                          module=q.get("module"), start=start, end=end, step_s=step_s))
-            return rows_response(request, rows)
+            truncated = getattr(rows, "truncated", False)
+            return rows_response(request, rows, {"X-Podwatch-Truncated": "true" if truncated else "false"})
         return await guarded(request, go)
 
     async def latest(request: Request) -> Response:
@@ -201,8 +205,10 @@ def create_app(service, extra_routes: list[Route] | None = None) -> Starlette:
         responses:
           200: {description: "[{time, alert_id, rule, target, severity, state, labels, annotations, ...}]"}
         """
-        rows = await run(lambda cur: queries.alerts(cur, request.query_params.get("state")))
-        return rows_response(request, rows)
+        async def go():
+            rows = await run(lambda cur: queries.alerts(cur, request.query_params.get("state")))
+            return rows_response(request, rows)
+        return await guarded(request, go)
 
     async def risk(request: Request) -> Response:
         """

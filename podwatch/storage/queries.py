@@ -28,6 +28,15 @@ class QueryError(PodwatchError):
 
 _RELATIVE = re.compile(r"^now(?:\s*-\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d|w|y))?$")
 _DURATION = re.compile(r"^(\d+(?:\.\d+)?)\s*(ms|s|m|h|d|w)?$")
+MAX_BUCKETS = 100_000  # per series, as many rows as `step=raw` returns at most
+MAX_RAW_ROWS = 100_000  # rows of `step=raw`; a longer result is cut (oldest first) and marked truncated
+
+
+class SeriesRows(list):
+    """Rows of `series`; `truncated` when `step=raw` hit MAX_RAW_ROWS."""
+
+    truncated = False
+MAX_STEP_S = 3650 * 86400  # a step's microseconds go to DuckDB as an integer literal
 _UNIT_S = {"ms": 0.001, "s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800, "y": 365 * 86400}
 
 
@@ -40,8 +49,14 @@ def parse_time(value: str | None, name: str, default: datetime | None = None, no
     or `now-6h` (ms, s, m, h, d, w, y). Returns a naive UTC datetime."""
     if value is None or value == "":
         return default
+    try:
+        return _parse_time(value, name, now or utcnow())
+    except (OverflowError, ValueError):  # past datetime's years 1-9999
+        raise QueryError(f"parameter '{name}': time {value!r} is out of range (years 1-9999)") from None
+
+
+def _parse_time(value: str, name: str, now: datetime) -> datetime:
     text = value.strip()
-    now = now or utcnow()
     if re.fullmatch(r"-?\d+(\.\d+)?", text):
         number = float(text)
         seconds = number / 1000 if abs(number) >= 1e11 else number
@@ -72,6 +87,8 @@ def parse_step_s(value: str | None, name: str = "step") -> float | None:
     seconds = float(amount) * _UNIT_S[unit or "s"]
     if seconds < 0.001:
         raise QueryError(f"parameter '{name}' must be at least 1ms, got {value!r}")
+    if seconds > MAX_STEP_S:
+        raise QueryError(f"parameter '{name}' must be at most 3650d, got {value!r}")
     return seconds
 
 
@@ -82,6 +99,12 @@ def _csv(value: str | None) -> list[str]:
 def _in(column: str, values: list[str], params: list) -> str:
     params.extend(values)
     return f"{column} IN ({', '.join('?' for _ in values)})"
+
+
+def _floor_to(ts: datetime, seconds: int) -> datetime:
+    """`ts` floored to a multiple of `seconds` since the epoch (the rollups' bucket starts)."""
+    epoch = datetime(1970, 1, 1)
+    return epoch + timedelta(seconds=(ts - epoch) // timedelta(seconds=seconds) * seconds)
 
 
 def pick_rollup(step_s: float) -> str | None:
@@ -131,25 +154,37 @@ def series(con: duckdb.DuckDBPyConnection, *, device: str | None = None, metric:
     if step_s == 0:
         rows = con.execute(
             f"SELECT ts AS time, device, metric, value FROM samples WHERE ts >= ? AND ts < ? AND {where} "
-            f"ORDER BY time, device, metric LIMIT 100000", [start, end, *params]).fetchall()
-        return [{"time": t, "device": d, "metric": m, "value": v} for t, d, m, v in rows]
+            f"ORDER BY time, device, metric LIMIT {MAX_RAW_ROWS + 1}", [start, end, *params]).fetchall()
+        result = SeriesRows({"time": t, "device": d, "metric": m, "value": v} for t, d, m, v in rows[:MAX_RAW_ROWS])
+        result.truncated = len(rows) > MAX_RAW_ROWS
+        return result
+    if span_s / step_s > MAX_BUCKETS:
+        raise QueryError(f"parameter 'step': {step_s:g} s over this range gives {span_s / step_s:,.0f} buckets per series "
+                         f"(at most {MAX_BUCKETS:,}); use a larger step or a shorter range")
     step_us = int(step_s * 1_000_000)
     rollup = pick_rollup(step_s)
     mark = done_until(con).get(rollup) if rollup else None
     parts, all_params = [], []
-    if rollup and mark is not None and mark > start:
-        parts.append(f"""SELECT time_bucket(to_microseconds({step_us}), ts) AS t, device, metric,
-                         sum(value_sum) AS s, sum(n_values) AS n
-                         FROM {rollup} WHERE ts >= ? AND ts < ? AND {where} GROUP BY ALL""")
-        all_params += [start, min(end, mark), *params]
-        raw_start = max(start, mark)
-    else:
-        raw_start = start
-    if raw_start < end:
+    raw_ranges = [(start, end)]
+    if rollup and mark is not None:
+        # Closed rollup buckets lying wholly inside [start, end) come from the rollup; the edges
+        # (before the first whole bucket, after the last one or the rollup's mark) from samples.
+        bucket_s = ROLLUP_SECONDS[rollup]
+        lo = _floor_to(start, bucket_s)
+        if lo < start:
+            lo += timedelta(seconds=bucket_s)
+        hi = _floor_to(min(end, mark), bucket_s)
+        if lo < hi:
+            parts.append(f"""SELECT time_bucket(to_microseconds({step_us}), ts) AS t, device, metric,
+                             sum(value_sum) AS s, sum(n_values) AS n
+                             FROM {rollup} WHERE ts >= ? AND ts < ? AND {where} GROUP BY ALL""")
+            all_params += [lo, hi, *params]
+            raw_ranges = [(a, b) for a, b in ((start, lo), (hi, end)) if a < b]
+    for raw_start, raw_end in raw_ranges:
         parts.append(f"""SELECT time_bucket(to_microseconds({step_us}), ts) AS t, device, metric,
                          sum(value) AS s, count(value) AS n
                          FROM samples WHERE ts >= ? AND ts < ? AND {where} GROUP BY ALL""")
-        all_params += [raw_start, end, *params]
+        all_params += [raw_start, raw_end, *params]
     sql = (f"SELECT t AS time, device, metric, sum(s) / nullif(sum(n), 0) AS value FROM ({' UNION ALL '.join(parts)}) "
            f"GROUP BY ALL ORDER BY time, device, metric")
     rows = con.execute(sql, all_params).fetchall()
@@ -202,8 +237,30 @@ def fetch_rows(cur: duckdb.DuckDBPyConnection, max_rows: int | None = None) -> t
                 break
         table = pa.Table.from_batches(batches, schema=reader.schema).slice(0, max_rows + 1)
     table = naive_utc(table)
-    data = [table.column(i).to_pylist() for i in range(table.num_columns)]
+    data = [_pylist(table.column(i)) for i in range(table.num_columns)]
     return columns, list(zip(*data)) if data else []
+
+
+def _pylist(column: pa.ChunkedArray) -> list:
+    """Python values of a column; a time Python cannot hold ('infinity', a year past 9999) as text."""
+    try:
+        return column.to_pylist()
+    except (OverflowError, ValueError):
+        return [_scalar_py(v) for v in column]
+
+
+def _scalar_py(scalar: pa.Scalar):
+    try:
+        return scalar.as_py()
+    except (OverflowError, ValueError):
+        if pa.types.is_timestamp(scalar.type) or pa.types.is_date(scalar.type):
+            raw = scalar.cast(pa.int64() if pa.types.is_timestamp(scalar.type) or pa.types.is_date64(scalar.type)
+                              else pa.int32()).as_py()
+            if raw in (2**63 - 1, 2**31 - 1):
+                return "infinity"
+            if raw in (-(2**63 - 1), -(2**31 - 1)):
+                return "-infinity"
+        return scalar.cast(pa.string()).as_py()
 
 
 def _records(cur: duckdb.DuckDBPyConnection) -> list[dict]:
@@ -229,9 +286,15 @@ def _parse_json(text: str | None, fallback: Any) -> Any:
         return text
 
 
+ALERT_STATES = ("pending", "firing", "resolved")
+
+
 def alerts(con: duckdb.DuckDBPyConnection, state: str | None = None) -> list[dict]:
     filters, params = ["TRUE"], []
     if state:
+        unknown = [s for s in _csv(state) if s not in ALERT_STATES]
+        if unknown:
+            raise QueryError(f"parameter 'state': unknown state {unknown[0]!r} (one of {', '.join(ALERT_STATES)})")
         filters.append(_in("state", _csv(state), params))
     cur = con.execute(f"SELECT started_at AS time, * FROM alerts WHERE {' AND '.join(filters)} ORDER BY updated_at DESC", params)
     rows = _records(cur)
@@ -243,6 +306,8 @@ def alerts(con: duckdb.DuckDBPyConnection, state: str | None = None) -> list[dic
 
 def risk(con: duckdb.DuckDBPyConnection, rack: str | None = None, start: datetime | None = None,
          end: datetime | None = None) -> list[dict]:
+    if start is not None and end is not None and end <= start:
+        raise QueryError("parameter 'to' must be after 'from'")
     filters, params = ["TRUE"], []
     if rack:
         filters.append(_in("rack", _csv(rack), params))

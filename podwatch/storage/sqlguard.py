@@ -83,26 +83,54 @@ def check_select(sql: str, con: duckdb.DuckDBPyConnection) -> None:
     tree = json.loads(con.execute("SELECT json_serialize_sql(?)", [sql]).fetchone()[0])
     if tree.get("error"):
         raise SqlRejected(f"query cannot be verified as read-only: {tree.get('error_message')}", 403)
-    nodes = list(_walk(tree))
-    cte_names = {entry["key"].lower() for n in nodes if isinstance(n.get("cte_map"), dict)
-                 for entry in n["cte_map"].get("map", [])}
-    known = relations_of(con) | cte_names
-    for node in nodes:
-        node_type = node.get("type")
-        if node_type == "TABLE_FUNCTION":
-            name = str(node.get("function", {}).get("function_name", "")).lower()
-            if name not in ALLOWED_TABLE_FUNCTIONS:
-                raise SqlRejected(f"table function {name}() is not allowed (only {', '.join(sorted(ALLOWED_TABLE_FUNCTIONS))})", 403)
-        elif node_type == "BASE_TABLE":
-            table = str(node.get("table_name", ""))
-            schema = str(node.get("schema_name", "")).lower()
-            catalog = str(node.get("catalog_name", "")).lower()
-            if schema not in ALLOWED_SCHEMAS or catalog not in ("", "memory") and catalog != _catalog(con):
-                raise SqlRejected(f"relation {catalog}.{schema}.{table} is outside this database", 403)
-            if table.lower() not in known:
-                raise SqlRejected(f"unknown relation {table!r} (files and other sources cannot be read)", 403)
-        elif node.get("class") == "FUNCTION" and str(node.get("function_name", "")).lower() in DENIED_FUNCTIONS:
-            raise SqlRejected(f"function {node['function_name']}() is not allowed", 403)
+    known = relations_of(con)
+    catalog = _catalog(con)
+    _check_scoped(tree, frozenset(), known, catalog)
+
+
+def _check_scoped(node: Any, ctes: frozenset[str], known: set[str], catalog: str) -> None:
+    """Walk the tree with the CTE names IN SCOPE at each node: a query's CTEs are visible in
+    that query and its subqueries, each CTE's body sees only the CTEs declared before it (a
+    recursive CTE also itself). A name used outside its CTE's scope is what DuckDB resolves as
+    a table or a replacement scan (`FROM 'x.csv'`), so it must be a known relation there."""
+    if isinstance(node, list):
+        for value in node:
+            _check_scoped(value, ctes, known, catalog)
+        return
+    if not isinstance(node, dict):
+        return
+    cte_map = node.get("cte_map")
+    if isinstance(cte_map, dict) and cte_map.get("map"):
+        declared = set(ctes)
+        for entry in cte_map["map"]:
+            _check_scoped(entry.get("value"), frozenset(declared), known, catalog)
+            declared.add(str(entry["key"]).lower())
+        ctes = frozenset(declared)
+    if node.get("type") == "RECURSIVE_CTE_NODE" and node.get("cte_name"):
+        ctes = ctes | {str(node["cte_name"]).lower()}
+    _check_node(node, ctes, known, catalog)
+    for key, value in node.items():
+        if key != "cte_map":
+            _check_scoped(value, ctes, known, catalog)
+
+
+def _check_node(node: dict, ctes: frozenset[str], known: set[str], catalog_name: str) -> None:
+    node_type = node.get("type")
+    if node_type == "TABLE_FUNCTION":
+        name = str(node.get("function", {}).get("function_name", "")).lower()
+        if name not in ALLOWED_TABLE_FUNCTIONS:
+            raise SqlRejected(f"table function {name}() is not allowed (only {', '.join(sorted(ALLOWED_TABLE_FUNCTIONS))})", 403)
+    elif node_type == "BASE_TABLE":
+        table = str(node.get("table_name", ""))
+        schema = str(node.get("schema_name", "")).lower()
+        catalog = str(node.get("catalog_name", "")).lower()
+        if schema not in ALLOWED_SCHEMAS or catalog not in ("", "memory") and catalog != catalog_name:
+            raise SqlRejected(f"relation {catalog}.{schema}.{table} is outside this database", 403)
+        in_scope_cte = not schema and not catalog and table.lower() in ctes
+        if table.lower() not in known and not in_scope_cte:
+            raise SqlRejected(f"unknown relation {table!r} (files and other sources cannot be read)", 403)
+    elif node.get("class") == "FUNCTION" and str(node.get("function_name", "")).lower() in DENIED_FUNCTIONS:
+        raise SqlRejected(f"function {node['function_name']}() is not allowed", 403)
 
 
 def _catalog(con: duckdb.DuckDBPyConnection) -> str:
@@ -111,21 +139,60 @@ def _catalog(con: duckdb.DuckDBPyConnection) -> str:
 
 def run_guarded(con: duckdb.DuckDBPyConnection, sql: str, timeout_s: float = 10.0, max_rows: int = 10_000) -> SqlResult:
     """Check and run `sql` on cursor `con` (blocking; call it from a worker thread)."""
-    check_select(sql, con)
-    timer = threading.Timer(timeout_s, con.interrupt)
+    try:
+        check_select(sql, con)
+    except duckdb.InterruptException:  # Ctrl-C while the guard looks up the catalog
+        raise KeyboardInterrupt from None
+    done = threading.Event()
+    limit_reached = threading.Event()
+
+    def cancel_at_limit() -> None:
+        # DuckDB can drop an interrupt that lands between the execution phases of a query (seen
+        # under load: a query then ran to its end); interrupting again until it stops makes the
+        # limit hold.
+        if not done.wait(timeout_s):
+            limit_reached.set()
+            while True:
+                con.interrupt()
+                if done.wait(0.2):
+                    break
+
+    timer = threading.Thread(target=cancel_at_limit, name="sql-time-limit", daemon=True)
     started = time.perf_counter()
     timer.start()
     try:
         from podwatch.storage.queries import fetch_rows
 
         columns, rows = fetch_rows(con.execute(sql), max_rows)
-    except duckdb.InterruptException:
-        raise SqlTimeout(f"query cancelled after the {timeout_s:g} s time limit") from None
-    except duckdb.Error as exc:
-        if time.perf_counter() - started >= timeout_s:
+    except (duckdb.Error, RuntimeError) as exc:
+        # an interrupt while the Arrow reader streams surfaces as RuntimeError "Query interrupted"
+        if limit_reached.is_set() or time.perf_counter() - started >= timeout_s:
             raise SqlTimeout(f"query cancelled after the {timeout_s:g} s time limit") from None
-        raise SqlRejected(f"query failed: {exc}", 400) from None
+        if isinstance(exc, duckdb.InterruptException) or "interrupted" in str(exc).lower():
+            # interrupted before the limit, by someone else: Ctrl-C (DuckDB turns SIGINT into an
+            # interrupt of the running query) -> the CLI exits 130 without a traceback
+            raise KeyboardInterrupt from None
+        if isinstance(exc, duckdb.Error):
+            raise SqlRejected(f"query failed: {exc}", 400) from None
+        raise
     finally:
-        timer.cancel()
+        done.set()
+        timer.join()
     truncated = len(rows) > max_rows
-    return SqlResult(columns, rows[:max_rows], truncated, time.perf_counter() - started)
+    return SqlResult(_unique(columns), rows[:max_rows], truncated, time.perf_counter() - started)
+
+
+def _unique(columns: list[str]) -> list[str]:
+    """Column names made unique (x, x_1, ...): a self-join's `SELECT *` repeats names, and the JSON
+    rows (one key per name) kept only the last column of each name."""
+    seen = set(columns)
+    out: list[str] = []
+    for name in columns:
+        if name in out:
+            n = 1
+            while f"{name}_{n}" in seen:
+                n += 1
+            name = f"{name}_{n}"
+            seen.add(name)
+        out.append(name)
+    return out

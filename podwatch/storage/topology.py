@@ -7,6 +7,8 @@ and the API's rack/module filters join on these tables.
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import duckdb
 
 from podwatch.errors import PodwatchError
@@ -51,3 +53,26 @@ def load_topology(con: duckdb.DuckDBPyConnection, site: Site) -> dict[str, int]:
 def load_topology_file(con: duckdb.DuckDBPyConnection, path: str) -> dict[str, int]:
     """Load the site file (raises ConfigError naming the bad fields) into the topology tables."""
     return load_topology(con, load_site(path))
+
+
+def check_file_site(db: str | Path, site_id: str) -> None:
+    """Raise PodwatchError when the DuckDB file `db` records a site other than `site_id` (one
+    file holds one site). A file that cannot be opened here (missing, held by `podwatch serve`)
+    or that records no site passes: the command's own open reports those."""
+    import duckdb
+
+    if not Path(db).exists():
+        return
+    try:
+        con = duckdb.connect(str(db), read_only=True)
+    except duckdb.Error:
+        return
+    try:
+        stored = con.execute("SELECT value FROM podwatch_meta WHERE key = 'site'").fetchone()
+    except duckdb.Error:
+        return
+    finally:
+        con.close()
+    if stored and stored[0] != site_id:
+        raise PodwatchError(f"{db} holds site {stored[0]!r}, the site file describes site {site_id!r}: "
+                            f"one file holds one site (give the site file of {stored[0]!r}, or another --db)")

@@ -227,3 +227,55 @@ async def test_wide_views_through_sql(api):
     loops = (await api.post("/api/sql", headers=auth, json={
         "sql": "SELECT cdu, count(*) AS n, avg(supply_temp_c) AS supply, avg(flow_lpm) AS flow FROM cdu_loops GROUP BY cdu"})).json()
     assert loops == [{"cdu": "cdu-m1", "n": 720, "supply": pytest.approx(32.5), "flow": pytest.approx(902.5)}]
+
+
+@pytest.mark.timeout(30)
+async def test_out_of_range_and_unknown_parameter_values_are_400_not_500(api):
+    for params in ({"device": "cdu-m1", "from": "0", "to": "99999999999999999999"},
+                   {"device": "cdu-m1", "from": "now-100000000y"},
+                   {"device": "cdu-m1", "step": "99999999999999999999d"},
+                   {"device": "cdu-m1", "format": "xml"}):
+        response = await api.get("/api/series", params=params)
+        assert response.status_code == 400, (params, response.text)
+        assert response.json()["error"].startswith("parameter '"), response.text
+    bad_state = await api.get("/api/alerts", params={"state": "fring"})
+    assert bad_state.status_code == 400 and "'state'" in bad_state.json()["error"]
+    assert (await api.get("/api/alerts", params={"state": "firing,resolved"})).status_code == 200
+
+
+@pytest.mark.timeout(30)
+async def test_raw_series_at_the_row_cap_says_it_was_truncated(api, monkeypatch):
+    """step=raw stops at the row cap, oldest first: a panel then silently ended mid-range."""
+    from podwatch.storage import queries
+
+    monkeypatch.setattr(queries, "MAX_RAW_ROWS", 100)
+    params = {"device": "pdu-m1-r01-a", "metric": "pdu.power_kw", "from": str(_ms(START)), "to": str(_ms(NOW)), "step": "raw"}
+    capped = await api.get("/api/series", params=params)
+    assert capped.status_code == 200 and len(capped.json()) == 100
+    assert capped.headers.get("x-podwatch-truncated") == "true"
+    as_csv = await api.get("/api/series", params={**params, "format": "csv"})
+    assert as_csv.headers.get("x-podwatch-truncated") == "true" and len(as_csv.text.splitlines()) == 101
+    whole = await api.get("/api/series", params={**params, "from": str(_ms(START + timedelta(minutes=115)))})
+    assert 0 < len(whole.json()) < 100 and whole.headers.get("x-podwatch-truncated") == "false"
+
+
+@pytest.mark.timeout(30)
+async def test_risk_history_with_a_reversed_range_is_400_like_series(api):
+    reversed_range = {"rack": "m1-r01", "from": "now", "to": "now-1h"}
+    for path in ("/api/risk", "/api/series"):
+        response = await api.get(path, params=reversed_range)
+        assert response.status_code == 400, (path, response.text)
+        assert "'to' must be after 'from'" in response.json()["error"]
+    assert len((await api.get("/api/risk", params={"rack": "m1-r01", "from": "now-1h"})).json()) == 2
+
+
+@pytest.mark.timeout(30)
+async def test_sql_values_without_a_python_or_csv_form_are_not_500(api):
+    auth = {"Authorization": f"Bearer {TOKEN}"}
+    sql = "SELECT {'a': 1.5::DECIMAL(4,1)} AS s, 'infinity'::TIMESTAMP AS t"
+    as_json = await api.post("/api/sql", json={"sql": sql}, headers=auth)
+    assert as_json.status_code == 200, as_json.text
+    assert as_json.json() == [{"s": {"a": 1.5}, "t": "infinity"}]
+    as_csv = await api.post("/api/sql", params={"format": "csv"}, json={"sql": sql}, headers=auth)
+    assert as_csv.status_code == 200, as_csv.text
+    assert as_csv.text.splitlines() == ["s,t", '"{""a"": 1.5}",infinity']

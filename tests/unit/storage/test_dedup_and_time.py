@@ -84,3 +84,28 @@ def test_bad_time_and_step_name_the_parameter():
 def test_step_picks_the_coarsest_fitting_rollup(text, seconds, rollup):
     assert parse_step_s(text) == seconds
     assert pick_rollup(seconds) == rollup
+
+
+@pytest.mark.parametrize("name, text", [
+    ("to", "99999999999999999999"),          # epoch ms past year 9999
+    ("from", "-99999999999999999"),
+    ("from", "now-100000000y"),
+    ("from", "0001-01-01T00:00:00+01:00"),   # converting the offset leaves datetime's range
+])
+def test_times_out_of_range_are_a_query_error_naming_the_parameter(name, text):
+    with pytest.raises(QueryError, match=f"parameter '{name}'"):
+        parse_time(text, name, now=NOW)
+
+
+def test_steps_out_of_range_are_a_query_error_and_the_longest_step_runs(tmp_path):
+    import duckdb
+
+    from podwatch.storage.queries import series
+    from podwatch.storage.schema import ensure_schema
+
+    with pytest.raises(QueryError, match="parameter 'step'"):
+        parse_step_s("99999999999999999999d")
+    con = duckdb.connect(str(tmp_path / "s.duckdb"))
+    ensure_schema(con)
+    longest = parse_step_s("3650d")
+    assert series(con, device="pdu-1", start=datetime(2000, 1, 1), end=datetime(2026, 1, 1), step_s=longest) == []

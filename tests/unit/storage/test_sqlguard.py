@@ -69,3 +69,74 @@ def test_time_limit_cancels_and_row_cap_truncates(con):
     result = run_guarded(con, "SELECT * FROM range(100) r(i)", max_rows=10)
     assert result.truncated and len(result.rows) == 10 and result.columns == ["i"]
     assert run_guarded(con, "SELECT 42 AS answer").records() == [{"answer": 42}]
+
+
+@pytest.mark.parametrize("template", [
+    # a CTE of an inner query is not in scope outside it: DuckDB reads the file there
+    'SELECT * FROM (WITH "{f}" AS (SELECT 1 AS z) SELECT 1 AS q) a, "{f}" b',
+    "SELECT * FROM (WITH \"{f}\" AS (SELECT 1 AS z) SELECT 1 AS q) a, '{f}' b",
+    'SELECT * FROM samples WHERE device IN (SELECT * FROM (WITH "{f}" AS (SELECT 1) SELECT 1)) UNION ALL SELECT * FROM "{f}"',
+    # a non-recursive CTE does not see itself: the name inside its body is the file
+    'WITH "{f}" AS (SELECT * FROM "{f}") SELECT * FROM "{f}"',
+    # a CTE sees only the CTEs declared before it
+    'WITH a AS (SELECT * FROM "{f}"), "{f}" AS (SELECT 1 AS z) SELECT * FROM a',
+])
+def test_cte_names_do_not_whitelist_files_outside_their_scope(con, tmp_path, template):
+    secret = tmp_path / "secret.csv"
+    secret.write_text("user,password\nroot,hunter2\n")
+    with pytest.raises(SqlRejected) as info:
+        run_guarded(con, template.format(f=secret))
+    assert info.value.status == 403 and "unknown relation" in str(info.value)
+
+
+@pytest.mark.parametrize("sql, rows", [
+    ("WITH RECURSIVE r(n) AS (SELECT 1 UNION ALL SELECT n + 1 FROM r WHERE n < 3) SELECT count(*) FROM r", [(3,)]),
+    ("WITH a AS (SELECT 1 AS x), b AS (SELECT x + 1 AS y FROM a) SELECT y FROM b", [(2,)]),
+    ("WITH a AS (SELECT 2 AS x) SELECT (SELECT max(x) FROM a) + (SELECT count(*) FROM (SELECT * FROM a))", [(3,)]),
+])
+def test_ctes_in_scope_still_pass(con, sql, rows):
+    assert run_guarded(con, sql).rows == rows
+
+
+def test_an_interrupt_before_the_limit_is_a_keyboard_interrupt_not_a_runtime_error(tmp_path):
+    """Ctrl-C on `podwatch sql --db` reaches DuckDB as an interrupt of the running query; it was a
+    RuntimeError('Query interrupted') traceback (or a false 'time limit' message), not exit 130."""
+    import threading
+
+    own = duckdb.connect(str(tmp_path / "i.duckdb"))
+    started = threading.Event()
+
+    def ctrl_c() -> None:
+        started.wait(5)
+        while not stop.is_set():
+            own.interrupt()
+            stop.wait(0.05)
+
+    stop = threading.Event()
+    thread = threading.Thread(target=ctrl_c, daemon=True)
+    thread.start()
+    try:
+        started.set()
+        with pytest.raises(KeyboardInterrupt):
+            run_guarded(own, "SELECT count(*) FROM range(100000000000) a, range(10) b", timeout_s=60)
+    finally:
+        stop.set()
+        thread.join()
+        own.close()
+
+
+def test_times_python_cannot_hold_come_back_as_text_not_an_error(con):
+    """'infinity' timestamps/dates and years past 9999 made to_pylist raise OverflowError: a 500 on /api/sql."""
+    result = run_guarded(con, "SELECT 'infinity'::TIMESTAMP AS a, '-infinity'::DATE AS b, "
+                              "'10000-01-01'::TIMESTAMP AS c, TIMESTAMP '2026-03-01 12:00:00' AS d, 1 AS e")
+    a, b, c, d, e = result.rows[0]
+    assert (a, b) == ("infinity", "-infinity")
+    assert c.startswith("10000-01-01")
+    assert d.isoformat() == "2026-03-01T12:00:00" and e == 1
+
+
+def test_duplicate_column_names_are_made_unique_so_json_keeps_every_column(con):
+    """`SELECT *` over a self-join names columns twice; the JSON rows kept only the last of each."""
+    result = run_guarded(con, "SELECT * FROM (SELECT 1 AS x, 3 AS ts, 5 AS x_1) a JOIN (SELECT 2 AS x, 4 AS ts) b ON true")
+    assert result.columns == ["x", "ts", "x_1", "x_2", "ts_1"]
+    assert result.records() == [{"x": 1, "ts": 3, "x_1": 5, "x_2": 2, "ts_1": 4}]
