@@ -11,9 +11,11 @@ event is set, then closes its connections; `poll_once(device_id)` runs one poll 
 benchmark). `close()` is idempotent.
 
 Contract with the sink (`podwatch.stream.producer.TelemetryProducer` or any object with
-`async send(reading)`): `send` returns once the reading is durable (Kafka or spool). A device's
-poll loop awaits it before the next poll, so a slow sink shows up as overruns, never as an
-unbounded queue.
+`async send(reading)`): `send` returns once the reading is durable (Kafka or spool). A sink with
+`submit(reading) -> Future` (the producer) gets readings pipelined, at most `max_unacked_readings`
+per device not yet durable, so a Kafka stall does not stop polling; a sink with only `send` is
+awaited before the next poll. Either way a slow sink shows up as overruns, never as an unbounded
+queue.
 
 Error classes (docs/collectors.md has the full table):
 - exception 06 (busy): retried after a short delay, at most `busy_retries` times in the poll;
@@ -34,8 +36,10 @@ import asyncio
 import logging
 import random
 import time
+from collections import deque
 from collections.abc import Awaitable, Iterable
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Protocol
 
 from pydantic import BaseModel, ConfigDict, Field
@@ -56,7 +60,8 @@ STATE_CODES = {"healthy": 0, "stale": 1, "bad": 2}
 
 
 class ReadingSink(Protocol):
-    """Where collectors put readings (implemented by `podwatch.stream.producer.TelemetryProducer`)."""
+    """Where collectors put readings (implemented by `podwatch.stream.producer.TelemetryProducer`,
+    which also offers `submit(reading) -> Future`: see the module docstring)."""
 
     async def send(self, reading: Reading) -> bool | None:
         """Returns once durable; False means the sink dropped it (counted there)."""
@@ -78,6 +83,9 @@ class ModbusSettings(BaseModel):
     reconnect_max_s: float = Field(30.0, gt=0, description="Longest reconnect delay of an endpoint")
     stale_after_polls: int = Field(10, ge=0, description="A raw answer repeated bit-identically this many times in a row makes the reading stale (0: off)")
     stagger: bool = Field(True, description="Spread device start times over their interval")
+    max_unacked_readings: int = Field(64, ge=1, description="Readings of one device handed to the producer and "
+                                      "not yet durable before its polls wait (a Kafka stall is only an outage "
+                                      "after the producer's delivery timeout; polling goes on meanwhile)")
 
 
 # --------------------------------------------------------------------------- errors
@@ -314,6 +322,7 @@ class DeviceState:
     unchanged_polls: int = 0
     state: str = "healthy"
     sleeping: bool = False  # waiting for its next tick (safe to cancel at stop)
+    unacked: deque = field(default_factory=deque)  # submitted readings not yet known durable, oldest first
 
 
 class ModbusCollector:
@@ -528,6 +537,8 @@ class ModbusCollector:
         interval = self.clock.to_wall_seconds(st.device.poll_interval_s)
         counters = self._counters
         send = self.sink.send
+        submit = getattr(self.sink, "submit", None)  # the producer's no-wait hand-over, if the sink has one
+        max_unacked = self.settings.max_unacked_readings
         next_at = first_at
         now = loop.time()
         while not stop.is_set():
@@ -558,16 +569,30 @@ class ModbusCollector:
                 log.exception("Unexpected error polling a Modbus device", extra=fields(device=st.device.id))
                 reading = self._failed(st, ModbusReadError("device_failure", repr(exc)), self.clock.now_ms())
             # hand the reading to the sink (inline: one coroutine frame less on every resume)
-            try:
-                durable = await send(reading)
-            except Exception as exc:  # the sink spools; an exception here means the reading is lost: count it loudly
-                counters["dropped"] += 1
-                log.error("Sink rejected a reading", extra=fields(device=reading.device, seq=reading.seq, error=exc))
-            else:
-                if durable is False:  # the producer dropped it (spool full / refused for good); it logged why
-                    counters["dropped"] += 1
+            if submit is not None:
+                # Pipelined: the next tick does not wait for this reading to become durable. Kafka
+                # that stalls is only known to be down after the producer's delivery timeout (5 s);
+                # awaiting each send would leave the ticks of those seconds unpolled. The producer
+                # keeps submission order (Kafka or spool), and at most `max_unacked_readings` of
+                # this device's readings wait at once; beyond that the sink's slowness is overruns.
+                try:
+                    outcome = submit(reading)
+                except Exception as exc:  # not running: the reading is lost, count it loudly
+                    self._count_outcome(reading, exc)
                 else:
-                    counters["sent"] += 1
+                    outcome.add_done_callback(partial(self._count_submitted, reading))
+                    unacked = st.unacked
+                    unacked.append(outcome)
+                    while unacked[0].done():
+                        unacked.popleft()
+                    if len(unacked) > max_unacked:
+                        await asyncio.wait((unacked[0],))
+            else:
+                try:
+                    durable = await send(reading)
+                except Exception as exc:  # the sink spools; an exception here means the reading is lost
+                    durable = exc
+                self._count_outcome(reading, durable)
             next_at = tick + interval
             now = loop.time()  # also the next iteration's "is the tick due" check: nothing runs in between
             if now > next_at:
@@ -580,6 +605,24 @@ class ModbusCollector:
                 counters["overruns"] += missed - 1
                 counters["late_ticks"] += 1
                 next_at = tick + missed * interval
+
+    def _count_outcome(self, reading: Reading, durable: object) -> None:
+        """Count what the sink did with a reading: `durable` is send()'s result, submit()'s count
+        of durable records, or the exception that lost it."""
+        counters = self._counters
+        if isinstance(durable, BaseException):  # the sink spools; an exception means the reading is lost
+            counters["dropped"] += 1
+            log.error("Sink rejected a reading", extra=fields(device=reading.device, seq=reading.seq, error=durable))
+        elif durable is False or durable == 0:  # dropped (spool full / refused for good); the sink logged why
+            counters["dropped"] += 1
+        else:
+            counters["sent"] += 1
+
+    def _count_submitted(self, reading: Reading, outcome: asyncio.Future) -> None:
+        if outcome.cancelled():
+            self._count_outcome(reading, asyncio.CancelledError())
+        else:
+            self._count_outcome(reading, outcome.exception() or outcome.result())
 
     async def run(self, stop: asyncio.Event) -> None:
         """Poll every device on its interval until `stop` is set; then close the connections."""
@@ -601,6 +644,10 @@ class ModbusCollector:
                 if st.sleeping:
                     t.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
+            # the last readings handed over are durable (or counted lost) before the sink stops
+            unacked = [f for st in states for f in st.unacked if not f.done()]
+            if unacked:
+                await asyncio.wait(unacked)
         finally:
             for t in tasks:
                 t.cancel()

@@ -59,6 +59,9 @@ from podwatch.stream.envelope import MAX_TS_MS, MIN_TS_MS
 
 log = logging.getLogger(__name__)
 
+SHORT_SESSION_S = 5.0  # a session the broker closes sooner than this counts as "short"
+SHORT_SESSIONS_HINT = 3  # short sessions in a row before the client-id hint
+
 
 class MqttCollectorSettings(BaseModel):
     """Collector-side MQTT settings (the broker, credentials and QoS come from the site's `mqtt:`)."""
@@ -196,6 +199,9 @@ class MqttCollector:
         self.connected = asyncio.Event()  # set once connected and every subscription acknowledged
         self._pending_subacks: set[int] = set()
         self._connect_failures = 0
+        self._client_id = ""
+        self._connected_at: float | None = None  # monotonic time of the last CONNACK (network thread)
+        self._short_sessions = 0  # sessions in a row the broker closed within SHORT_SESSION_S
         self._accepting = True  # False once stopping: later messages stay unacknowledged (redelivered)
         self._in_flight: set[asyncio.Task] | None = None  # set by run(): readings go to the sink concurrently
         self._slots: asyncio.Semaphore | None = None
@@ -215,7 +221,7 @@ class MqttCollector:
 
         url = urlparse(self.mqtt.url)
         v5 = self.mqtt.protocol == "5"
-        client_id = self.mqtt.client_id or f"podwatch-collector-{self.site.id}"
+        client_id = self._client_id = self.mqtt.client_id or f"podwatch-collector-{self.site.id}"
         if v5:
             client = paho.Client(CallbackAPIVersion.VERSION2, client_id=client_id, protocol=paho.MQTTv5, manual_ack=True)
         else:
@@ -249,6 +255,7 @@ class MqttCollector:
         if reason_code.is_failure:
             log.warning("MQTT broker refused the connection", extra=fields(url=self.mqtt.url, reason=str(reason_code)))
             return
+        self._connected_at = time.monotonic()
         if self._connect_failures:
             log.info("MQTT broker reachable again", extra=fields(url=self.mqtt.url, failed_attempts=self._connect_failures))
             self._connect_failures = 0
@@ -277,7 +284,18 @@ class MqttCollector:
     def _on_disconnect(self, client, userdata, flags, reason_code, properties):
         if self._closed:
             return
-        log.warning("MQTT connection lost; paho reconnects with back-off", extra=fields(url=self.mqtt.url, reason=str(reason_code)))
+        up_s = time.monotonic() - self._connected_at if self._connected_at is not None else None
+        self._connected_at = None
+        log.warning("MQTT connection lost; paho reconnects with back-off",
+                    extra=fields(url=self.mqtt.url, reason=str(reason_code)))
+        # The broker closing fresh sessions again and again is most often another client taking our
+        # client id over (two collectors for one site throw each other off at every reconnect, for
+        # ever; mosquitto gives paho no reason, even on MQTT 5): say so once
+        self._short_sessions = self._short_sessions + 1 if up_s is not None and up_s < SHORT_SESSION_S else 0
+        if self._short_sessions == SHORT_SESSIONS_HINT:
+            log.warning("The MQTT broker closed the last sessions within seconds of connecting; if another "
+                        "client uses this collector's client id (a second collector for this site?), give each "
+                        "its own mqtt.client_id", extra=fields(url=self.mqtt.url, client_id=self._client_id))
         self._loop.call_soon_threadsafe(self._set_connected, False)
 
     def _set_connected(self, up: bool) -> None:

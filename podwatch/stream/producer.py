@@ -5,8 +5,9 @@ Contract
 - `await send(reading)` returns once the reading is durable: acked by Kafka (acks=all), or
   written (and fsynced) to the spool. It returns False only when the reading was dropped, which
   is counted (`dropped`) and logged: the spool was full (its stated overflow policy), the disk
-  failed, or Kafka refused the record for good (e.g. larger than max_request_size). Errors are
-  classified: retriable ones (connection, timeout, leader changes, unknown) mean "Kafka is down"
+  failed, or Kafka refused the record for good (e.g. larger than max_request_size).
+  `submit(reading)` is the same without waiting: a future of 1 (durable) or 0 (dropped), in order
+  with every other send. Errors are classified: retriable ones (connection, timeout, leader changes, unknown) mean "Kafka is down"
   and send the record to the spool; only permanent ones drop it.
 - Every wait on Kafka is bounded by `delivery_timeout_s` (aiokafka's `send_and_wait` can block
   through a whole outage): a send not acked in time is treated as an outage.
@@ -134,6 +135,8 @@ class TelemetryProducer:
         self._inflight: dict[_InFlight, None] = {}  # insertion-ordered set: send order
         self._pending: list[tuple[list[SpoolRecord], asyncio.Future]] = []  # direct sends of this loop turn
         self._start_scheduled = False
+        self._flush_waiters: list[tuple[asyncio.Future, int]] = []  # spooled sends waiting for an fsync
+        self._flush_task: asyncio.Task | None = None
         self._enqueue_lock = asyncio.Lock()  # FIFO: groups reach aiokafka in submission order
         self._abandoned: set[asyncio.Future] = set()
         self._wake = asyncio.Event()
@@ -216,6 +219,8 @@ class TelemetryProducer:
             await asyncio.wait(runners, timeout=s.delivery_timeout_s)
         if self._inflight:
             await self._failover("producer stopping with unacked sends")
+        if self._flush_task is not None:
+            await asyncio.shield(self._flush_task)
         if self._spool.pending_records and self._kafka is not None and self._kafka_ok and s.stop_drain_timeout_s > 0:
             self._hurry.set()
             self._wake.set()
@@ -325,23 +330,52 @@ class TelemetryProducer:
 
     # ------------------------------------------------------------------ core
 
+    def submit(self, reading: Reading) -> asyncio.Future:
+        """Hand one reading over without waiting for it: the returned future resolves to 1 once the
+        reading is durable (as `send` returns), 0 if it was dropped (counted). Readings submitted one
+        after another keep their order, whether they go to Kafka or to the spool. The Modbus collector
+        uses this to keep polling on its grid while Kafka stalls (an outage is only known after
+        `delivery_timeout_s`); it bounds how many of its readings are not yet durable."""
+        record = SpoolRecord(self.telemetry_topic, reading.device.encode(), encode_reading(reading))
+        return self._submit_nowait([record])
+
     async def _submit(self, records: list[SpoolRecord]) -> int:
         """Make `records` durable; return how many are (the rest were dropped and counted)."""
+        return await self._submit_nowait(records)
+
+    def _submit_nowait(self, records: list[SpoolRecord]) -> asyncio.Future:
+        """Queue `records` in submission order; the future resolves to how many became durable."""
         if not self._started or self._closing:
             raise PodwatchError("the Kafka producer is not running (start() it; it was maybe stopped)")
         self.health.inc("received", len(records))
-        if not self._direct:
-            accepted = self._append_to_spool(records)
-            self._wake.set()
-            await self._flush_spool()
-            return accepted
         loop = asyncio.get_running_loop()
         waiter = loop.create_future()
+        if not self._direct:
+            # in the spool (page cache) now, in order; durable after the next fsync, which every
+            # record appended before it shares (group commit)
+            accepted = self._append_to_spool(records)
+            self._wake.set()
+            self._flush_waiters.append((waiter, accepted))
+            if self._flush_task is None:
+                self._flush_task = loop.create_task(self._resolve_after_flush())
+            return waiter
         self._pending.append((records, waiter))
         if not self._start_scheduled:
             self._start_scheduled = True
             loop.call_soon(self._start_pending)
-        return await waiter
+        return waiter
+
+    async def _resolve_after_flush(self) -> None:
+        """Fsync the spool, then tell every sender whose records it covers."""
+        try:
+            while self._flush_waiters:
+                waiters, self._flush_waiters = self._flush_waiters, []
+                await self._flush_spool()
+                for waiter, accepted in waiters:
+                    if not waiter.done():
+                        waiter.set_result(accepted)
+        finally:
+            self._flush_task = None
 
     def _start_pending(self) -> None:
         """Hand every send queued in this loop turn to aiokafka as one group."""

@@ -220,3 +220,33 @@ async def test_collector_started_before_the_broker_connects_when_it_comes_up(tmp
         finally:
             stop.set()
     assert sink.readings[0].points == {"rack.liquid_flow_lpm": 42.0}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("protocol", ["5", "3.1.1"])
+async def test_a_second_client_with_the_collectors_client_id_is_named_as_the_cause(mosquitto_broker, protocol, caplog):
+    """Two collectors for one site (same default client id) throw each other off at every reconnect;
+    after 3 sessions in a row closed within seconds of connecting, the collector names the likely cause once."""
+    host, port = mosquitto_broker
+    site = bms_site(mosquitto_broker, protocol)
+    collector = MqttCollector(site, MemorySink())
+    stop, task = await start(collector)
+    rivals = []
+    try:
+        for _ in range(4):
+            collector.connected.clear()
+            rival = paho.Client(CallbackAPIVersion.VERSION2, client_id=site.spec.mqtt.client_id,
+                                protocol=paho.MQTTv5 if protocol == "5" else paho.MQTTv311)
+            rival.connect(host, port)
+            rival.loop_start()
+            rivals.append(rival)
+            await wait_until(lambda: sum("connection lost" in r.getMessage() for r in caplog.records) >= len(rivals),
+                             10, what="the collector to lose its session")
+            rival.disconnect()
+            rival.loop_stop()
+            await asyncio.wait_for(collector.connected.wait(), 10)  # back, once the rival left
+        hints = [r for r in caplog.records if "mqtt.client_id" in r.getMessage()]
+        assert len(hints) == 1 and hints[0].fields["client_id"] == site.spec.mqtt.client_id
+    finally:
+        stop.set()
+        await task

@@ -150,6 +150,24 @@ async def test_spool_overflow_and_oversized_records_are_counted_drops(tansu_brok
     assert (health.counters["dropped"], health.counters["sent"], health.counters["spooled"]) == (1, 1, 0)
 
 
+async def test_submit_hands_over_without_waiting_and_resolves_once_durable(topics, tmp_path):
+    """submit() returns a future at once (the Modbus collector keeps polling meanwhile); in spool
+    mode one fsync resolves every future appended before it; stop() resolves the rest; order holds."""
+    bootstrap = f"127.0.0.1:{procs.free_port()}"  # nothing listens: everything goes to the spool
+    p = producer(bootstrap, tmp_path, topics, "submit")
+    async with p:
+        futures = [p.submit(reading("pdu-01", seq)) for seq in range(30)]
+        assert not any(f.done() for f in futures)  # handed over, not yet fsynced
+        assert await asyncio.gather(*futures) == [1] * 30
+        late = [p.submit(reading("pdu-01", seq)) for seq in range(30, 35)]
+    assert [f.result() for f in late] == [1] * 5  # stop() waited for their fsync
+    with pytest.raises(PodwatchError, match="not running"):
+        p.submit(reading("pdu-01", 35))
+    with Spool(tmp_path / "spool") as left:
+        batch = left.read_batch()
+        assert [decode_envelope(r.value)["seq"] for r in batch.records] == list(range(35))
+
+
 async def test_stop_is_idempotent_and_send_after_stop_is_refused(tansu_broker, topics, tmp_path, caplog):
     p = producer(tansu_broker, tmp_path, topics, "lifecycle", health_log_interval_s=0.05)
     caplog.set_level(logging.INFO, logger="podwatch.stream.producer")
