@@ -35,6 +35,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import random
+import re
 import time
 from collections import deque
 from collections.abc import Awaitable, Iterable
@@ -358,7 +359,8 @@ class ModbusCollector:
             if not isinstance(profile, ModbusProfile):
                 errors.append(f"{d.path}.profile: '{d.profile}' is not a Modbus profile")
                 continue
-            key = (d.profile, *read_limits(profile, self.settings, d))
+            profile = installed_points(profile, site, d)
+            key = (d.profile, *read_limits(profile, self.settings, d), len(profile.points))
             if key not in plans:
                 try:
                     plans[key] = plan_reads(profile, key[1], key[2])
@@ -662,6 +664,22 @@ class ModbusCollector:
             ep.close()
 
 
+_PUMP_POINT = re.compile(r"^cdu\.pump(\d+)\.")
+
+
+def installed_points(profile: ModbusProfile, site: Site, device: Device) -> ModbusProfile:
+    """The profile as far as the equipment has it. A CDU profile maps registers for up to N pumps;
+    a CDU with fewer (the site's `pumps`) answers the others with 0 or 0xFFFF, which is not a
+    measurement: those points are not read (they were a bad point in every reading)."""
+    if profile.kind != "cdu":
+        return profile
+    cdu = next((c for c in site.cdus if c.id == device.entity), None)
+    if cdu is None:
+        return profile
+    points = [p for p in profile.points if not ((m := _PUMP_POINT.match(p.metric)) and int(m.group(1)) > cdu.pumps)]
+    return profile if len(points) == len(profile.points) else profile.model_copy(update={"points": points})
+
+
 def read_limits(profile: ModbusProfile, settings: ModbusSettings, device: Device) -> tuple[int, int]:
     """(max registers per read, max gap) for one device: the collector's override (flags) or else the
     profile's value, lowered by the site file's device/gateway limits. The site's limits describe the
@@ -684,9 +702,10 @@ def format_plan(site: Site, settings: ModbusSettings | None = None) -> str:
     for d in site.devices:
         if d.protocol == "mqtt":
             continue
-        key = (d.profile, *read_limits(profiles[d.profile], settings, d))
+        profile = installed_points(profiles[d.profile], site, d)
+        key = (d.profile, *read_limits(profile, settings, d), len(profile.points))
         if key not in plans:
-            plans[key] = plan_reads(profiles[d.profile], key[1], key[2])
+            plans[key] = plan_reads(profile, key[1], key[2])
         plan = plans[key]
         limited = d.max_registers_per_read is not None or d.max_gap is not None
         lines.append(f"{d.id}  profile={d.profile} {d.endpoint} unit={d.unit_id} interval={d.poll_interval_s:g}s "
