@@ -101,7 +101,7 @@ def _sql(
 ) -> None:
     """Run a read-only query: directly on the file, or through the service that owns it."""
     from podwatch.storage.db import Database, DatabaseLocked, read_owner
-    from podwatch.storage.sqlguard import SqlRejected, SqlTimeout, run_guarded
+    from podwatch.storage.sqlguard import SqlRejected, SqlTimeout, run_guarded_foreground
 
     if fmt not in ("table", "csv", "json"):
         raise PodwatchError(f"--format must be table, csv or json, got {fmt!r}")
@@ -122,7 +122,7 @@ def _sql(
             api, token = owner["api_url"], token or owner.get("token")
         else:
             try:
-                result = run_guarded(database.cursor(), query, timeout_s, max_rows)
+                result = run_guarded_foreground(database.cursor(), query, timeout_s, max_rows)
             except (SqlRejected, SqlTimeout) as exc:
                 raise PodwatchError(str(exc)) from None
             finally:

@@ -182,6 +182,46 @@ def run_guarded(con: duckdb.DuckDBPyConnection, sql: str, timeout_s: float = 10.
     return SqlResult(_unique(columns), rows[:max_rows], truncated, time.perf_counter() - started)
 
 
+def run_guarded_foreground(con: duckdb.DuckDBPyConnection, sql: str, timeout_s: float = 10.0,
+                           max_rows: int = 10_000) -> SqlResult:
+    """`run_guarded` for a terminal (`podwatch sql --db`): Ctrl-C stops the query at once.
+
+    Python runs a signal handler in the main thread between bytecodes, never while DuckDB executes
+    there, so a query on the main thread ignored Ctrl-C until its time limit. The query runs in a
+    worker thread; the main thread waits, takes the KeyboardInterrupt, interrupts the query and
+    waits for the worker before it re-raises (a process that exits while DuckDB still runs in
+    another thread aborts)."""
+    outcome: dict[str, Any] = {}
+    finished = threading.Event()  # not Thread.join/is_alive: a join cut by Ctrl-C can leave is_alive() False (3.11)
+
+    def work() -> None:
+        try:
+            outcome["result"] = run_guarded(con, sql, timeout_s, max_rows)
+        except BaseException as exc:  # handed to the main thread
+            outcome["error"] = exc
+        finally:
+            finished.set()
+
+    worker = threading.Thread(target=work, name="sql-query", daemon=True)
+    worker.start()
+    try:
+        while not finished.wait(0.1):
+            pass
+    except KeyboardInterrupt:
+        while not finished.is_set():
+            try:
+                con.interrupt()
+                finished.wait(0.2)
+            except KeyboardInterrupt:  # pressed again: keep stopping the query first
+                pass
+        raise
+    finally:
+        worker.join()
+    if "error" in outcome:
+        raise outcome["error"]
+    return outcome["result"]
+
+
 def _unique(columns: list[str]) -> list[str]:
     """Column names made unique (x, x_1, ...): a self-join's `SELECT *` repeats names, and the JSON
     rows (one key per name) kept only the last column of each name."""
