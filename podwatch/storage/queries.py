@@ -30,10 +30,11 @@ _RELATIVE = re.compile(r"^now(?:\s*-\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d|w|y))?$")
 _DURATION = re.compile(r"^(\d+(?:\.\d+)?)\s*(ms|s|m|h|d|w)?$")
 MAX_BUCKETS = 100_000  # per series, as many rows as `step=raw` returns at most
 MAX_RAW_ROWS = 100_000  # rows of `step=raw`; a longer result is cut (oldest first) and marked truncated
+MAX_SERIES_ROWS = 1_000_000  # rows of a bucketed answer over all its series (a module at 10 s over a week): cut and marked
 
 
 class SeriesRows(list):
-    """Rows of `series`; `truncated` when `step=raw` hit MAX_RAW_ROWS."""
+    """Rows of `series`; `truncated` when `step=raw` hit MAX_RAW_ROWS or buckets MAX_SERIES_ROWS."""
 
     truncated = False
 MAX_STEP_S = 3650 * 86400  # a step's microseconds go to DuckDB as an integer literal
@@ -186,9 +187,11 @@ def series(con: duckdb.DuckDBPyConnection, *, device: str | None = None, metric:
                          FROM samples WHERE ts >= ? AND ts < ? AND {where} GROUP BY ALL""")
         all_params += [raw_start, raw_end, *params]
     sql = (f"SELECT t AS time, device, metric, sum(s) / nullif(sum(n), 0) AS value FROM ({' UNION ALL '.join(parts)}) "
-           f"GROUP BY ALL ORDER BY time, device, metric")
+           f"GROUP BY ALL ORDER BY time, device, metric LIMIT {MAX_SERIES_ROWS + 1}")
     rows = con.execute(sql, all_params).fetchall()
-    return [{"time": t, "device": d, "metric": m, "value": v} for t, d, m, v in rows]
+    result = SeriesRows({"time": t, "device": d, "metric": m, "value": v} for t, d, m, v in rows[:MAX_SERIES_ROWS])
+    result.truncated = len(rows) > MAX_SERIES_ROWS
+    return result
 
 
 def latest(con: duckdb.DuckDBPyConnection, *, device: str | None = None, metric: str | None = None,

@@ -260,6 +260,23 @@ async def test_raw_series_at_the_row_cap_says_it_was_truncated(api, monkeypatch)
 
 
 @pytest.mark.timeout(30)
+async def test_bucketed_series_over_many_series_is_capped_in_total_and_says_so(api, monkeypatch):
+    """Each series is capped at 100 000 buckets, but a module-wide query multiplies that by its
+    series (a module at 10 s over a week: millions of rows in one answer); the total is capped too."""
+    from podwatch.storage import queries
+
+    monkeypatch.setattr(queries, "MAX_SERIES_ROWS", 50)
+    params = {"module": "m1", "metric": "pdu.power_kw", "from": str(_ms(START)), "to": str(_ms(NOW)), "step": "1m"}
+    capped = await api.get("/api/series", params=params)
+    rows = capped.json()
+    assert capped.status_code == 200 and len(rows) == 50 and capped.headers.get("x-podwatch-truncated") == "true"
+    assert len({r["device"] for r in rows}) > 1 and rows == sorted(rows, key=lambda r: (r["time"], r["device"]))
+    one_device = {k: v for k, v in params.items() if k != "module"} | {"device": "pdu-m1-r01-a", "step": "1h"}
+    one = await api.get("/api/series", params=one_device)
+    assert 0 < len(one.json()) < 50 and one.headers.get("x-podwatch-truncated") == "false"
+
+
+@pytest.mark.timeout(30)
 async def test_risk_history_with_a_reversed_range_is_400_like_series(api):
     reversed_range = {"rack": "m1-r01", "from": "now", "to": "now-1h"}
     for path in ("/api/risk", "/api/series"):
