@@ -585,7 +585,7 @@ class ModbusCollector:
                     outcome.add_done_callback(partial(self._count_submitted, reading))
                     unacked = st.unacked
                     unacked.append(outcome)
-                    while unacked[0].done():
+                    while unacked and unacked[0].done():
                         unacked.popleft()
                     if len(unacked) > max_unacked:
                         await asyncio.wait((unacked[0],))

@@ -5,6 +5,7 @@ connection), quality flags and sequence numbers."""
 from __future__ import annotations
 
 import asyncio
+import time
 import logging
 
 import pytest
@@ -227,3 +228,63 @@ async def test_an_overrun_polls_the_latest_missed_tick_at_once_and_keeps_the_gri
     assert collector.health.counters["overruns"] - overruns == 1
     assert collector.health.counters["late_ticks"] - late == 1
     assert [r.quality for r in sink.of("pdu-r1-a")[:3]] == [Quality.GOOD] * 3
+
+
+class HeldSubmitSink(MemorySink):
+    """A sink with submit() whose readings become durable only when the test says so (a stalled
+    Kafka); `instant=True` resolves them at once (a sink that is never slow)."""
+
+    def __init__(self, instant: bool = False):
+        super().__init__()
+        self.instant = instant
+        self.held: list[asyncio.Future] = []
+
+    def submit(self, reading):
+        self.readings.append(reading)
+        future = asyncio.get_running_loop().create_future()
+        if self.instant:
+            future.set_result(1)
+        else:
+            self.held.append(future)
+        return future
+
+    def release(self, result=1):
+        for future in self.held:
+            if not future.done():
+                future.set_result(result)
+
+
+async def test_a_sink_with_submit_is_pipelined_up_to_the_unacked_bound(gateway, free_port):
+    """Interval 0.1 s, nothing becomes durable: the device keeps polling until it has
+    max_unacked_readings (3) readings waiting, then waits (ticks skipped as overruns); released,
+    every reading counts as sent; a sink that resolves at once never makes the loop wait."""
+    await gateway(units=(1,))
+    sink = HeldSubmitSink()
+    collector = ModbusCollector(gateway_site(free_port, racks=1, interval=0.1), sink, ModbusSettings(max_unacked_readings=3))
+    counters = collector.health.counters
+    sent0, overruns0 = counters["sent"], counters["overruns"]
+    stop = asyncio.Event()
+    task = asyncio.create_task(collector.run(stop))
+    await wait_until(lambda: len(sink.readings) == 4, 5, what="4 readings handed over without any durable")
+    held_since = time.monotonic()
+    # the stall lasts 4 intervals (the scenario's length, not a synchronisation)
+    await wait_until(lambda: time.monotonic() - held_since >= 0.4, 5, what="a 0.4 s stall")
+    assert len(sink.readings) == 4  # the bound holds: 3 waiting + the one whose loop waits (unbounded: 8)
+    sink.release()
+    await wait_until(lambda: counters["overruns"] - overruns0 >= 2, 5, what="the stalled ticks counted as overruns")
+    await wait_until(lambda: len(sink.readings) >= 7, 5, what="polling again once durable")
+    stop.set()
+    sink.release()
+    await task
+    sink.release()
+    assert counters["sent"] - sent0 == len(sink.readings)
+    assert [r.seq for r in sink.readings] == list(range(sink.readings[0].seq, sink.readings[0].seq + len(sink.readings)))
+
+    instant = HeldSubmitSink(instant=True)
+    collector = ModbusCollector(gateway_site(free_port, racks=1, interval=0.05), instant, ModbusSettings(max_unacked_readings=1))
+    stop = asyncio.Event()
+    task = asyncio.create_task(collector.run(stop))
+    await wait_until(lambda: len(instant.readings) >= 5, 5, what="five readings through a sink that is never slow")
+    stop.set()
+    await task
+    assert collector.health.counters["dropped"] == counters["dropped"]
