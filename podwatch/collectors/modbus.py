@@ -608,6 +608,13 @@ class ModbusCollector:
                 counters["late_ticks"] += 1
                 next_at = tick + missed * interval
 
+    def _report_loop_end(self, device_id: str, task: asyncio.Task) -> None:
+        """A device's loop ends only at stop; one that a bug ended must not go unnoticed until then."""
+        if not task.cancelled() and task.exception() is not None:
+            self._counters["errors"] += 1
+            log.error("Polling of a Modbus device stopped on an unexpected error", exc_info=task.exception(),
+                      extra=fields(device=device_id))
+
     def _count_outcome(self, reading: Reading, durable: object) -> None:
         """Count what the sink did with a reading: `durable` is send()'s result, submit()'s count
         of durable records, or the exception that lost it."""
@@ -635,7 +642,9 @@ class ModbusCollector:
         tasks = []
         for i, st in enumerate(states):
             offset = self.clock.to_wall_seconds(st.device.poll_interval_s) * (i / n) if self.settings.stagger else 0.0
-            tasks.append(asyncio.create_task(self._device_loop(st, t0 + offset, stop), name=f"poll {st.device.id}"))
+            task = asyncio.create_task(self._device_loop(st, t0 + offset, stop), name=f"poll {st.device.id}")
+            task.add_done_callback(partial(self._report_loop_end, st.device.id))
+            tasks.append(task)
         log.info("Modbus collector started", extra=fields(site=self.site.id, devices=len(states),
                                                           endpoints=len(self.endpoints)))
         try:

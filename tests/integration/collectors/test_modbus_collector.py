@@ -288,3 +288,26 @@ async def test_a_sink_with_submit_is_pipelined_up_to_the_unacked_bound(gateway, 
     stop.set()
     await task
     assert collector.health.counters["dropped"] == counters["dropped"]
+
+
+async def test_a_device_loop_ended_by_a_bug_is_logged_at_once(gateway, free_port, caplog):
+    """A device's loop ends only at stop; a bug that ends it (here a sink whose submit() returns no
+    future) is an ERROR naming the device and an error count, not silence until shutdown."""
+
+    class BrokenSubmitSink(MemorySink):
+        def submit(self, reading):
+            self.readings.append(reading)  # and returns None: not a future
+
+    await gateway(units=(1,))
+    sink = BrokenSubmitSink()
+    collector = ModbusCollector(gateway_site(free_port, racks=1, interval=0.1), sink)
+    errors0 = collector.health.counters["errors"]
+    stop = asyncio.Event()
+    task = asyncio.create_task(collector.run(stop))
+    await wait_until(lambda: any("stopped on an unexpected error" in r.getMessage() for r in caplog.records), 5,
+                     what="the loop's end to be logged")
+    stop.set()
+    await task
+    record = next(r for r in caplog.records if "stopped on an unexpected error" in r.getMessage())
+    assert record.levelname == "ERROR" and record.fields["device"] == "pdu-r1-a"
+    assert collector.health.counters["errors"] - errors0 == 1 and len(sink.readings) == 1
