@@ -181,10 +181,11 @@ def site_overview() -> Dashboard:
         .with_row(Row("Power and capacity"))
         .with_panel(
             Timeseries().title("Site power vs usable capacity and 24 h forecast (${node})")
-            .description("Substation meter power; the forecast's p50-p99 band and the usable capacity "
-                         "(rating x 0.8, weaker A/B side) of the site feed, from /api/forecasts.")
+            .description("Meter power of transformer ${node} (not the feeder or busway meters); the forecast's "
+                         "p50-p99 band and the usable capacity (rating x 0.8, weaker A/B side) of the site feed, "
+                         "from /api/forecasts.")
             .datasource(SITE_DS).unit("kwatt").min(0).span(16).height(9)
-            .with_target(series_query("A", {"metric": "meter.power_kw"}))
+            .with_target(series_query("A", {"node": "${node}", "metric": "meter.power_kw"}))
             .with_target(InfinityQuery("B", "/api/forecasts", {"node": "${node}", "horizon": "24h"},
                                        [TIME, Column("usable_kw", "number"), Column("p50_kw", "number"),
                                         Column("p95_kw", "number"), Column("p99_kw", "number")]))
@@ -229,10 +230,11 @@ def site_overview() -> Dashboard:
         .with_row(Row("Cooling overhead"))
         .with_panel(
             Stat().title("PUE-style overhead (meter / IT power)")
-            .description("Substation meter power divided by the sum of all rack PDU power, newest values. "
-                         "1.00 would mean no cooling or distribution overhead.")
+            .description("Power of the transformer meters (every substation transformer; feeder and busway "
+                         "meters would count the same load twice) divided by the sum of all rack PDU power, "
+                         "newest values. 1.00 would mean no cooling or distribution overhead.")
             .datasource(SITE_DS).decimals(2).span(6).height(8)
-            .with_target(InfinityQuery("A", "/api/latest", {"metric": "meter.power_kw"},
+            .with_target(InfinityQuery("A", "/api/latest", {"node_kind": "transformer", "metric": "meter.power_kw"},
                                        [Column("value", "number", "facility_kw")]))
             .with_target(InfinityQuery("B", "/api/latest", {"metric": "pdu.power_kw"},
                                        [Column("value", "number", "it_kw")]))
@@ -244,15 +246,21 @@ def site_overview() -> Dashboard:
         )
         .with_panel(
             Timeseries().title("Facility power and IT power")
-            .description("Meter power and the sum of rack PDU power per minute; their ratio is the overhead.")
+            .description("Transformer meter power (all substation transformers) and the sum of rack PDU power "
+                         "per minute; their ratio is the overhead.")
             .datasource(SITE_DS).unit("kwatt").min(0).span(18).height(8)
-            .with_target(named_series("A", {"metric": "meter.power_kw"}, "facility_kw", step="1m"))
+            .with_target(named_series("A", {"node_kind": "transformer", "metric": "meter.power_kw"}, "facility_kw",
+                                      step="1m"))
             .with_target(InfinityQuery("B", "/api/series", {"metric": "pdu.power_kw", **RANGE, "step": "1m"},
                                        [TIME, DEVICE, VALUE]))
+            .with_transformation(transformation("groupBy", {"fields": {  # one row per minute per transformer
+                "time": {"aggregations": [], "operation": "groupby"},
+                "facility_kw": {"aggregations": ["sum"], "operation": "aggregate"}}}, ref_id="A"))
             .with_transformation(transformation("groupBy", {"fields": {
                 "time": {"aggregations": [], "operation": "groupby"},
                 "value": {"aggregations": ["sum"], "operation": "aggregate"}}}, ref_id="B"))
-            .with_transformation(transformation("organize", {"renameByName": {"value (sum)": "it_kw"}}))
+            .with_transformation(transformation("organize", {"renameByName": {"value (sum)": "it_kw",
+                                                                              "facility_kw (sum)": "facility_kw"}}))
             .with_transformation(join_on_time())
             .with_transformation(binary("facility_kw", "/", "it_kw", "overhead_ratio"))
             .override_by_name("overhead_ratio", [DynamicConfigValue("unit", "none"),

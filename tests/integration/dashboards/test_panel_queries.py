@@ -54,14 +54,15 @@ def _base_value(metric: str) -> tuple[float, float]:
     return 1.0, 0.0
 
 
-def fill_demo_site(db_path: Path, now: datetime, minutes: int = 60, step_s: int = 10) -> dict[str, int]:
+def fill_demo_site(db_path: Path, now: datetime, minutes: int = 60, step_s: int = 10,
+                   site_file: Path = DEMO_SITE) -> dict[str, int]:
     from podwatch.storage.db import Database
     from podwatch.storage.topology import load_topology_file
 
     db = Database(db_path)
     try:
         con = db.connection
-        load_topology_file(con, str(DEMO_SITE))
+        load_topology_file(con, str(site_file))
         con.execute("CREATE TEMP TABLE metric_levels (kind VARCHAR, metric VARCHAR, level DOUBLE, swing DOUBLE)")
         con.executemany("INSERT INTO metric_levels VALUES (?, ?, ?, ?)",
                         [(m.kind, m.name, *_base_value(m.name)) for m in CATALOG.values()])
@@ -245,3 +246,36 @@ def test_level_table_is_sane():
     assert _base_value("cdu.pump1.running") == (1.0, 0.0)
     assert _base_value("rack.liquid_return_temp_c")[0] > _base_value("rack.liquid_supply_temp_c")[0]
     assert not math.isnan(_base_value("pdu.power_kw")[0])
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(90)
+def test_site_power_panels_read_the_transformer_meters_only_on_a_site_with_feeder_meters(tmp_path):
+    """reference-10mw meters its substation transformer and both feeders. The site-power and
+    overhead panels summed every meter.power_kw series: facility power counted the IT load twice
+    more (overhead ratio ~2.2 instead of ~1.1) and the feeders were drawn as 'site power'."""
+    from podwatch.dashboards.build import panel_queries
+    from podwatch.storage.service import ServiceSettings
+
+    site_file = REPO / "examples" / "sites" / "reference-10mw.yaml"
+    db_path = tmp_path / "reference.duckdb"
+    fill_demo_site(db_path, datetime.now(timezone.utc).replace(tzinfo=None, microsecond=0), minutes=5,
+                   site_file=site_file)
+    runner = ServiceThread(ServiceSettings(db=str(db_path), port=0))
+    api = runner.start()
+    try:
+        results = {(r.panel_title, r.ref_id): r for r in run_checks(api, {"podwatch-site-overview":
+                                                                           dashboard_docs()["podwatch-site-overview"]})}
+        import httpx
+
+        meters = {}
+        for title in ("Site power vs usable capacity and 24 h forecast (${node})", "PUE-style overhead (meter / IT power)",
+                      "Facility power and IT power"):
+            check = results[(title, "A")]
+            assert check.ok, (title, check.problem)
+            meters[title] = {row["device"] for row in httpx.get(api + check.url, timeout=10).json()}
+        assert meters == {title: {"meter-sub"} for title in meters}  # never meter-fdr-a / meter-fdr-b
+        assert {q.panel_title for q in panel_queries({"podwatch-site-overview":
+                                                       dashboard_docs()["podwatch-site-overview"]})} >= set(meters)
+    finally:
+        runner.stop()
