@@ -290,8 +290,8 @@ def site_overview() -> Dashboard:
 
 
 def module_dashboard() -> Dashboard:
-    busway_cols = [Column("node", "string"), Column("node_kind", "string"), Column("horizon", "string"),
-                   Column("usable_kw", "number"), Column("measured_peak_kw", "number"),
+    busway_cols = [Column("node", "string"), Column("node_kind", "string"), Column("module", "string"),
+                   Column("horizon", "string"), Column("usable_kw", "number"), Column("measured_peak_kw", "number"),
                    Column("p99_kw", "number"), Column("headroom_kw", "number")]
     dash = (
         _dashboard("module", "podwatch / Module",
@@ -307,8 +307,7 @@ def module_dashboard() -> Dashboard:
             .description(f"Power of every {side.upper()}-side rack PDU in ${{module}}, stacked: the top of the "
                          f"stack is the {side.upper()} busway load. In 2N each side must be able to carry both.")
             .datasource(SITE_DS).unit("kwatt").min(0).span(12).height(9)
-            .with_target(series_query("A", {"module": "${module}", "metric": "pdu.power_kw"}, step="1m",
-                                      filters=(RowFilter("device", "=~", f"-{side}$"),)))
+            .with_target(series_query("A", {"module": "${module}", "side": side, "metric": "pdu.power_kw"}, step="1m"))
             .stacking(StackingConfig().mode(StackingMode.NORMAL)).fill_opacity(35)
             .display_name(by_device_name())
         )
@@ -318,24 +317,24 @@ def module_dashboard() -> Dashboard:
             .datasource(SITE_DS).unit("kwatt").span(24).height(6)
             .with_target(InfinityQuery("A", "/api/headroom", None, busway_cols,
                                        filters=(RowFilter("node_kind", "==", "busway"),
-                                                RowFilter("node", "=~", "-${module}-"))))
+                                                RowFilter("module", "==", "${module}"))))
         )
         .with_row(Row("CDU loops (${cdu})"))
         .with_panel(
             Timeseries().title("Secondary loop temperatures").datasource(SITE_DS).unit("celsius").span(12).height(8)
-            .with_target(series_query("A", {"device": "${cdu}",
+            .with_target(series_query("A", {"cdu": "${cdu}",
                                             "metric": "cdu.supply_temp_c,cdu.return_temp_c,cdu.supply_setpoint_c"},
                                       by=METRIC))
             .display_name("${__field.labels.metric}")
         )
         .with_panel(
             Timeseries().title("Loop flow").datasource(SITE_DS).unit("litre/min").min(0).span(6).height(8)
-            .with_target(series_query("A", {"device": "${cdu}", "metric": "cdu.flow_lpm"}, by=METRIC))
+            .with_target(series_query("A", {"cdu": "${cdu}", "metric": "cdu.flow_lpm"}, by=METRIC))
             .display_name("${__field.labels.metric}")
         )
         .with_panel(
             Timeseries().title("Heat removed").datasource(SITE_DS).unit("kwatt").min(0).span(6).height(8)
-            .with_target(series_query("A", {"device": "${cdu}", "metric": "cdu.heat_removed_kw"}, by=METRIC))
+            .with_target(series_query("A", {"cdu": "${cdu}", "metric": "cdu.heat_removed_kw"}, by=METRIC))
             .display_name("${__field.labels.metric}")
         )
         .with_panel(
@@ -417,20 +416,20 @@ def cdu_dashboard() -> Dashboard:
         .with_row(Row("Pumps (${cdu})"))
         .with_panel(
             Timeseries().title("Pump speed").datasource(SITE_DS).unit("percent").min(0).max(100).span(12).height(8)
-            .with_target(series_query("A", {"device": "${cdu}",
+            .with_target(series_query("A", {"cdu": "${cdu}",
                                             "metric": ",".join(f"cdu.pump{n}.speed_pct" for n in pumps)}, by=METRIC))
             .display_name("${__field.labels.metric}")
         )
         .with_panel(
             StateTimeline().title("Pumps running").datasource(SITE_DS).span(12).height(8)
-            .with_target(series_query("A", {"device": "${cdu}",
+            .with_target(series_query("A", {"cdu": "${cdu}",
                                             "metric": ",".join(f"cdu.pump{n}.running" for n in pumps)}, by=METRIC))
             .display_name("${__field.labels.metric}").mappings(PUMP_MAPPINGS)
         )
         .with_row(Row("Loop"))
         .with_panel(
             Timeseries().title("Loop pressure").datasource(SITE_DS).unit("kpa").span(8).height(8)
-            .with_target(series_query("A", {"device": "${cdu}", "metric":
+            .with_target(series_query("A", {"cdu": "${cdu}", "metric":
                                             "cdu.supply_pressure_kpa,cdu.return_pressure_kpa,cdu.diff_pressure_kpa"},
                                       by=METRIC))
             .display_name("${__field.labels.metric}")
@@ -440,8 +439,8 @@ def cdu_dashboard() -> Dashboard:
             .description("How close the heat exchanger brings the secondary supply to the facility water; "
                          "a growing approach at the same load means fouling or low facility flow.")
             .unit("celsius").span(8).height(8)
-            .with_target(named_series("A", {"device": "${cdu}", "metric": "cdu.supply_temp_c"}, "supply_temp_c"))
-            .with_target(named_series("B", {"device": "${cdu}", "metric": "cdu.facility_supply_temp_c"},
+            .with_target(named_series("A", {"cdu": "${cdu}", "metric": "cdu.supply_temp_c"}, "supply_temp_c"))
+            .with_target(named_series("B", {"cdu": "${cdu}", "metric": "cdu.facility_supply_temp_c"},
                                       "facility_supply_temp_c"))
             .with_transformation(join_on_time())
             .with_transformation(binary("supply_temp_c", "-", "facility_supply_temp_c", "approach_c"))
@@ -450,13 +449,13 @@ def cdu_dashboard() -> Dashboard:
         )
         .with_panel(
             Timeseries().title("Reservoir level").datasource(SITE_DS).unit("percent").min(0).max(100).span(8).height(8)
-            .with_target(series_query("A", {"device": "${cdu}", "metric": "cdu.reservoir_level_pct"}, by=METRIC))
+            .with_target(series_query("A", {"cdu": "${cdu}", "metric": "cdu.reservoir_level_pct"}, by=METRIC))
             .display_name("${__field.labels.metric}")
             .thresholds(thresholds((None, "red"), (20, "orange"), (40, "green")))
         )
         .with_panel(
             StateTimeline().title("Leak detection and unit status").datasource(SITE_DS).span(24).height(6)
-            .with_target(series_query("A", {"device": "${cdu}", "metric": "cdu.leak_state,cdu.status"}, by=METRIC))
+            .with_target(series_query("A", {"cdu": "${cdu}", "metric": "cdu.leak_state,cdu.status"}, by=METRIC))
             .display_name("${__field.labels.metric}").mappings(STATE_MAPPINGS)
         )
     )

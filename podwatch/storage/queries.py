@@ -116,15 +116,20 @@ def pick_rollup(step_s: float) -> str | None:
 
 
 def _topology_where(rack: str | None, module: str | None, node: str | None, node_kind: str | None,
-                    params: list) -> list[str]:
+                    params: list, cdu: str | None = None, side: str | None = None) -> list[str]:
     """Conditions on topo_devices selecting the devices of racks / modules / power nodes (the meters
     on a node, e.g. node=xfmr-1) / power nodes of a kind (node_kind=transformer: every substation
-    meter, not the feeder or busway meters)."""
+    meter, not the feeder or busway meters) / CDUs (the CDU's own controller, whatever its device id)
+    / a feed side (a | b: the PDUs and metered feeds of that side, whatever their ids)."""
     where = []
     if rack:
         where.append(_in("rack", _csv(rack), params))
     if module:
         where.append(_in("module", _csv(module), params))
+    if cdu:
+        where.append(_in("cdu", _csv(cdu), params))
+    if side:
+        where.append(_in("lower(side)", [v.lower() for v in _csv(side)], params))
     if node:
         where.append(_in("node", _csv(node), params))
     if node_kind:
@@ -136,7 +141,8 @@ def _topology_where(rack: str | None, module: str | None, node: str | None, node
 
 def series(con: duckdb.DuckDBPyConnection, *, device: str | None = None, metric: str | None = None,
            rack: str | None = None, module: str | None = None, node: str | None = None,
-           node_kind: str | None = None, start: datetime, end: datetime,
+           node_kind: str | None = None, cdu: str | None = None, side: str | None = None,
+           start: datetime, end: datetime,
            step_s: float | None = None, max_points: int = 2000) -> list[dict]:
     """Time series over [start, end): average per step bucket, from the right rollup for the
     step (closed buckets) plus the raw tail not rolled up yet. step 0 = raw rows."""
@@ -144,9 +150,9 @@ def series(con: duckdb.DuckDBPyConnection, *, device: str | None = None, metric:
         raise QueryError("parameter 'to' must be after 'from'")
     devices = _csv(device)
     metrics = _csv(metric)
-    if rack or module or node or node_kind:
+    if rack or module or node or node_kind or cdu or side:
         params: list = []
-        where = _topology_where(rack, module, node, node_kind, params)
+        where = _topology_where(rack, module, node, node_kind, params, cdu, side)
         rack_devices = [r[0] for r in con.execute(f"SELECT device FROM topo_devices WHERE {' AND '.join(where)}", params).fetchall()]
         if not rack_devices:
             return []
@@ -154,7 +160,7 @@ def series(con: duckdb.DuckDBPyConnection, *, device: str | None = None, metric:
         if not devices:
             return []
     if not devices and not metrics:
-        raise QueryError("give at least one of 'device', 'metric', 'rack', 'module', 'node' or 'node_kind'")
+        raise QueryError("give at least one of 'device', 'metric', 'rack', 'module', 'cdu', 'side', 'node' or 'node_kind'")
     span_s = (end - start).total_seconds()
     if step_s is None:
         step_s = max(1.0, span_s / max_points)
@@ -352,8 +358,10 @@ def risk(con: duckdb.DuckDBPyConnection, rack: str | None = None, start: datetim
 
 def headroom(con: duckdb.DuckDBPyConnection) -> list[dict]:
     return _records(con.execute(
-        "SELECT generated_at AS time, * FROM forecasts "
-        "QUALIFY row_number() OVER (PARTITION BY node, horizon ORDER BY generated_at DESC) = 1 ORDER BY node, horizon"))
+        "SELECT f.generated_at AS time, f.*, coalesce(p.module, c.module) AS module FROM forecasts f "
+        "LEFT JOIN topo_power p ON p.node = f.node LEFT JOIN topo_cdus c ON c.cdu = f.node "
+        "QUALIFY row_number() OVER (PARTITION BY f.node, f.horizon ORDER BY f.generated_at DESC) = 1 "
+        "ORDER BY f.node, f.horizon"))
 
 
 def forecasts(con: duckdb.DuckDBPyConnection, node: str | None = None, horizon: str | None = None) -> list[dict]:
