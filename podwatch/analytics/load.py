@@ -208,6 +208,11 @@ def node_loads(site: Site, samples: pl.DataFrame, bucket_s: int) -> LoadData:
     if samples.is_empty():
         raise DataSourceError("no pdu.power_kw / rack.power_kw / meter.power_kw / cdu.heat_removed_kw samples "
                               "in the selected data")
+    site_devices = {d.id for d in site.devices}
+    if not samples.filter(pl.col("device").is_in(list(site_devices))).height:
+        others = sorted(samples["device"].unique().to_list())
+        raise DataSourceError(f"the data holds no load samples of any device of site '{site.id}' ({len(others)} other "
+                              f"device(s), e.g. '{others[0]}'): is it another site's data? Give the matching --site file")
     every = f"{int(bucket_s)}s"
     samples = samples.with_columns(pl.col("ts").dt.truncate(every))
     t0, t1 = samples["ts"].min(), samples["ts"].max()

@@ -146,3 +146,11 @@ def test_transformer_feeding_one_side_only_carries_the_failover_load_not_its_met
     row = node_loads(site, samples(rows), 60).loads.row(0, named=True)
     assert row["xfmr-a"] == pytest.approx(200.0)  # both racks in full, not the 115 kW half share it reads
     assert row["xfmr-b"] == pytest.approx(200.0)
+
+
+def test_samples_of_another_site_are_a_clear_error_not_a_table_of_dashes(site):
+    """`podwatch headroom --site edge-5mw.yaml --history <mqtt-only history>` printed every node with '-' and
+    `plan` answered YES on rated loads: no sample belonged to the site."""
+    rows = [(0, "bms-row1-1", "rack.power_kw", 120.0), (0, "sensor-gw-row2-1", "rack.power_kw", 100.0)]
+    with pytest.raises(DataSourceError, match="no load samples of any device of site 't'.*another site"):
+        node_loads(site, samples(rows), 60)
