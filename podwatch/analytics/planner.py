@@ -292,6 +292,9 @@ def plan(site: Site, forecasts: Iterable | Mapping[str, float] | None, rack_kw: 
     mapping node id -> P99 kW (CDU ids -> P99 heat kW)."""
     if not math.isfinite(rack_kw) or rack_kw <= 0 or count < 1:
         raise ValueError(f"--rack-kw must be a number > 0 and --count >= 1 (got {rack_kw:g} kW, {count})")
+    if not math.isfinite(flow_lpm_per_kw) or flow_lpm_per_kw <= 0:
+        raise ValueError(f"--flow-lpm-per-kw must be a number > 0 (got {flow_lpm_per_kw:g}); liquid-cooled racks are "
+                         "designed for 1.0-1.5 L/min per kW")
     if count > MAX_COUNT:
         raise ValueError(f"--count: at most {MAX_COUNT:,} racks per plan (got {count:,}); the search places racks "
                          "one at a time beyond small problems, so a larger count would run for minutes")
