@@ -154,6 +154,16 @@ def plot_module_headroom(inputs: ReportInputs, path: Path, horizon: str = "7d") 
     return path
 
 
+def risk_time_window(risks: pl.DataFrame) -> tuple[datetime, datetime]:
+    """x range of the risk timeline: the scores' own span, at least 10 minutes wide (one timestamp made
+    matplotlib spread the axis over four years, with the scores invisible in it)."""
+    lo, hi = risks["ts"].min(), risks["ts"].max()
+    if hi - lo < timedelta(minutes=10):
+        pad = (timedelta(minutes=10) - (hi - lo)) / 2
+        lo, hi = lo - pad, hi + pad
+    return lo, hi
+
+
 def plot_risk_timeline(inputs: ReportInputs, path: Path) -> Path | None:
     """Risk probability per rack over time, alerts marked; None when there are no risk scores."""
     risks = inputs.risk_scores
@@ -163,9 +173,14 @@ def plot_risk_timeline(inputs: ReportInputs, path: Path) -> Path | None:
     racks = sorted(risks["rack"].unique().to_list())
     fig, axes = plt.subplots(len(racks), 1, figsize=(11, 0.6 * len(racks) + 1.2), sharex=True, squeeze=False)
     alerts = inputs.alerts if inputs.alerts is not None else pl.DataFrame()
+    lo, hi = risk_time_window(risks)
     for ax, rack in zip(axes[:, 0], racks):
         one = risks.filter(pl.col("rack") == rack).sort("ts")
         ax.fill_between(one["ts"].to_list(), 0, one["probability"].to_numpy(), color="tab:red", alpha=0.5, step="post")
+        # a lone score (`podwatch analyze` stores the latest one per rack) has no area to fill: mark it
+        ax.plot(one["ts"].to_list(), one["probability"].to_numpy(), color="tab:red", marker="o", markersize=3,
+                linestyle="none")
+        ax.set_xlim(lo, hi)
         ax.set_ylim(0, 1)
         ax.set_yticks([])
         ax.set_ylabel(rack, rotation=0, ha="right", fontsize=7)

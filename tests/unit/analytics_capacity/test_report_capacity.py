@@ -45,3 +45,19 @@ def test_transformers_feeding_different_racks_add_up():
     assert sorted(map(sorted, site_feed_groups(site, ["xfmr", "xfmr-2"]))) == [["xfmr"], ["xfmr-2"]]
     usable, provisioned = site_capacity_kw(site, _rows(site), ["xfmr", "xfmr-2"])
     assert usable == pytest.approx((4000.0 + 2000.0) * 0.8) and provisioned == pytest.approx(300.0)
+
+
+def test_risk_timeline_window_of_a_single_score_per_rack_is_minutes_not_years():
+    """`podwatch analyze` stores the latest score per rack; the report's risk timeline then had one
+    timestamp, an axis from 2025 to 2029 and no visible score."""
+    from datetime import datetime, timedelta
+
+    import polars as pl
+
+    from podwatch.analytics.report import risk_time_window
+
+    t = datetime(2026, 11, 22, 22, 10, 50)
+    lo, hi = risk_time_window(pl.DataFrame({"ts": [t, t], "rack": ["r1", "r2"], "probability": [0.9, 0.0]}))
+    assert lo <= t <= hi and hi - lo == timedelta(minutes=10)
+    many = pl.DataFrame({"ts": [t, t + timedelta(hours=3)], "rack": ["r1", "r1"], "probability": [0.1, 0.2]})
+    assert risk_time_window(many) == (t, t + timedelta(hours=3))
