@@ -183,7 +183,8 @@ def site_overview() -> Dashboard:
             Timeseries().title("Site power vs usable capacity and 24 h forecast (${node})")
             .description("Meter power of transformer ${node} (not the feeder or busway meters); the forecast's "
                          "p50-p99 band and the usable capacity (rating x 0.8, weaker A/B side) of the site feed, "
-                         "from /api/forecasts.")
+                         "from /api/forecasts. With one transformer per side the meter reads that side's normal "
+                         "share while the forecast is the failover load it must carry when the other side fails.")
             .datasource(SITE_DS).unit("kwatt").min(0).span(16).height(9)
             .with_target(series_query("A", {"node": "${node}", "metric": "meter.power_kw"}))
             .with_target(InfinityQuery("B", "/api/forecasts", {"node": "${node}", "horizon": "24h"},
