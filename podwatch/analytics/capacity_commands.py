@@ -10,6 +10,7 @@ simulator or `podwatch export`).
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import typer
@@ -174,6 +175,8 @@ def register(app: typer.Typer) -> None:
         from podwatch.site import load_site
 
         if synthetic_days is not None:
+            if not math.isfinite(synthetic_days) or synthetic_days <= 0:
+                raise ValueError(f"--synthetic-days must be a number of days > 0 (got {synthetic_days:g})")
             if db is not None or history is not None:
                 raise ValueError("--synthetic-days replaces --db/--history; give one or the other")
             site = load_site(site_file)
@@ -203,6 +206,8 @@ def register(app: typer.Typer) -> None:
         from podwatch.analytics.headroom import compute_headroom
         from podwatch.analytics.report import ReportInputs, read_risk_and_alerts, write_report
 
+        if out.exists() and not out.is_dir():
+            raise ValueError(f"--out {out}: exists and is not a folder (the report writes index.html and PNGs into a folder)")
         site, load = _load(site_file, db, history, bucket_s)
         headroom = compute_headroom(site, load)
         risks, alerts = read_risk_and_alerts(db=db, history=history)

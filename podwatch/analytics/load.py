@@ -19,9 +19,11 @@ Design load under A/B (2N) feeds — why a busway carries "whole racks":
   (`rack.power_kw`, the whole rack). A rack with no reading at all leaves its nodes without a
   value for that bucket (counted in `LoadData.missing_buckets`) rather than pretending the load
   was lower.
-- A transformer (or any node with no side) that has its own meter uses the meter: it also sees the
-  cooling plant, auxiliaries and losses that rack PDUs do not. Sided nodes always use the failover
-  load from PDUs, because their meters read only the normal half share. Such a node also gets an
+- A transformer (or any node with no side) that has its own meter and lies on both the A and the B
+  path of every rack behind it uses the meter: it also sees the cooling plant, auxiliaries and
+  losses that rack PDUs do not. Sided nodes — and a transformer that feeds one side only (one
+  transformer per side, edge-5mw) — use the failover load from PDUs, because their meters read
+  only the normal half share. Such a node also gets an
   IT-only column (`<node>#it`, from PDUs) so that stranded power compares like with like.
 - A CDU's load is the heat it removes (`cdu.heat_removed_kw`); without that reading, its racks'
   power x heat-to-liquid share.
@@ -206,6 +208,11 @@ def node_loads(site: Site, samples: pl.DataFrame, bucket_s: int) -> LoadData:
     if samples.is_empty():
         raise DataSourceError("no pdu.power_kw / rack.power_kw / meter.power_kw / cdu.heat_removed_kw samples "
                               "in the selected data")
+    site_devices = {d.id for d in site.devices}
+    if not samples.filter(pl.col("device").is_in(list(site_devices))).height:
+        others = sorted(samples["device"].unique().to_list())
+        raise DataSourceError(f"the data holds no load samples of any device of site '{site.id}' ({len(others)} other "
+                              f"device(s), e.g. '{others[0]}'): is it another site's data? Give the matching --site file")
     every = f"{int(bucket_s)}s"
     samples = samples.with_columns(pl.col("ts").dt.truncate(every))
     t0, t1 = samples["ts"].min(), samples["ts"].max()
@@ -245,6 +252,16 @@ def node_loads(site: Site, samples: pl.DataFrame, bucket_s: int) -> LoadData:
         # any rack without a value -> the node has no value (never under-report a load)
         return pl.when(pl.any_horizontal([c.is_null() for c in cols])).then(None).otherwise(pl.sum_horizontal(cols))
 
+    def on_both_paths(node_id: str, rack_ids) -> bool:
+        """The node carries every rack behind it on both its A and B path, so its meter sees the whole
+        load. A transformer that feeds one side only (edge-5mw: xfmr-a -> A switchgear) reads the
+        normal half share, like a sided node, and must be sized on the failover load instead."""
+        for rack in (site.rack(r) for r in rack_ids):
+            paths = [{n.id for n in site.power_path(feed)} for feed in (rack.feed_a, rack.feed_b)]
+            if not all(node_id in ids for ids in paths):
+                return False
+        return True
+
     exprs = []
     for node_id, cap in capacities.items():
         if not cap.racks:
@@ -253,7 +270,7 @@ def node_loads(site: Site, samples: pl.DataFrame, bucket_s: int) -> LoadData:
         if cap.kind == "cdu":
             share = site.cdu(node_id).heat_to_liquid
             expr = pl.coalesce(pl.col(f"heat:{node_id}"), pdu_load * share) if node_id in heat.columns else pdu_load * share
-        elif cap.side is None and node_id in meters.columns:
+        elif cap.side is None and node_id in meters.columns and on_both_paths(node_id, cap.racks):
             expr = pl.coalesce(pl.col(f"meter:{node_id}"), pdu_load)
             # the IT-only load too: stranded power compares rated IT allocation with IT draw
             exprs.append(pdu_load.cast(pl.Float64).alias(f"{node_id}{IT_SUFFIX}"))

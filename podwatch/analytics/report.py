@@ -43,6 +43,31 @@ def _top_nodes(site: Site) -> list[str]:
     return [n.id for n in site.power_nodes.values() if n.kind == "transformer"]
 
 
+def site_feed_groups(site: Site, tops: list[str]) -> list[list[str]]:
+    """Transformers grouped by the racks they carry. Transformers carrying the same racks are the A
+    and B sides of one 2N feed (edge-5mw: one transformer per side): the site is worth the weaker
+    of them and each carries the same failover load, so a group counts once. Groups with other
+    racks (campus-20mw: two transformers, five modules each) add up."""
+    from podwatch.analytics.capacity import racks_behind
+
+    groups: dict[frozenset, list[str]] = {}
+    for node in tops:
+        groups.setdefault(frozenset(racks_behind(site, node)), []).append(node)
+    return list(groups.values())
+
+
+def site_capacity_kw(site: Site, rows: dict, tops: list[str], horizon: str = "24h") -> tuple[float, float]:
+    """(usable, provisioned) of the site's feed: per group of A/B transformers the weaker side's
+    usable, summed over groups."""
+    usable = provisioned = 0.0
+    for group in site_feed_groups(site, tops):
+        parts = [rows[(n, horizon)] for n in group if (n, horizon) in rows]
+        if parts:
+            usable += min(p.usable_kw for p in parts)
+            provisioned += max((p.provisioned_kw or 0) for p in parts)
+    return usable, provisioned
+
+
 def plot_site_power(inputs: ReportInputs, path: Path, days: float = 14.0) -> Path:
     """Hourly peak of the site (transformers) vs usable and provisioned, plus the forecast bands."""
     plt = _plt()
@@ -52,23 +77,24 @@ def plot_site_power(inputs: ReportInputs, path: Path, days: float = 14.0) -> Pat
     since = hourly["ts"].max() - timedelta(days=days)
     hourly = hourly.filter(pl.col("ts") >= since)
     fig, ax = plt.subplots(figsize=(11, 5.0))
+    groups = site_feed_groups(site, tops)
     if tops:
-        total = hourly.select(pl.col("ts"), pl.sum_horizontal([pl.col(n) for n in tops]).alias("kw"))
+        total = hourly.select(pl.col("ts"), pl.sum_horizontal([pl.max_horizontal([pl.col(n) for n in g])
+                                                               for g in groups]).alias("kw"))
         ax.plot(total["ts"].to_list(), total["kw"].to_numpy(), color="black", linewidth=1, label="hourly peak (measured)")
     rows = {(r.node, r.horizon): r for r in inputs.headroom.rows}
-    usable = sum(rows[(n, "24h")].usable_kw for n in tops if (n, "24h") in rows)
-    provisioned = sum((rows[(n, "24h")].provisioned_kw or 0) for n in tops if (n, "24h") in rows)
+    usable, provisioned = site_capacity_kw(site, rows, tops)
     ax.axhline(usable, color="tab:red", linestyle="--", label=f"usable {usable:,.0f} kW (80 %, derated)")
     ax.axhline(provisioned, color="tab:gray", linestyle=":", label=f"provisioned (rated racks) {provisioned:,.0f} kW")
     end = load.loads["ts"].max()
     colors = {"24h": "tab:blue", "7d": "tab:orange"}
     for horizon, hours in (("24h", 24), ("7d", 168)):
-        parts = [rows.get((n, horizon)) for n in tops]
-        if not parts or any(p is None or p.p99_kw is None for p in parts):
+        parts = [[rows.get((n, horizon)) for n in g] for g in groups]
+        if not parts or any(p is None or p.p99_kw is None for g in parts for p in g):
             continue
-        p50 = sum(p.p50_kw for p in parts)
-        p95 = sum(p.p95_kw for p in parts)
-        p99 = sum(p.p99_kw for p in parts)
+        p50 = sum(max(p.p50_kw for p in g) for g in parts)
+        p95 = sum(max(p.p95_kw for p in g) for g in parts)
+        p99 = sum(max(p.p99_kw for p in g) for g in parts)
         x = [end, end + timedelta(hours=hours)]
         ax.fill_between(x, [p50, p50], [p99, p99], color=colors[horizon], alpha=0.25,
                         label=f"{horizon} peak forecast P50–P99 ({p50:,.0f}–{p99:,.0f} kW)")
@@ -128,6 +154,16 @@ def plot_module_headroom(inputs: ReportInputs, path: Path, horizon: str = "7d") 
     return path
 
 
+def risk_time_window(risks: pl.DataFrame) -> tuple[datetime, datetime]:
+    """x range of the risk timeline: the scores' own span, at least 10 minutes wide (one timestamp made
+    matplotlib spread the axis over four years, with the scores invisible in it)."""
+    lo, hi = risks["ts"].min(), risks["ts"].max()
+    if hi - lo < timedelta(minutes=10):
+        pad = (timedelta(minutes=10) - (hi - lo)) / 2
+        lo, hi = lo - pad, hi + pad
+    return lo, hi
+
+
 def plot_risk_timeline(inputs: ReportInputs, path: Path) -> Path | None:
     """Risk probability per rack over time, alerts marked; None when there are no risk scores."""
     risks = inputs.risk_scores
@@ -137,9 +173,14 @@ def plot_risk_timeline(inputs: ReportInputs, path: Path) -> Path | None:
     racks = sorted(risks["rack"].unique().to_list())
     fig, axes = plt.subplots(len(racks), 1, figsize=(11, 0.6 * len(racks) + 1.2), sharex=True, squeeze=False)
     alerts = inputs.alerts if inputs.alerts is not None else pl.DataFrame()
+    lo, hi = risk_time_window(risks)
     for ax, rack in zip(axes[:, 0], racks):
         one = risks.filter(pl.col("rack") == rack).sort("ts")
         ax.fill_between(one["ts"].to_list(), 0, one["probability"].to_numpy(), color="tab:red", alpha=0.5, step="post")
+        # a lone score (`podwatch analyze` stores the latest one per rack) has no area to fill: mark it
+        ax.plot(one["ts"].to_list(), one["probability"].to_numpy(), color="tab:red", marker="o", markersize=3,
+                linestyle="none")
+        ax.set_xlim(lo, hi)
         ax.set_ylim(0, 1)
         ax.set_yticks([])
         ax.set_ylabel(rack, rotation=0, ha="right", fontsize=7)

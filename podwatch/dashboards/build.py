@@ -181,10 +181,12 @@ def site_overview() -> Dashboard:
         .with_row(Row("Power and capacity"))
         .with_panel(
             Timeseries().title("Site power vs usable capacity and 24 h forecast (${node})")
-            .description("Substation meter power; the forecast's p50-p99 band and the usable capacity "
-                         "(rating x 0.8, weaker A/B side) of the site feed, from /api/forecasts.")
+            .description("Meter power of transformer ${node} (not the feeder or busway meters); the forecast's "
+                         "p50-p99 band and the usable capacity (rating x 0.8, weaker A/B side) of the site feed, "
+                         "from /api/forecasts. With one transformer per side the meter reads that side's normal "
+                         "share while the forecast is the failover load it must carry when the other side fails.")
             .datasource(SITE_DS).unit("kwatt").min(0).span(16).height(9)
-            .with_target(series_query("A", {"metric": "meter.power_kw"}))
+            .with_target(series_query("A", {"node": "${node}", "metric": "meter.power_kw"}))
             .with_target(InfinityQuery("B", "/api/forecasts", {"node": "${node}", "horizon": "24h"},
                                        [TIME, Column("usable_kw", "number"), Column("p50_kw", "number"),
                                         Column("p95_kw", "number"), Column("p99_kw", "number")]))
@@ -229,10 +231,11 @@ def site_overview() -> Dashboard:
         .with_row(Row("Cooling overhead"))
         .with_panel(
             Stat().title("PUE-style overhead (meter / IT power)")
-            .description("Substation meter power divided by the sum of all rack PDU power, newest values. "
-                         "1.00 would mean no cooling or distribution overhead.")
+            .description("Power of the transformer meters (every substation transformer; feeder and busway "
+                         "meters would count the same load twice) divided by the sum of all rack PDU power, "
+                         "newest values. 1.00 would mean no cooling or distribution overhead.")
             .datasource(SITE_DS).decimals(2).span(6).height(8)
-            .with_target(InfinityQuery("A", "/api/latest", {"metric": "meter.power_kw"},
+            .with_target(InfinityQuery("A", "/api/latest", {"node_kind": "transformer", "metric": "meter.power_kw"},
                                        [Column("value", "number", "facility_kw")]))
             .with_target(InfinityQuery("B", "/api/latest", {"metric": "pdu.power_kw"},
                                        [Column("value", "number", "it_kw")]))
@@ -244,15 +247,21 @@ def site_overview() -> Dashboard:
         )
         .with_panel(
             Timeseries().title("Facility power and IT power")
-            .description("Meter power and the sum of rack PDU power per minute; their ratio is the overhead.")
+            .description("Transformer meter power (all substation transformers) and the sum of rack PDU power "
+                         "per minute; their ratio is the overhead.")
             .datasource(SITE_DS).unit("kwatt").min(0).span(18).height(8)
-            .with_target(named_series("A", {"metric": "meter.power_kw"}, "facility_kw", step="1m"))
+            .with_target(named_series("A", {"node_kind": "transformer", "metric": "meter.power_kw"}, "facility_kw",
+                                      step="1m"))
             .with_target(InfinityQuery("B", "/api/series", {"metric": "pdu.power_kw", **RANGE, "step": "1m"},
                                        [TIME, DEVICE, VALUE]))
+            .with_transformation(transformation("groupBy", {"fields": {  # one row per minute per transformer
+                "time": {"aggregations": [], "operation": "groupby"},
+                "facility_kw": {"aggregations": ["sum"], "operation": "aggregate"}}}, ref_id="A"))
             .with_transformation(transformation("groupBy", {"fields": {
                 "time": {"aggregations": [], "operation": "groupby"},
                 "value": {"aggregations": ["sum"], "operation": "aggregate"}}}, ref_id="B"))
-            .with_transformation(transformation("organize", {"renameByName": {"value (sum)": "it_kw"}}))
+            .with_transformation(transformation("organize", {"renameByName": {"value (sum)": "it_kw",
+                                                                              "facility_kw (sum)": "facility_kw"}}))
             .with_transformation(join_on_time())
             .with_transformation(binary("facility_kw", "/", "it_kw", "overhead_ratio"))
             .override_by_name("overhead_ratio", [DynamicConfigValue("unit", "none"),
@@ -282,8 +291,8 @@ def site_overview() -> Dashboard:
 
 
 def module_dashboard() -> Dashboard:
-    busway_cols = [Column("node", "string"), Column("node_kind", "string"), Column("horizon", "string"),
-                   Column("usable_kw", "number"), Column("measured_peak_kw", "number"),
+    busway_cols = [Column("node", "string"), Column("node_kind", "string"), Column("module", "string"),
+                   Column("horizon", "string"), Column("usable_kw", "number"), Column("measured_peak_kw", "number"),
                    Column("p99_kw", "number"), Column("headroom_kw", "number")]
     dash = (
         _dashboard("module", "podwatch / Module",
@@ -299,8 +308,7 @@ def module_dashboard() -> Dashboard:
             .description(f"Power of every {side.upper()}-side rack PDU in ${{module}}, stacked: the top of the "
                          f"stack is the {side.upper()} busway load. In 2N each side must be able to carry both.")
             .datasource(SITE_DS).unit("kwatt").min(0).span(12).height(9)
-            .with_target(series_query("A", {"module": "${module}", "metric": "pdu.power_kw"}, step="1m",
-                                      filters=(RowFilter("device", "=~", f"-{side}$"),)))
+            .with_target(series_query("A", {"module": "${module}", "side": side, "metric": "pdu.power_kw"}, step="1m"))
             .stacking(StackingConfig().mode(StackingMode.NORMAL)).fill_opacity(35)
             .display_name(by_device_name())
         )
@@ -310,24 +318,24 @@ def module_dashboard() -> Dashboard:
             .datasource(SITE_DS).unit("kwatt").span(24).height(6)
             .with_target(InfinityQuery("A", "/api/headroom", None, busway_cols,
                                        filters=(RowFilter("node_kind", "==", "busway"),
-                                                RowFilter("node", "=~", "-${module}-"))))
+                                                RowFilter("module", "==", "${module}"))))
         )
         .with_row(Row("CDU loops (${cdu})"))
         .with_panel(
             Timeseries().title("Secondary loop temperatures").datasource(SITE_DS).unit("celsius").span(12).height(8)
-            .with_target(series_query("A", {"device": "${cdu}",
+            .with_target(series_query("A", {"cdu": "${cdu}",
                                             "metric": "cdu.supply_temp_c,cdu.return_temp_c,cdu.supply_setpoint_c"},
                                       by=METRIC))
             .display_name("${__field.labels.metric}")
         )
         .with_panel(
             Timeseries().title("Loop flow").datasource(SITE_DS).unit("litre/min").min(0).span(6).height(8)
-            .with_target(series_query("A", {"device": "${cdu}", "metric": "cdu.flow_lpm"}, by=METRIC))
+            .with_target(series_query("A", {"cdu": "${cdu}", "metric": "cdu.flow_lpm"}, by=METRIC))
             .display_name("${__field.labels.metric}")
         )
         .with_panel(
             Timeseries().title("Heat removed").datasource(SITE_DS).unit("kwatt").min(0).span(6).height(8)
-            .with_target(series_query("A", {"device": "${cdu}", "metric": "cdu.heat_removed_kw"}, by=METRIC))
+            .with_target(series_query("A", {"cdu": "${cdu}", "metric": "cdu.heat_removed_kw"}, by=METRIC))
             .display_name("${__field.labels.metric}")
         )
         .with_panel(
@@ -409,20 +417,20 @@ def cdu_dashboard() -> Dashboard:
         .with_row(Row("Pumps (${cdu})"))
         .with_panel(
             Timeseries().title("Pump speed").datasource(SITE_DS).unit("percent").min(0).max(100).span(12).height(8)
-            .with_target(series_query("A", {"device": "${cdu}",
+            .with_target(series_query("A", {"cdu": "${cdu}",
                                             "metric": ",".join(f"cdu.pump{n}.speed_pct" for n in pumps)}, by=METRIC))
             .display_name("${__field.labels.metric}")
         )
         .with_panel(
             StateTimeline().title("Pumps running").datasource(SITE_DS).span(12).height(8)
-            .with_target(series_query("A", {"device": "${cdu}",
+            .with_target(series_query("A", {"cdu": "${cdu}",
                                             "metric": ",".join(f"cdu.pump{n}.running" for n in pumps)}, by=METRIC))
             .display_name("${__field.labels.metric}").mappings(PUMP_MAPPINGS)
         )
         .with_row(Row("Loop"))
         .with_panel(
             Timeseries().title("Loop pressure").datasource(SITE_DS).unit("kpa").span(8).height(8)
-            .with_target(series_query("A", {"device": "${cdu}", "metric":
+            .with_target(series_query("A", {"cdu": "${cdu}", "metric":
                                             "cdu.supply_pressure_kpa,cdu.return_pressure_kpa,cdu.diff_pressure_kpa"},
                                       by=METRIC))
             .display_name("${__field.labels.metric}")
@@ -432,8 +440,8 @@ def cdu_dashboard() -> Dashboard:
             .description("How close the heat exchanger brings the secondary supply to the facility water; "
                          "a growing approach at the same load means fouling or low facility flow.")
             .unit("celsius").span(8).height(8)
-            .with_target(named_series("A", {"device": "${cdu}", "metric": "cdu.supply_temp_c"}, "supply_temp_c"))
-            .with_target(named_series("B", {"device": "${cdu}", "metric": "cdu.facility_supply_temp_c"},
+            .with_target(named_series("A", {"cdu": "${cdu}", "metric": "cdu.supply_temp_c"}, "supply_temp_c"))
+            .with_target(named_series("B", {"cdu": "${cdu}", "metric": "cdu.facility_supply_temp_c"},
                                       "facility_supply_temp_c"))
             .with_transformation(join_on_time())
             .with_transformation(binary("supply_temp_c", "-", "facility_supply_temp_c", "approach_c"))
@@ -442,13 +450,13 @@ def cdu_dashboard() -> Dashboard:
         )
         .with_panel(
             Timeseries().title("Reservoir level").datasource(SITE_DS).unit("percent").min(0).max(100).span(8).height(8)
-            .with_target(series_query("A", {"device": "${cdu}", "metric": "cdu.reservoir_level_pct"}, by=METRIC))
+            .with_target(series_query("A", {"cdu": "${cdu}", "metric": "cdu.reservoir_level_pct"}, by=METRIC))
             .display_name("${__field.labels.metric}")
             .thresholds(thresholds((None, "red"), (20, "orange"), (40, "green")))
         )
         .with_panel(
             StateTimeline().title("Leak detection and unit status").datasource(SITE_DS).span(24).height(6)
-            .with_target(series_query("A", {"device": "${cdu}", "metric": "cdu.leak_state,cdu.status"}, by=METRIC))
+            .with_target(series_query("A", {"cdu": "${cdu}", "metric": "cdu.leak_state,cdu.status"}, by=METRIC))
             .display_name("${__field.labels.metric}").mappings(STATE_MAPPINGS)
         )
     )

@@ -152,6 +152,10 @@ def create_app(service, extra_routes: list[Route] | None = None) -> Starlette:
           - {name: metric, in: query, schema: {type: string}, description: "metric name(s), e.g. pdu.power_kw"}
           - {name: rack, in: query, schema: {type: string}}
           - {name: module, in: query, schema: {type: string}}
+          - {name: cdu, in: query, schema: {type: string}, description: "CDU id(s): the CDUs' own devices"}
+          - {name: side, in: query, schema: {type: string}, description: "a | b: PDUs and metered feeds of that side"}
+          - {name: node, in: query, schema: {type: string}, description: "power node id(s): the meters on those nodes"}
+          - {name: node_kind, in: query, schema: {type: string}, description: "transformer | feeder | busway: the meters on nodes of that kind"}
           - {name: from, in: query, schema: {type: string}, description: "epoch ms, ISO 8601 or now-6h (default now-1h)"}
           - {name: to, in: query, schema: {type: string}, description: "default now"}
           - {name: step, in: query, schema: {type: string}, description: "10s, 1m, 1h, raw; default: about 2000 points"}
@@ -165,7 +169,9 @@ def create_app(service, extra_routes: list[Route] | None = None) -> Starlette:
             start, end = time_range(request)
             step_s = queries.parse_step_s(q.get("step"))
             rows = await run(lambda cur: queries.series(cur, device=q.get("device"), metric=q.get("metric"), rack=q.get("rack"),
-                                                         module=q.get("module"), start=start, end=end, step_s=step_s))
+                                                         module=q.get("module"), node=q.get("node"), node_kind=q.get("node_kind"),
+                                                         cdu=q.get("cdu"), side=q.get("side"),
+                                                         start=start, end=end, step_s=step_s))
             truncated = getattr(rows, "truncated", False)
             return rows_response(request, rows, {"X-Podwatch-Truncated": "true" if truncated else "false"})
         return await guarded(request, go)
@@ -177,11 +183,14 @@ def create_app(service, extra_routes: list[Route] | None = None) -> Starlette:
           - {name: device, in: query, schema: {type: string}}
           - {name: metric, in: query, schema: {type: string}}
           - {name: kind, in: query, schema: {type: string}, description: "pdu | meter | cdu | rack"}
+          - {name: node, in: query, schema: {type: string}, description: "power node id(s): the meters on those nodes"}
+          - {name: node_kind, in: query, schema: {type: string}, description: "transformer | feeder | busway: the meters on nodes of that kind"}
         responses:
           200: {description: "[{time, device, metric, value, quality}]"}
         """
         q = request.query_params
-        rows = await run(lambda cur: queries.latest(cur, device=q.get("device"), metric=q.get("metric"), kind=q.get("kind")))
+        rows = await run(lambda cur: queries.latest(cur, device=q.get("device"), metric=q.get("metric"), kind=q.get("kind"),
+                                                    node=q.get("node"), node_kind=q.get("node_kind")))
         return rows_response(request, rows)
 
     async def topology(request: Request) -> Response:

@@ -116,8 +116,34 @@ def pick_rollup(step_s: float) -> str | None:
     return None
 
 
+def _topology_where(rack: str | None, module: str | None, node: str | None, node_kind: str | None,
+                    params: list, cdu: str | None = None, side: str | None = None) -> list[str]:
+    """Conditions on topo_devices selecting the devices of racks / modules / power nodes (the meters
+    on a node, e.g. node=xfmr-1) / power nodes of a kind (node_kind=transformer: every substation
+    meter, not the feeder or busway meters) / CDUs (the CDU's own controller, whatever its device id)
+    / a feed side (a | b: the PDUs and metered feeds of that side, whatever their ids)."""
+    where = []
+    if rack:
+        where.append(_in("rack", _csv(rack), params))
+    if module:
+        where.append(_in("module", _csv(module), params))
+    if cdu:
+        where.append(_in("cdu", _csv(cdu), params))
+    if side:
+        where.append(_in("lower(side)", [v.lower() for v in _csv(side)], params))
+    if node:
+        where.append(_in("node", _csv(node), params))
+    if node_kind:
+        kinds = _csv(node_kind)
+        params.extend(kinds)
+        where.append(f"node IN (SELECT node FROM topo_power WHERE kind IN ({', '.join('?' for _ in kinds)}))")
+    return where
+
+
 def series(con: duckdb.DuckDBPyConnection, *, device: str | None = None, metric: str | None = None,
-           rack: str | None = None, module: str | None = None, start: datetime, end: datetime,
+           rack: str | None = None, module: str | None = None, node: str | None = None,
+           node_kind: str | None = None, cdu: str | None = None, side: str | None = None,
+           start: datetime, end: datetime,
            step_s: float | None = None, max_points: int = 2000) -> list[dict]:
     """Time series over [start, end): average per step bucket, from the right rollup for the
     step (closed buckets) plus the raw tail not rolled up yet. step 0 = raw rows."""
@@ -125,12 +151,9 @@ def series(con: duckdb.DuckDBPyConnection, *, device: str | None = None, metric:
         raise QueryError("parameter 'to' must be after 'from'")
     devices = _csv(device)
     metrics = _csv(metric)
-    if rack or module:
-        where, params = [], []
-        if rack:
-            where.append(_in("rack", _csv(rack), params))
-        if module:
-            where.append(_in("module", _csv(module), params))
+    if rack or module or node or node_kind or cdu or side:
+        params: list = []
+        where = _topology_where(rack, module, node, node_kind, params, cdu, side)
         rack_devices = [r[0] for r in con.execute(f"SELECT device FROM topo_devices WHERE {' AND '.join(where)}", params).fetchall()]
         if not rack_devices:
             return []
@@ -138,7 +161,7 @@ def series(con: duckdb.DuckDBPyConnection, *, device: str | None = None, metric:
         if not devices:
             return []
     if not devices and not metrics:
-        raise QueryError("give at least one of 'device', 'metric', 'rack' or 'module'")
+        raise QueryError("give at least one of 'device', 'metric', 'rack', 'module', 'cdu', 'side', 'node' or 'node_kind'")
     span_s = (end - start).total_seconds()
     if step_s is None:
         step_s = max(1.0, span_s / max_points)
@@ -195,8 +218,11 @@ def series(con: duckdb.DuckDBPyConnection, *, device: str | None = None, metric:
 
 
 def latest(con: duckdb.DuckDBPyConnection, *, device: str | None = None, metric: str | None = None,
-           kind: str | None = None) -> list[dict]:
+           kind: str | None = None, node: str | None = None, node_kind: str | None = None) -> list[dict]:
     filters, params = ["TRUE"], []
+    if node or node_kind:
+        where = _topology_where(None, None, node, node_kind, params)
+        filters.append(f"device IN (SELECT device FROM topo_devices WHERE {' AND '.join(where)})")
     if device:
         filters.append(_in("device", _csv(device), params))
     if metric:
@@ -335,8 +361,10 @@ def risk(con: duckdb.DuckDBPyConnection, rack: str | None = None, start: datetim
 
 def headroom(con: duckdb.DuckDBPyConnection) -> list[dict]:
     return _records(con.execute(
-        "SELECT generated_at AS time, * FROM forecasts "
-        "QUALIFY row_number() OVER (PARTITION BY node, horizon ORDER BY generated_at DESC) = 1 ORDER BY node, horizon"))
+        "SELECT f.generated_at AS time, f.*, coalesce(p.module, c.module) AS module FROM forecasts f "
+        "LEFT JOIN topo_power p ON p.node = f.node LEFT JOIN topo_cdus c ON c.cdu = f.node "
+        "QUALIFY row_number() OVER (PARTITION BY f.node, f.horizon ORDER BY f.generated_at DESC) = 1 "
+        "ORDER BY f.node, f.horizon"))
 
 
 def forecasts(con: duckdb.DuckDBPyConnection, node: str | None = None, horizon: str | None = None) -> list[dict]:

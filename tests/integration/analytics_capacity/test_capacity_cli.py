@@ -250,3 +250,18 @@ async def test_headroom_refresher_runs_through_the_storage_database(db, tmp_path
         database.close()
     assert report is not None and refresher.runs == 1
     assert count == (82, 41)
+
+
+def test_report_into_an_existing_file_is_a_one_line_error(tmp_path):
+    # was a FileExistsError traceback from Path.mkdir
+    target = tmp_path / "report.html"
+    target.write_text("")
+    code, out = run("report", "--site", DEMO, "--history", str(tmp_path), "--out", str(target))
+    assert code == 2 and "exists and is not a folder" in out and "Traceback" not in out
+
+
+@pytest.mark.parametrize("days", ["0", "-1", "nan"])
+def test_eval_forecast_with_no_synthetic_days_is_a_one_line_error(days):
+    # 0 and -1 ended in "IndexError: index -1 is out of bounds"; nan in "cannot convert float NaN to integer"
+    code, out = run("eval", "forecast", "--site", DEMO, "--synthetic-days", days)
+    assert code == 2 and "--synthetic-days must be a number of days > 0" in out

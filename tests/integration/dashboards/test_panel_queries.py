@@ -54,14 +54,15 @@ def _base_value(metric: str) -> tuple[float, float]:
     return 1.0, 0.0
 
 
-def fill_demo_site(db_path: Path, now: datetime, minutes: int = 60, step_s: int = 10) -> dict[str, int]:
+def fill_demo_site(db_path: Path, now: datetime, minutes: int = 60, step_s: int = 10,
+                   site_file: Path = DEMO_SITE) -> dict[str, int]:
     from podwatch.storage.db import Database
     from podwatch.storage.topology import load_topology_file
 
     db = Database(db_path)
     try:
         con = db.connection
-        load_topology_file(con, str(DEMO_SITE))
+        load_topology_file(con, str(site_file))
         con.execute("CREATE TEMP TABLE metric_levels (kind VARCHAR, metric VARCHAR, level DOUBLE, swing DOUBLE)")
         con.executemany("INSERT INTO metric_levels VALUES (?, ?, ?, ?)",
                         [(m.kind, m.name, *_base_value(m.name)) for m in CATALOG.values()])
@@ -194,7 +195,7 @@ def test_every_panel_query_returns_typed_rows(podwatch_api):
     # Variables resolved to real values, as Grafana selects them on load.
     rack_urls = [r.url for r in by_title["Breach probability (${rack})"]]
     assert rack_urls[0].startswith("/api/risk?rack=m1-r01&from=")
-    assert "device=cdu-m1&" in by_title["Pump speed"][0].url
+    assert "cdu=cdu-m1&" in by_title["Pump speed"][0].url
     # Panels carry real data, not one token row.
     assert by_title["Rack power, ${module} (kW per rack per minute)"][0].rows >= 8 * 50
     assert by_title["Thermal risk by rack (latest)"][0].rows == 16
@@ -245,3 +246,73 @@ def test_level_table_is_sane():
     assert _base_value("cdu.pump1.running") == (1.0, 0.0)
     assert _base_value("rack.liquid_return_temp_c")[0] > _base_value("rack.liquid_supply_temp_c")[0]
     assert not math.isnan(_base_value("pdu.power_kw")[0])
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(90)
+def test_site_power_panels_read_the_transformer_meters_only_on_a_site_with_feeder_meters(tmp_path):
+    """reference-10mw meters its substation transformer and both feeders. The site-power and
+    overhead panels summed every meter.power_kw series: facility power counted the IT load twice
+    more (overhead ratio ~2.2 instead of ~1.1) and the feeders were drawn as 'site power'."""
+    from podwatch.dashboards.build import panel_queries
+    from podwatch.storage.service import ServiceSettings
+
+    site_file = REPO / "examples" / "sites" / "reference-10mw.yaml"
+    db_path = tmp_path / "reference.duckdb"
+    fill_demo_site(db_path, datetime.now(timezone.utc).replace(tzinfo=None, microsecond=0), minutes=5,
+                   site_file=site_file)
+    runner = ServiceThread(ServiceSettings(db=str(db_path), port=0))
+    api = runner.start()
+    try:
+        results = {(r.panel_title, r.ref_id): r for r in run_checks(api, {"podwatch-site-overview":
+                                                                           dashboard_docs()["podwatch-site-overview"]})}
+        import httpx
+
+        meters = {}
+        for title in ("Site power vs usable capacity and 24 h forecast (${node})", "PUE-style overhead (meter / IT power)",
+                      "Facility power and IT power"):
+            check = results[(title, "A")]
+            assert check.ok, (title, check.problem)
+            meters[title] = {row["device"] for row in httpx.get(api + check.url, timeout=10).json()}
+        assert meters == {title: {"meter-sub"} for title in meters}  # never meter-fdr-a / meter-fdr-b
+        assert {q.panel_title for q in panel_queries({"podwatch-site-overview":
+                                                       dashboard_docs()["podwatch-site-overview"]})} >= set(meters)
+    finally:
+        runner.stop()
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(90)
+def test_module_and_cdu_panels_do_not_depend_on_the_demo_naming(tmp_path):
+    """rtu-gateways spells its ids the operator's way: PDUs 'PDU-R1.01-A' (upper-case side), busways
+    'BW-1A' (no module id inside), CDU 'CDU_1' polled through device 'CDU_1-ctl'. The module and CDU
+    dashboards matched ids by the demo's pattern (device =~ '-a$', node =~ '-${module}-',
+    device=${cdu}) and showed nothing there."""
+    from podwatch.storage.db import Database
+    from podwatch.storage.service import ServiceSettings
+
+    site_file = REPO / "examples" / "sites" / "rtu-gateways.yaml"
+    db_path = tmp_path / "rtu.duckdb"
+    now = datetime.now(timezone.utc).replace(tzinfo=None, microsecond=0)
+    fill_demo_site(db_path, now, minutes=5, site_file=site_file)
+    db = Database(db_path)
+    try:  # fill_demo_site gives every power node a forecast row, as `podwatch headroom --write-db` would
+        assert db.connection.execute("SELECT count(*) FROM forecasts WHERE node_kind = 'busway'").fetchone()[0] > 0
+    finally:
+        db.close()
+    runner = ServiceThread(ServiceSettings(db=str(db_path), port=0))
+    api = runner.start()
+    try:
+        docs = dashboard_docs()
+        results = run_checks(api, {uid: docs[uid] for uid in ("podwatch-module", "podwatch-cdu")})
+        failures = [f"{r.dashboard_uid} / {r.panel_title} [{r.ref_id}] {r.url}: {r.problem}" for r in results
+                    if not r.ok and "rack coolant" not in r.panel_title.lower()]  # no rack sensors on this site
+        assert not failures, "\n".join(failures)
+        by_title = {r.panel_title: r for r in results}
+        feed_a = by_title["A feed: rack PDUs on the A busway (stacked)"]
+        feed_b = by_title["B feed: rack PDUs on the B busway (stacked)"]
+        assert feed_a.rows > 0 and feed_a.rows == feed_b.rows  # 24 PDUs a side in hall3_row-1
+        assert by_title["Busways: peak and forecast vs usable capacity"].rows == 4  # BW-1A, BW-1B x 24h, 7d
+        assert by_title["Pump speed"].rows > 0
+    finally:
+        runner.stop()

@@ -124,3 +124,33 @@ def test_pdus_win_over_the_bms_figure_which_stands_in_when_they_are_silent():
     assert row["m1-r01/a"] == pytest.approx(102.0)
     assert row["m1-r02/a"] == pytest.approx(80.0)
     assert row["m1-r03/a"] is None  # nothing at all: unknown, not zero
+
+
+def test_transformer_feeding_one_side_only_carries_the_failover_load_not_its_meter_reading():
+    """edge-5mw: xfmr-a feeds only the A switchgear, xfmr-b only the B one. Its meter reads the normal
+    A half share (plus cooling); after a B-side failure it carries every rack in full."""
+    from podwatch.site import parse_site
+    from tests.unit.analytics_capacity.sites import site_dict
+
+    d = site_dict([{"racks": [100.0, 100.0]}], pdus=True)
+    d["power"]["transformers"] = [
+        {"id": "xfmr-a", "rating_kw": 4000.0,
+         "meter": {"id": "meter-xfmr-a", "profile": "schneider-pm5560", "gateway": "gw", "unit_id": 250}},
+        {"id": "xfmr-b", "rating_kw": 4000.0,
+         "meter": {"id": "meter-xfmr-b", "profile": "schneider-pm5560", "gateway": "gw", "unit_id": 251}}]
+    d["power"]["feeders"][0]["transformer"] = "xfmr-a"
+    d["power"]["feeders"][1]["transformer"] = "xfmr-b"
+    site = parse_site(d)
+    rows = [(0, dev, "pdu.power_kw", 50.0) for dev in ("pdu-m1-r01-a", "pdu-m1-r01-b", "pdu-m1-r02-a", "pdu-m1-r02-b")]
+    rows += [(0, "meter-xfmr-a", "meter.power_kw", 115.0), (0, "meter-xfmr-b", "meter.power_kw", 115.0)]
+    row = node_loads(site, samples(rows), 60).loads.row(0, named=True)
+    assert row["xfmr-a"] == pytest.approx(200.0)  # both racks in full, not the 115 kW half share it reads
+    assert row["xfmr-b"] == pytest.approx(200.0)
+
+
+def test_samples_of_another_site_are_a_clear_error_not_a_table_of_dashes(site):
+    """`podwatch headroom --site edge-5mw.yaml --history <mqtt-only history>` printed every node with '-' and
+    `plan` answered YES on rated loads: no sample belonged to the site."""
+    rows = [(0, "bms-row1-1", "rack.power_kw", 120.0), (0, "sensor-gw-row2-1", "rack.power_kw", 100.0)]
+    with pytest.raises(DataSourceError, match="no load samples of any device of site 't'.*another site"):
+        node_loads(site, samples(rows), 60)

@@ -71,6 +71,30 @@ def test_bad_arguments_are_clear():
         plan(site, {}, -5.0, 1)
 
 
+@pytest.mark.parametrize("rack_kw", [float("nan"), float("inf")])
+def test_rack_power_that_is_not_a_number_is_rejected(rack_kw):
+    # `--rack-kw nan` used to answer "NO ... short by nan kW" with alternatives in nan
+    site = small_site([{"racks": [100.0]}])
+    with pytest.raises(ValueError, match="--rack-kw must be a number > 0"):
+        plan(site, {}, rack_kw, 1)
+
+
+@pytest.mark.parametrize("flow", [0.0, -1.2, float("nan")])
+def test_design_flow_per_kw_must_be_positive(flow):
+    # `--flow-lpm-per-kw 0` ended in a ZeroDivisionError traceback; -1 and nan gave nonsense margins
+    site = small_site([{"racks": [100.0]}])
+    with pytest.raises(ValueError, match="--flow-lpm-per-kw must be a number > 0"):
+        plan(site, {}, 100.0, 1, flow_lpm_per_kw=flow)
+
+
+@pytest.mark.timeout(10)
+def test_huge_count_is_a_clear_error_not_an_endless_search():
+    # `--count 10000000` on a site with two positions ran for many minutes (greedy, one rack at a time)
+    site = small_site([{"racks": [100.0]}, {"racks": [100.0]}])
+    with pytest.raises(ValueError, match="--count: at most 5,000 racks"):
+        plan(site, {}, 100.0, 10_000_000)
+
+
 # --------------------------------------------------------------------------- brute force
 
 
