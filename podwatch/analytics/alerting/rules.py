@@ -148,6 +148,17 @@ class Rule(_Model):
     def _metric_list(cls, v: Any) -> Any:
         return [v] if isinstance(v, str) else v
 
+    @field_validator("metric")
+    @classmethod
+    def _known_metrics(cls, v: list[str] | None) -> list[str] | None:
+        from podwatch.metrics import CATALOG  # a name outside the catalog never matches a sample
+
+        unknown = [m for m in v or () if m not in CATALOG]
+        if unknown:
+            raise ValueError(f"unknown metric {', '.join(map(repr, unknown))} (canonical names: docs/metrics.md, "
+                             "`podwatch config metrics`)")
+        return v
+
     @field_validator("hold_s", "clear_for_s", mode="before")
     @classmethod
     def _duration(cls, v: Any) -> float:

@@ -136,3 +136,21 @@ def test_settings_for_serve_flags(tmp_path):
     assert settings_for().receivers == []
     with pytest.raises(ConfigError, match="must be an http"):
         settings_for("ftp://x")
+
+
+def test_metric_rule_with_unknown_metric_name_is_rejected_with_its_path():
+    # A misspelt metric (meter.powr_kw) never matches a sample: the rule would silently never fire.
+    with pytest.raises(ConfigError) as info:
+        load_rules(text="""
+rules:
+  - id: busway_power_high
+    source: metric
+    metric: [meter.power_kw, meter.powr_kw]
+    op: ">"
+    threshold: 1600
+    annotations: {summary: "x"}
+""", include_defaults=False)
+    errors = info.value.errors
+    assert len(errors) == 1
+    assert errors[0].startswith("<rules>: rules[0] (busway_power_high).metric: unknown metric 'meter.powr_kw'")
+    assert "docs/metrics.md" in errors[0]
