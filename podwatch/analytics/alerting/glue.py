@@ -101,7 +101,9 @@ def build_runtime(con: duckdb.DuckDBPyConnection, settings: AlertingSettings, pu
         target_labels = site_target_labels(site)
     engine = AlertEngine(engine_con, rules, receivers=receivers, target_labels=target_labels,
                          device_entities=site_device_entities(site) if site is not None else None,
-                         cdu_racks=site_cdu_racks(site) if site is not None else None)
+                         cdu_racks=site_cdu_racks(site) if site is not None else None,
+                         target_thresholds=({"rack_return_limit": {r.id: r.return_limit_c for r in site.racks}}
+                                            if site is not None else None))
     return AlertingRuntime(engine, dispatcher, settings)
 
 

@@ -134,6 +134,10 @@ class Rule(_Model):
     target: Literal["device", "entity"] = Field(
         "device", description="metric rules: the alert's target is the sample's device, or the rack/CDU/power node it "
                               "measures (site model; use `entity` only where one device per entity reports the metric)")
+    threshold_from: Literal["rack_return_limit"] | None = Field(
+        None, description="metric rules: per target rack, `threshold` is that rack's coolant return limit from the site "
+                          "model (rack return_limit_c, default thermal.rack_return_limit_c) and `clear_threshold` keeps "
+                          "its distance from it; `threshold` stays the fallback (no site, unknown target)")
     flap: FlapDamping = Field(default_factory=FlapDamping)
     cascade: Literal["cause", "symptom"] | None = Field(
         None, description="Cause attribution (docs/alerts.md, One CDU fault, one page): `cause` — an alert of this "
@@ -186,6 +190,8 @@ class Rule(_Model):
                 problems.append("a metric rule needs `op` and `threshold`, or `stale_after`")
         elif self.metric or self.stale_after_s is not None or self.target != "device":
             problems.append("`metric`, `stale_after` and `target` apply only to `source: metric`")
+        if self.threshold_from is not None and (self.source != "metric" or self.threshold is None):
+            problems.append("`threshold_from` needs a metric rule with `op` and `threshold` (the fallback)")
         if (self.threshold is None) != (self.op is None):
             problems.append("`op` and `threshold` go together")
         if self.clear_threshold is not None:
@@ -274,6 +280,8 @@ def _pydantic_errors(exc: ValidationError, prefix: str) -> list[str]:
 
 def _merge(base: dict, override: dict) -> dict:
     merged = dict(base)
+    if "threshold" in override and "threshold_from" not in override:
+        merged.pop("threshold_from", None)  # an explicit threshold wins over the site's per-rack limit
     for key, value in override.items():
         if key in ("labels", "annotations", "flap") and isinstance(value, dict) and isinstance(base.get(key), dict):
             merged[key] = {**base[key], **value}

@@ -154,3 +154,14 @@ rules:
     assert len(errors) == 1
     assert errors[0].startswith("<rules>: rules[0] (busway_power_high).metric: unknown metric 'meter.powr_kw'")
     assert "docs/metrics.md" in errors[0]
+
+
+def test_an_explicit_threshold_override_replaces_the_per_rack_limit():
+    assert load_rules().by_id()["rack_return_temp_breach"].threshold_from == "rack_return_limit"
+    rules = load_rules(text="rules: [{id: rack_return_temp_breach, threshold: 57, clear_threshold: 55}]").by_id()
+    assert rules["rack_return_temp_breach"].threshold == 57 and rules["rack_return_temp_breach"].threshold_from is None
+    kept = load_rules(text="rules: [{id: rack_return_temp_breach, for: 5s}]").by_id()["rack_return_temp_breach"]
+    assert kept.threshold_from == "rack_return_limit" and kept.hold_s == 5
+    with pytest.raises(ConfigError, match=r"rules\[0\] \(x\): `threshold_from` needs a metric rule"):
+        load_rules(text="rules: [{id: x, source: 'check:flow_per_kw_low', threshold_from: rack_return_limit, "
+                        "annotations: {summary: s}}]", include_defaults=False)
