@@ -119,8 +119,8 @@ def test_settings_errors_name_fields():
             {"type": "email", "name": "a", "host": "h", "sender": "s", "to": ["t"], "port": 99999},
             {"type": "pager", "name": "c"}]})
     errors = info.value.errors
-    assert any(e.startswith("receivers[0].webhook.url: must be an http(s) URL") for e in errors)
-    assert any(e.startswith("receivers[1].email.port") for e in errors)
+    assert any(e.startswith("receivers[0].url: must be an http(s) URL") for e in errors)
+    assert any(e.startswith("receivers[1].port") for e in errors)
     assert any(e.startswith("receivers[2]") and "pager" in e for e in errors)
 
 
@@ -165,3 +165,29 @@ def test_an_explicit_threshold_override_replaces_the_per_rack_limit():
     with pytest.raises(ConfigError, match=r"rules\[0\] \(x\): `threshold_from` needs a metric rule"):
         load_rules(text="rules: [{id: x, source: 'check:flow_per_kw_low', threshold_from: rack_return_limit, "
                         "annotations: {summary: s}}]", include_defaults=False)
+
+
+def test_settings_file_errors_name_the_yaml_path(tmp_path):
+    # The documented file wraps everything in `alerting:`; errors must name the keys as written
+    # there (not pydantic's union tag), and receiver-name problems the receiver's `name`.
+    from podwatch.analytics.alerting.settings import load_settings
+
+    path = tmp_path / "alerting.yaml"
+    path.write_text("""
+alerting:
+  receivers:
+    - {type: alertmanager, name: am, url: "127.0.0.1:9093"}
+    - {type: webhook, name: kafka, url: "http://127.0.0.1:1/x"}
+    - {type: webhook, name: am, url: "http://127.0.0.1:1/y"}
+""")
+    with pytest.raises(ConfigError) as info:
+        load_settings(path)
+    errors = info.value.errors
+    assert any(e.startswith("alerting.receivers[0].url: must be an http(s) URL") for e in errors), errors
+    path.write_text(path.read_text().replace('"127.0.0.1:9093"', '"http://127.0.0.1:9093"'))
+    with pytest.raises(ConfigError) as info:
+        load_settings(path)
+    errors = info.value.errors
+    assert any(e.startswith("alerting.receivers[1].name: 'kafka' is reserved") for e in errors), errors
+    assert any(e.startswith("alerting.receivers[2].name: 'am' is used by receivers[0] too") for e in errors), errors
+    assert not any(e.startswith("<root>") for e in errors), errors
