@@ -84,7 +84,8 @@ class ServeProcess:
 
             defaults = StreamingSettings()
             # a breach can follow a pump trip by under a minute: score at least every 5 s of simulated time
-            settings = defaults.model_copy(update={"score_every_s": min(defaults.score_every_s, 5.0) / self.opts.speed})
+            settings = defaults.model_copy(update={"score_every_s": min(defaults.score_every_s, 5.0) / self.opts.speed,
+                                                   "clock_speed": self.opts.speed})
             self.analytics = attach_analytics(self.service, self.site, self.opts.model_dir, observe=self.alerting.observe,
                                               settings=settings)
             self.headroom = HeadroomRefresher(self.site)
