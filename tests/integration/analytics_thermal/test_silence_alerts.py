@@ -43,3 +43,36 @@ async def test_a_silent_pipeline_raises_sensor_stale_for_every_device(tmp_path):
         assert "no good sample for" in annotations
     await alerting.aclose()
     assert len(devices) > 100
+
+
+@pytest.mark.timeout(30)
+async def test_a_stale_after_metric_rule_fires_when_no_batch_arrives(tmp_path):
+    import duckdb
+    from datetime import UTC, datetime
+
+    import polars as pl
+
+    from podwatch.analytics.alerting import build_runtime, load_rules
+
+    rules = load_rules(text="""
+rules:
+  - {id: flow_silent, source: metric, metric: cdu.flow_lpm, stale_after: 1s, annotations: {summary: "{target} silent"}}
+""", include_defaults=False)
+    con = duckdb.connect(str(tmp_path / "a.duckdb"))
+    runtime = build_runtime(con, settings_from_dict({}), rules=rules)
+    runtime.silence_after_s = 0.2
+    try:
+        now = datetime.now(UTC)
+        await runtime.on_batch(pl.DataFrame({"ts": [now], "device": ["cdu-m1"], "metric": ["cdu.flow_lpm"],
+                                             "value": [900.0], "quality": [0]}))
+        assert not list_alerts(con, state="firing")
+
+        async def fired():
+            await runtime.deliver()
+            return [a for a in list_alerts(con, state="firing") if a["rule"] == "flow_silent"]
+
+        alert = (await wait_until(fired, timeout=10, what="flow_silent firing without any further batch"))[0]
+        assert alert["target"] == "cdu-m1" and "no good sample of cdu.flow_lpm" in alert["annotations"]["reasons"]
+    finally:
+        await runtime.aclose()
+        con.close()
