@@ -119,6 +119,15 @@ def render_template(template: str, *, target: str, value: float | None, reasons:
                              threshold=threshold, rule=rule, severity=severity, labels=_Labels(labels))
 
 
+_LABEL_NAME = re.compile(r"[a-zA-Z_][a-zA-Z0-9_]*")
+
+
+def _bad_label_names(labels: dict) -> list[str]:
+    """Label names Alertmanager rejects (400 "invalid label set"): not [a-zA-Z_][a-zA-Z0-9_]*."""
+    return [f"{k!r} is not a valid label name (letters, digits and _, not starting with a digit)"
+            for k in labels if not _LABEL_NAME.fullmatch(str(k))]
+
+
 class Rule(_Model):
     id: str = Field(pattern=r"^[a-z][a-z0-9_]*$", description="Rule id; the alert's `alertname`")
     enabled: bool = True
@@ -161,6 +170,14 @@ class Rule(_Model):
         if unknown:
             raise ValueError(f"unknown metric {', '.join(map(repr, unknown))} (canonical names: docs/metrics.md, "
                              "`podwatch config metrics`)")
+        return v
+
+    @field_validator("labels")
+    @classmethod
+    def _label_names(cls, v: dict[str, str]) -> dict[str, str]:
+        bad = _bad_label_names(v)
+        if bad:
+            raise ValueError("; ".join(bad))
         return v
 
     @field_validator("hold_s", "clear_for_s", mode="before")
@@ -324,6 +341,7 @@ def load_rules(path: str | Path | None = None, *, text: str | None = None, inclu
         layers.append((source, _read_yaml(Path(path) if path is not None else None, text, source)))
     for source, data in layers:
         if isinstance(data.get("labels"), dict):
+            errors.extend(f"{source}: labels: {p}" for p in _bad_label_names(data["labels"]))
             labels.update({str(k): str(v) for k, v in data["labels"].items()})
         elif "labels" in data:
             errors.append(f"{source}: labels: expected a mapping of label name to value")

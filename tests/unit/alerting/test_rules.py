@@ -191,3 +191,20 @@ alerting:
     assert any(e.startswith("alerting.receivers[1].name: 'kafka' is reserved") for e in errors), errors
     assert any(e.startswith("alerting.receivers[2].name: 'am' is used by receivers[0] too") for e in errors), errors
     assert not any(e.startswith("<root>") for e in errors), errors
+
+
+def test_label_names_alertmanager_rejects_are_config_errors():
+    # Alertmanager answers 400 "invalid label set" for a label name outside [a-zA-Z_][a-zA-Z0-9_]*:
+    # every alert of the rule would go dead at the receiver instead of failing at load.
+    with pytest.raises(ConfigError) as info:
+        load_rules(text="""
+labels: {"site id": dc7}
+rules:
+  - id: delta_t_high
+    labels: {team-name: cooling, ok_label: x}
+""")
+    errors = info.value.errors
+    assert any(e.startswith("<rules>: labels: 'site id' is not a valid label name") for e in errors), errors
+    assert any(e.startswith("<rules>: rules[0] (delta_t_high).labels: 'team-name' is not a valid label name")
+               for e in errors), errors
+    assert len(errors) == 2
