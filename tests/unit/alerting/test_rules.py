@@ -208,3 +208,20 @@ rules:
     assert any(e.startswith("<rules>: rules[0] (delta_t_high).labels: 'team-name' is not a valid label name")
                for e in errors), errors
     assert len(errors) == 2
+
+
+def test_serve_links_notifications_to_the_api_once_and_keeps_the_configured_generator_url(tmp_path):
+    # Notifications' generatorURL is <generator_url>/api/alerts?alert_id=<id>. `podwatch serve` passed
+    # "http://host:port/api/alerts" as the base (link .../api/alerts/api/alerts?...) and replaced the
+    # generator_url of the alerting file (the address people can reach) with its listen address.
+    from podwatch.analytics.alerting.receivers import build_receivers
+    from podwatch.serve import ServeOptions, alerting_settings
+
+    opts = ServeOptions(db=str(tmp_path / "x.duckdb"), host="10.0.0.5", port=8081, alertmanager="http://am:9093")
+    am = build_receivers(alerting_settings(opts))[0]
+    url = am.to_alertmanager({"alert_id": "abc", "labels": {}, "state": "firing", "startsAt": None})["generatorURL"]
+    assert url == "http://10.0.0.5:8081/api/alerts?alert_id=abc"
+    config = tmp_path / "alerting.yaml"
+    config.write_text("alerting: {generator_url: 'https://podwatch.dc7.example', receivers: []}\n")
+    opts.alerting_config = str(config)
+    assert alerting_settings(opts).generator_url == "https://podwatch.dc7.example"
