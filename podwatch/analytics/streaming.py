@@ -77,6 +77,7 @@ class ThermalAnalytics:
         self.last_scores: pl.DataFrame | None = None
         self._lock = asyncio.Lock()
         self._last_batch: tuple[float, datetime] | None = None  # (monotonic, newest sample time)
+        self._checks_lock = asyncio.Lock()  # StreamingChecks is not thread-safe: batches vs check_silence
 
     async def _emit(self, observations: list[Observation]) -> None:
         if not observations or self._observe is None:
@@ -115,7 +116,8 @@ class ThermalAnalytics:
         self.health.inc("received", rows.height)
         try:
             rows = normalise_rows(rows)
-            observations = await asyncio.to_thread(self.checks.process, rows)
+            async with self._checks_lock:
+                observations = await asyncio.to_thread(self.checks.process, rows)
         except Exception:
             self.health.inc("errors")
             log.exception("streaming checks failed on a batch of %d rows", rows.height)
@@ -138,7 +140,8 @@ class ThermalAnalytics:
         idle_s = (time.monotonic() - wall) * self.settings.clock_speed
         if idle_s < self.settings.silence_after_s:
             return []
-        observations = self.checks.stale_observations(newest + timedelta(seconds=idle_s))
+        async with self._checks_lock:
+            observations = self.checks.stale_observations(newest + timedelta(seconds=idle_s))
         await self._emit(observations)
         return observations
 
