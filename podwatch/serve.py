@@ -42,6 +42,17 @@ class ServeOptions:
     topic: str = TELEMETRY_TOPIC
 
 
+def alerting_settings(opts: ServeOptions):
+    """The alerting settings of `serve`: the flags over the settings file; notifications link to
+    this process's API unless the file names the address people reach it at (`generator_url`)."""
+    from podwatch.analytics.alerting.settings import settings_for
+
+    settings = settings_for(opts.alertmanager, rules_file=opts.alert_rules, config_file=opts.alerting_config)
+    if "generator_url" not in settings.model_fields_set:
+        settings = settings.model_copy(update={"generator_url": f"http://{opts.host}:{opts.port}"})
+    return settings
+
+
 class ServeProcess:
     """Builds the service with every stage attached; `async with ServeProcess(opts) as sp: await sp.wait()`."""
 
@@ -59,7 +70,6 @@ class ServeProcess:
 
     def _attach(self) -> None:
         from podwatch.analytics.alerting import attach_alerting
-        from podwatch.analytics.alerting.settings import settings_for
 
         publish = None
         if self.opts.kafka:
@@ -70,9 +80,7 @@ class ServeProcess:
             self.producer = TelemetryProducer(KafkaSettings(bootstrap_servers=self.opts.kafka, client_id="podwatch-serve"),
                                               spool, site=self.site.id if self.site else "", health_instance="alerts")
             publish = self.producer.send_alert_event
-        settings = settings_for(self.opts.alertmanager, rules_file=self.opts.alert_rules,
-                                config_file=self.opts.alerting_config,
-                                generator_url=f"http://{self.opts.host}:{self.opts.port}/api/alerts")
+        settings = alerting_settings(self.opts)
         self.alerting = attach_alerting(self.service, settings, publish, site=self.site)
         # after the sink and the API stop, before the DuckDB file closes: the outbox flushes its last tick
         self.service.add_on_stop(self._close_alerting)
@@ -84,7 +92,8 @@ class ServeProcess:
 
             defaults = StreamingSettings()
             # a breach can follow a pump trip by under a minute: score at least every 5 s of simulated time
-            settings = defaults.model_copy(update={"score_every_s": min(defaults.score_every_s, 5.0) / self.opts.speed})
+            settings = defaults.model_copy(update={"score_every_s": min(defaults.score_every_s, 5.0) / self.opts.speed,
+                                                   "clock_speed": self.opts.speed})
             self.analytics = attach_analytics(self.service, self.site, self.opts.model_dir, observe=self.alerting.observe,
                                               settings=settings)
             self.headroom = HeadroomRefresher(self.site)

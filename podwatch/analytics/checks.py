@@ -430,6 +430,13 @@ class StreamingChecks:
                          [f"loop carries {coolant_kw:.0f} kW, racks put {expected_kw:.0f} kW into the liquid ({mismatch:+.0%})"])
         return out
 
+    def stale_observations(self, now: datetime) -> list[Observation]:
+        """`sensor_stale` of every device at sample time `now`, for when no batch arrives at all
+        (a dead collector or broker): without it the silence itself would never alert."""
+        if self._started is None:
+            return []
+        return self._sensor_checks(_to_dt(now), ())
+
     def _sensor_checks(self, now: datetime, touched: Iterable[str]) -> list[Observation]:
         s = self.settings
         out: list[Observation] = []

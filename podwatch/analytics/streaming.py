@@ -21,8 +21,9 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import time
 from collections.abc import Awaitable, Callable, Iterable
-from datetime import timedelta
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -52,6 +53,10 @@ class StreamingSettings(BaseModel):
                             "(the 10-min peaks of load and supply of the worst case) + a bucket, so live scores "
                             "see what the model was trained and evaluated on")
     max_buffer_rows: int = Field(2_000_000, gt=0, description="Cap of the recent window; overflow drops the oldest")
+    silence_after_s: float = Field(5.0, gt=0, description="No batch for this long (sample time): evaluate sensor_stale "
+                                   "on the clock alone, so a silent collector or broker alerts")
+    clock_speed: float = Field(1.0, gt=0, description="Sample seconds per wall second while no batch arrives "
+                               "(accelerated simulator runs)")
     checks: CheckSettings = Field(default_factory=CheckSettings)
 
 
@@ -71,6 +76,8 @@ class ThermalAnalytics:
         self.health = REGISTRY.component("analytics", "thermal")
         self.last_scores: pl.DataFrame | None = None
         self._lock = asyncio.Lock()
+        self._last_batch: tuple[float, datetime] | None = None  # (monotonic, newest sample time)
+        self._checks_lock = asyncio.Lock()  # StreamingChecks is not thread-safe: batches vs check_silence
 
     async def _emit(self, observations: list[Observation]) -> None:
         if not observations or self._observe is None:
@@ -109,12 +116,32 @@ class ThermalAnalytics:
         self.health.inc("received", rows.height)
         try:
             rows = normalise_rows(rows)
-            observations = await asyncio.to_thread(self.checks.process, rows)
+            async with self._checks_lock:
+                observations = await asyncio.to_thread(self.checks.process, rows)
         except Exception:
             self.health.inc("errors")
             log.exception("streaming checks failed on a batch of %d rows", rows.height)
             return []
         self._keep(rows)
+        newest = rows["ts"].max()
+        if isinstance(newest, datetime):
+            newest = newest.replace(tzinfo=UTC) if newest.tzinfo is None else newest.astimezone(UTC)
+            if self._last_batch is None or newest >= self._last_batch[1]:
+                self._last_batch = (time.monotonic(), newest)
+        await self._emit(observations)
+        return observations
+
+    async def check_silence(self, service: Any = None) -> list[Observation]:
+        """Periodic task: while no batch arrives, sample time runs on from the newest sample with
+        the wall clock and `sensor_stale` is evaluated on it (every device goes stale, alerts fire)."""
+        if self._last_batch is None:
+            return []
+        wall, newest = self._last_batch
+        idle_s = (time.monotonic() - wall) * self.settings.clock_speed
+        if idle_s < self.settings.silence_after_s:
+            return []
+        async with self._checks_lock:
+            observations = self.checks.stale_observations(newest + timedelta(seconds=idle_s))
         await self._emit(observations)
         return observations
 
@@ -197,6 +224,7 @@ def attach_analytics(service: Any, site: Site, model_dir: str | Path | None = No
     analytics = ThermalAnalytics(site, model, observe=observe, settings=settings)
     service.add_batch_listener(analytics.on_batch)
     service.add_periodic(analytics.score_once, analytics.settings.score_every_s)
+    service.add_periodic(analytics.check_silence, analytics.settings.silence_after_s / analytics.settings.clock_speed)
     return analytics
 
 

@@ -211,11 +211,13 @@ def create_app(service, extra_routes: list[Route] | None = None) -> Starlette:
         summary: Rows of the alerts table, labels and annotations parsed
         parameters:
           - {name: state, in: query, schema: {type: string}, description: "pending | firing | resolved (comma-separated)"}
+          - {name: alert_id, in: query, schema: {type: string}, description: "alert id(s), comma-separated (the link in notifications)"}
         responses:
           200: {description: "[{time, alert_id, rule, target, severity, state, labels, annotations, ...}]"}
         """
         async def go():
-            rows = await run(lambda cur: queries.alerts(cur, request.query_params.get("state")))
+            q = request.query_params
+            rows = await run(lambda cur: queries.alerts(cur, q.get("state"), q.get("alert_id")))
             return rows_response(request, rows)
         return await guarded(request, go)
 

@@ -318,8 +318,10 @@ def _parse_json(text: str | None, fallback: Any) -> Any:
 ALERT_STATES = ("pending", "firing", "resolved")
 
 
-def alerts(con: duckdb.DuckDBPyConnection, state: str | None = None) -> list[dict]:
+def alerts(con: duckdb.DuckDBPyConnection, state: str | None = None, alert_id: str | None = None) -> list[dict]:
     filters, params = ["TRUE"], []
+    if alert_id:  # notifications link to /api/alerts?alert_id=<id>
+        filters.append(_in("alert_id", _csv(alert_id), params))
     if state:
         unknown = [s for s in _csv(state) if s not in ALERT_STATES]
         if unknown:

@@ -171,6 +171,8 @@ def _rules(
             cond += f" (clear {r.clear_threshold:g})"
         if r.stale_after_s is not None:
             cond += f" stale>{r.stale_after_s:g}s"
+        if r.threshold_from:
+            cond += f" (per rack: {r.threshold_from} from the site)"
         table.add_row(r.id, "yes" if r.enabled else "no", r.source, cond or "active", f"{r.hold_s:g}s", f"{r.clear_for_s:g}s",
                       r.severity)
     Console(width=200).print(table)

@@ -156,6 +156,7 @@ class AlertEngine:
                  target_labels: Callable[[str], dict[str, str]] | None = None,
                  device_entities: dict[str, str] | None = None,
                  cdu_racks: dict[str, list[str]] | None = None,
+                 target_thresholds: dict[str, dict[str, float]] | None = None,
                  on_events: Callable[[list[dict]], None] | None = None) -> None:
         self._con = con
         store.ensure_alerting_tables(con)
@@ -164,6 +165,8 @@ class AlertEngine:
         self.target_labels = target_labels or (lambda target: {})
         self.device_entities = dict(device_entities or {})
         self.cdu_racks = {cdu: list(racks) for cdu, racks in (cdu_racks or {}).items()}
+        # rule `threshold_from` name -> target -> threshold (e.g. each rack's return limit, site model)
+        self.target_thresholds = {name: dict(m) for name, m in (target_thresholds or {}).items()}
         self.on_events = on_events
         self.health = REGISTRY.component("alert_engine")
         enabled = rules.enabled_rules()
@@ -324,8 +327,14 @@ class AlertEngine:
         state machine."""
         op = _OPS[rule.op]
         value = pl.col("value")
-        hi = op(value, rule.threshold)
-        still = op(value, rule.effective_clear_threshold)
+        per_target = self.target_thresholds.get(rule.threshold_from or "")
+        if per_target:
+            thr = pl.col("target").replace_strict(per_target, default=rule.threshold, return_dtype=pl.Float64)
+        else:
+            thr = pl.lit(rule.threshold, dtype=pl.Float64)
+        part = part.with_columns(thr.alias("thr"))
+        hi = op(value, pl.col("thr"))
+        still = op(value, pl.col("thr") + (rule.effective_clear_threshold - rule.threshold))
         cond = pl.when(hi).then(pl.lit(True)).when(~still).then(pl.lit(False)).otherwise(pl.lit(None, dtype=pl.Boolean))
         runs = (part.sort("target", "ts")
                 .with_columns(cond.alias("cond"))
@@ -343,12 +352,13 @@ class AlertEngine:
             crossing = crossing | ((pl.col("cond") == when_active) & (pl.col("elapsed_s") >= deadline_s)
                                    & (pl.col("prev_elapsed_s") < deadline_s))
         runs = runs.filter(pl.col("changed") | pl.col("run_end") | crossing)
-        for target, device, ts, metric, val, active in runs.select("target", "device", "ts", "metric", "value", "cond").iter_rows():
+        for target, device, ts, metric, val, active, thr in runs.select("target", "device", "ts", "metric", "value", "cond",
+                                                                        "thr").iter_rows():
             rec = self._record(rule, target)
             if active:
-                reasons = [f"{metric} {_fmt(val)} {rule.op} {rule.threshold:g} on {device}"]
+                reasons = [f"{metric} {_fmt(val)} {rule.op} {thr:g} on {device}"]
             else:
-                reasons = [f"{metric} {_fmt(val)} back past {rule.effective_clear_threshold:g} on {device}"]
+                reasons = [f"{metric} {_fmt(val)} back past {thr + rule.effective_clear_threshold - rule.threshold:g} on {device}"]
             self._step(rec, bool(active), ts, val, {"device": device}, reasons, events, dirty)
 
     def _stale(self, rule: Rule, now: datetime, events: list[dict], dirty: dict[str, AlertRecord]) -> None:
@@ -575,7 +585,8 @@ class AlertEngine:
 
     def _annotations(self, rec: AlertRecord) -> dict[str, str]:
         rule = rec.rule
-        kwargs = dict(target=rec.target, value=rec.value, reasons=rec.reasons, threshold=rule.threshold, rule=rule.id,
+        threshold = self.target_thresholds.get(rule.threshold_from or "", {}).get(rec.target, rule.threshold)
+        kwargs = dict(target=rec.target, value=rec.value, reasons=rec.reasons, threshold=threshold, rule=rule.id,
                       severity=rule.severity, labels=rec.labels)
         out = {}
         for name in ("summary", "description", "runbook"):

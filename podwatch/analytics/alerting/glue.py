@@ -19,7 +19,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import Awaitable, Callable, Iterable
-from datetime import timedelta
+from datetime import datetime, timedelta
 from typing import TYPE_CHECKING, Any
 
 import duckdb
@@ -48,11 +48,15 @@ class AlertingRuntime:
         self._engine_lock = asyncio.Lock()
         self._last_prune = time.monotonic()
         self._closed = False
+        self._last_batch: tuple[float, datetime] | None = None  # (monotonic, newest sample time)
+        self.silence_after_s = 5.0
 
     async def on_batch(self, rows: pl.DataFrame) -> list[dict]:
         """Batch listener: threshold rules on new sample rows; delivery is kicked at once."""
         async with self._engine_lock:
             events = await asyncio.to_thread(self.engine.evaluate_samples, rows)
+            if self.engine.clock is not None:
+                self._last_batch = (time.monotonic(), self.engine.clock)
         if events:
             self.dispatcher.kick()
         return events
@@ -68,6 +72,13 @@ class AlertingRuntime:
 
     async def deliver(self, _service: Any = None) -> int:
         """Periodic (`coro_fn(service)`): one outbox delivery pass (+ Alertmanager resends, hourly pruning)."""
+        if self._last_batch is not None and time.monotonic() - self._last_batch[0] >= self.silence_after_s:
+            # no batch at all: `stale_after` rules run on from the newest sample time with the wall clock
+            now = self._last_batch[1] + timedelta(seconds=time.monotonic() - self._last_batch[0])
+            async with self._engine_lock:
+                events = await asyncio.to_thread(self.engine.check_stale, now)
+            if events:
+                self.dispatcher.kick()
         delivered = await self.dispatcher.tick()
         if time.monotonic() - self._last_prune > PRUNE_EVERY_S:
             self._last_prune = time.monotonic()
@@ -101,7 +112,9 @@ def build_runtime(con: duckdb.DuckDBPyConnection, settings: AlertingSettings, pu
         target_labels = site_target_labels(site)
     engine = AlertEngine(engine_con, rules, receivers=receivers, target_labels=target_labels,
                          device_entities=site_device_entities(site) if site is not None else None,
-                         cdu_racks=site_cdu_racks(site) if site is not None else None)
+                         cdu_racks=site_cdu_racks(site) if site is not None else None,
+                         target_thresholds=({"rack_return_limit": {r.id: r.return_limit_c for r in site.racks}}
+                                            if site is not None else None))
     return AlertingRuntime(engine, dispatcher, settings)
 
 

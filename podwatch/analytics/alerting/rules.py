@@ -119,6 +119,15 @@ def render_template(template: str, *, target: str, value: float | None, reasons:
                              threshold=threshold, rule=rule, severity=severity, labels=_Labels(labels))
 
 
+_LABEL_NAME = re.compile(r"[a-zA-Z_][a-zA-Z0-9_]*")
+
+
+def _bad_label_names(labels: dict) -> list[str]:
+    """Label names Alertmanager rejects (400 "invalid label set"): not [a-zA-Z_][a-zA-Z0-9_]*."""
+    return [f"{k!r} is not a valid label name (letters, digits and _, not starting with a digit)"
+            for k in labels if not _LABEL_NAME.fullmatch(str(k))]
+
+
 class Rule(_Model):
     id: str = Field(pattern=r"^[a-z][a-z0-9_]*$", description="Rule id; the alert's `alertname`")
     enabled: bool = True
@@ -134,6 +143,10 @@ class Rule(_Model):
     target: Literal["device", "entity"] = Field(
         "device", description="metric rules: the alert's target is the sample's device, or the rack/CDU/power node it "
                               "measures (site model; use `entity` only where one device per entity reports the metric)")
+    threshold_from: Literal["rack_return_limit"] | None = Field(
+        None, description="metric rules: per target rack, `threshold` is that rack's coolant return limit from the site "
+                          "model (rack return_limit_c, default thermal.rack_return_limit_c) and `clear_threshold` keeps "
+                          "its distance from it; `threshold` stays the fallback (no site, unknown target)")
     flap: FlapDamping = Field(default_factory=FlapDamping)
     cascade: Literal["cause", "symptom"] | None = Field(
         None, description="Cause attribution (docs/alerts.md, One CDU fault, one page): `cause` — an alert of this "
@@ -147,6 +160,25 @@ class Rule(_Model):
     @classmethod
     def _metric_list(cls, v: Any) -> Any:
         return [v] if isinstance(v, str) else v
+
+    @field_validator("metric")
+    @classmethod
+    def _known_metrics(cls, v: list[str] | None) -> list[str] | None:
+        from podwatch.metrics import CATALOG  # a name outside the catalog never matches a sample
+
+        unknown = [m for m in v or () if m not in CATALOG]
+        if unknown:
+            raise ValueError(f"unknown metric {', '.join(map(repr, unknown))} (canonical names: docs/metrics.md, "
+                             "`podwatch config metrics`)")
+        return v
+
+    @field_validator("labels")
+    @classmethod
+    def _label_names(cls, v: dict[str, str]) -> dict[str, str]:
+        bad = _bad_label_names(v)
+        if bad:
+            raise ValueError("; ".join(bad))
+        return v
 
     @field_validator("hold_s", "clear_for_s", mode="before")
     @classmethod
@@ -175,6 +207,8 @@ class Rule(_Model):
                 problems.append("a metric rule needs `op` and `threshold`, or `stale_after`")
         elif self.metric or self.stale_after_s is not None or self.target != "device":
             problems.append("`metric`, `stale_after` and `target` apply only to `source: metric`")
+        if self.threshold_from is not None and (self.source != "metric" or self.threshold is None):
+            problems.append("`threshold_from` needs a metric rule with `op` and `threshold` (the fallback)")
         if (self.threshold is None) != (self.op is None):
             problems.append("`op` and `threshold` go together")
         if self.clear_threshold is not None:
@@ -263,6 +297,8 @@ def _pydantic_errors(exc: ValidationError, prefix: str) -> list[str]:
 
 def _merge(base: dict, override: dict) -> dict:
     merged = dict(base)
+    if "threshold" in override and "threshold_from" not in override:
+        merged.pop("threshold_from", None)  # an explicit threshold wins over the site's per-rack limit
     for key, value in override.items():
         if key in ("labels", "annotations", "flap") and isinstance(value, dict) and isinstance(base.get(key), dict):
             merged[key] = {**base[key], **value}
@@ -305,6 +341,7 @@ def load_rules(path: str | Path | None = None, *, text: str | None = None, inclu
         layers.append((source, _read_yaml(Path(path) if path is not None else None, text, source)))
     for source, data in layers:
         if isinstance(data.get("labels"), dict):
+            errors.extend(f"{source}: labels: {p}" for p in _bad_label_names(data["labels"]))
             labels.update({str(k): str(v) for k, v in data["labels"].items()})
         elif "labels" in data:
             errors.append(f"{source}: labels: expected a mapping of label name to value")

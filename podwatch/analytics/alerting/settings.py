@@ -187,15 +187,60 @@ def load_settings(path: str | Path) -> AlertingSettings:
     return settings_from_dict(data or {}, source, base=Path(path).parent)
 
 
+def _receiver_name_errors(receivers: Any, prefix: str) -> list[str]:
+    """Duplicate / reserved receiver names, each at its `receivers[i].name`."""
+    errors: list[str] = []
+    first: dict[str, int] = {}
+    for i, r in enumerate(receivers if isinstance(receivers, list) else []):
+        name = r.get("name") if isinstance(r, dict) else None
+        if not isinstance(name, str):
+            continue
+        where = f"{prefix}receivers[{i}].name"
+        if name == "kafka":
+            errors.append(f"{where}: 'kafka' is reserved for the podwatch.alerts.v1 publisher; choose another name")
+        elif name in first:
+            errors.append(f"{where}: '{name}' is used by receivers[{first[name]}] too; receiver names must be unique")
+        first.setdefault(name, i)
+    return errors
+
+
+def _settings_errors(exc: ValidationError, prefix: str) -> list[str]:
+    """pydantic errors with the YAML path: the receiver's union tag (`receivers[0].webhook.url`) left out."""
+    tags = {"alertmanager", "webhook", "email"}
+    errors = []
+    for err in exc.errors():
+        loc = err["loc"]
+        if len(loc) > 2 and loc[0] == "receivers" and isinstance(loc[1], int) and loc[2] in tags:
+            err = {**err, "loc": loc[:2] + loc[3:]}
+        errors.append(err)
+
+    return _pydantic_errors(_ErrorList(errors), prefix.rstrip("."))
+
+
+class _ErrorList:
+    """Duck-types ValidationError.errors() for `_pydantic_errors`."""
+
+    def __init__(self, errors: list[dict]) -> None:
+        self._errors = errors
+
+    def errors(self) -> list[dict]:
+        return self._errors
+
+
 def settings_from_dict(data: Any, source: str = "<alerting settings>", base: Path | None = None) -> AlertingSettings:
+    prefix = ""
     if isinstance(data, dict) and set(data) == {"alerting"}:
-        data = data["alerting"]
+        data, prefix = data["alerting"], "alerting."
     if not isinstance(data, dict):
-        raise ConfigError(source, ["<root>: expected a mapping of alerting settings"])
+        raise ConfigError(source, [f"{prefix.rstrip('.') or '<root>'}: expected a mapping of alerting settings"])
+    name_errors = _receiver_name_errors(data.get("receivers"), prefix)
     try:
         settings = AlertingSettings.model_validate(data)
     except ValidationError as exc:
-        raise ConfigError(source, _pydantic_errors(exc, "")) from None
+        errors = _settings_errors(exc, prefix)
+        if name_errors:  # reported with their paths instead of the model-level message
+            errors = [e for e in errors if not e.startswith(("<root>: receiver name", f"{prefix.rstrip('.')}: receiver name"))]
+        raise ConfigError(source, errors + name_errors) from None
     if settings.rules_file is not None and base is not None and not settings.rules_file.is_absolute():
         settings.rules_file = base / settings.rules_file
     return settings

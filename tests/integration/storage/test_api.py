@@ -129,6 +129,17 @@ async def test_latest_topology_alerts_risk_headroom_forecasts(api):
     assert len(fc) == 2 and fc[0]["time"] < fc[1]["time"]
 
 
+
+@pytest.mark.timeout(30)
+async def test_alerts_by_alert_id_as_linked_from_notifications(api):
+    # Notifications link to /api/alerts?alert_id=<id> (docs/alerts.md generator_url): that alert only.
+    one = (await api.get("/api/alerts", params={"alert_id": "a2"})).json()
+    assert [a["alert_id"] for a in one] == ["a2"] and one[0]["state"] == "resolved"
+    assert (await api.get("/api/alerts", params={"alert_id": "nope"})).json() == []
+    both = (await api.get("/api/alerts", params={"alert_id": "a1,a2", "state": "firing"})).json()
+    assert [a["alert_id"] for a in both] == ["a1"]
+
+
 REJECTED_SQL = [
     "INSERT INTO samples VALUES (now(), 'x', 'y', 1, 0, 1)",
     "UPDATE samples SET value = 0",

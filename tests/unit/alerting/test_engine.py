@@ -252,3 +252,39 @@ def test_target_only_for_metric_rules():
 
     with pytest.raises(ConfigError, match="apply only to `source: metric`"):
         load_rules(text="rules: [{id: x, source: 'check:x', target: entity, annotations: {summary: s}}]", include_defaults=False)
+
+
+def test_breach_rule_uses_each_racks_return_limit_from_the_site(tmp_path):
+    # edge-5mw.yaml: thermal.rack_return_limit_c 57. The shipped breach rule paged at 55 °C there,
+    # "at/above the 55 °C limit", while the site's limit (and the analytics checks) say 57 °C.
+    from pathlib import Path
+
+    from podwatch.analytics.alerting import build_runtime
+    from podwatch.analytics.alerting.settings import settings_from_dict
+    from podwatch.site import load_site
+
+    examples = Path(__file__).parents[3] / "examples/sites"
+    for site_file, limit in (("edge-5mw.yaml", 57.0), ("demo.yaml", 55.0)):
+        site = load_site(examples / site_file)
+        assert {r.return_limit_c for r in site.racks} == {limit}
+        con = duckdb.connect(str(tmp_path / f"{site_file}.duckdb"))
+        try:
+            runtime = build_runtime(con, settings_from_dict({}), rules=load_rules(), site=site)
+            engine = runtime.engine
+            events = engine.evaluate_samples(rows("bms-m1-r01", "rack.liquid_return_temp_c", [50.0, 55.5, 56.5]))
+            fired = [e for e in events if e["rule"] == "rack_return_temp_breach" and e["state"] == "firing"]
+            assert bool(fired) == (limit < 55.5), site_file
+            events = engine.evaluate_samples(rows("bms-m1-r01", "rack.liquid_return_temp_c", [57.2], start=T0 + timedelta(seconds=10)))
+            fired += [e for e in events if e["rule"] == "rack_return_temp_breach" and e["state"] == "firing"]
+            assert len(fired) == 1 and fired[0]["target"] == "m1-r01"
+            assert fired[0]["annotations"]["summary"].endswith(f"at/above the {limit:.0f} °C limit"), fired[0]["annotations"]
+            assert fired[0]["reasons"][0].endswith(f">= {limit:g} on bms-m1-r01")
+            # hysteresis keeps its width (2 K) below the rack's limit: at limit - 1 still firing, at limit - 2.5 clear
+            t = T0 + timedelta(seconds=20)
+            engine.evaluate_samples(rows("bms-m1-r01", "rack.liquid_return_temp_c", [limit - 1.0] * 40, start=t))
+            assert list_alerts(con, state="firing") and list_alerts(con, state="firing")[0]["rule"] == "rack_return_temp_breach"
+            events = engine.evaluate_samples(rows("bms-m1-r01", "rack.liquid_return_temp_c", [limit - 2.5] * 40,
+                                                  start=t + timedelta(seconds=40)))
+            assert [e["state"] for e in events if e["rule"] == "rack_return_temp_breach"] == ["resolved"]
+        finally:
+            con.close()

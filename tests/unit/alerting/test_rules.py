@@ -119,8 +119,8 @@ def test_settings_errors_name_fields():
             {"type": "email", "name": "a", "host": "h", "sender": "s", "to": ["t"], "port": 99999},
             {"type": "pager", "name": "c"}]})
     errors = info.value.errors
-    assert any(e.startswith("receivers[0].webhook.url: must be an http(s) URL") for e in errors)
-    assert any(e.startswith("receivers[1].email.port") for e in errors)
+    assert any(e.startswith("receivers[0].url: must be an http(s) URL") for e in errors)
+    assert any(e.startswith("receivers[1].port") for e in errors)
     assert any(e.startswith("receivers[2]") and "pager" in e for e in errors)
 
 
@@ -136,3 +136,92 @@ def test_settings_for_serve_flags(tmp_path):
     assert settings_for().receivers == []
     with pytest.raises(ConfigError, match="must be an http"):
         settings_for("ftp://x")
+
+
+def test_metric_rule_with_unknown_metric_name_is_rejected_with_its_path():
+    # A misspelt metric (meter.powr_kw) never matches a sample: the rule would silently never fire.
+    with pytest.raises(ConfigError) as info:
+        load_rules(text="""
+rules:
+  - id: busway_power_high
+    source: metric
+    metric: [meter.power_kw, meter.powr_kw]
+    op: ">"
+    threshold: 1600
+    annotations: {summary: "x"}
+""", include_defaults=False)
+    errors = info.value.errors
+    assert len(errors) == 1
+    assert errors[0].startswith("<rules>: rules[0] (busway_power_high).metric: unknown metric 'meter.powr_kw'")
+    assert "docs/metrics.md" in errors[0]
+
+
+def test_an_explicit_threshold_override_replaces_the_per_rack_limit():
+    assert load_rules().by_id()["rack_return_temp_breach"].threshold_from == "rack_return_limit"
+    rules = load_rules(text="rules: [{id: rack_return_temp_breach, threshold: 57, clear_threshold: 55}]").by_id()
+    assert rules["rack_return_temp_breach"].threshold == 57 and rules["rack_return_temp_breach"].threshold_from is None
+    kept = load_rules(text="rules: [{id: rack_return_temp_breach, for: 5s}]").by_id()["rack_return_temp_breach"]
+    assert kept.threshold_from == "rack_return_limit" and kept.hold_s == 5
+    with pytest.raises(ConfigError, match=r"rules\[0\] \(x\): `threshold_from` needs a metric rule"):
+        load_rules(text="rules: [{id: x, source: 'check:flow_per_kw_low', threshold_from: rack_return_limit, "
+                        "annotations: {summary: s}}]", include_defaults=False)
+
+
+def test_settings_file_errors_name_the_yaml_path(tmp_path):
+    # The documented file wraps everything in `alerting:`; errors must name the keys as written
+    # there (not pydantic's union tag), and receiver-name problems the receiver's `name`.
+    from podwatch.analytics.alerting.settings import load_settings
+
+    path = tmp_path / "alerting.yaml"
+    path.write_text("""
+alerting:
+  receivers:
+    - {type: alertmanager, name: am, url: "127.0.0.1:9093"}
+    - {type: webhook, name: kafka, url: "http://127.0.0.1:1/x"}
+    - {type: webhook, name: am, url: "http://127.0.0.1:1/y"}
+""")
+    with pytest.raises(ConfigError) as info:
+        load_settings(path)
+    errors = info.value.errors
+    assert any(e.startswith("alerting.receivers[0].url: must be an http(s) URL") for e in errors), errors
+    path.write_text(path.read_text().replace('"127.0.0.1:9093"', '"http://127.0.0.1:9093"'))
+    with pytest.raises(ConfigError) as info:
+        load_settings(path)
+    errors = info.value.errors
+    assert any(e.startswith("alerting.receivers[1].name: 'kafka' is reserved") for e in errors), errors
+    assert any(e.startswith("alerting.receivers[2].name: 'am' is used by receivers[0] too") for e in errors), errors
+    assert not any(e.startswith("<root>") for e in errors), errors
+
+
+def test_label_names_alertmanager_rejects_are_config_errors():
+    # Alertmanager answers 400 "invalid label set" for a label name outside [a-zA-Z_][a-zA-Z0-9_]*:
+    # every alert of the rule would go dead at the receiver instead of failing at load.
+    with pytest.raises(ConfigError) as info:
+        load_rules(text="""
+labels: {"site id": dc7}
+rules:
+  - id: delta_t_high
+    labels: {team-name: cooling, ok_label: x}
+""")
+    errors = info.value.errors
+    assert any(e.startswith("<rules>: labels: 'site id' is not a valid label name") for e in errors), errors
+    assert any(e.startswith("<rules>: rules[0] (delta_t_high).labels: 'team-name' is not a valid label name")
+               for e in errors), errors
+    assert len(errors) == 2
+
+
+def test_serve_links_notifications_to_the_api_once_and_keeps_the_configured_generator_url(tmp_path):
+    # Notifications' generatorURL is <generator_url>/api/alerts?alert_id=<id>. `podwatch serve` passed
+    # "http://host:port/api/alerts" as the base (link .../api/alerts/api/alerts?...) and replaced the
+    # generator_url of the alerting file (the address people can reach) with its listen address.
+    from podwatch.analytics.alerting.receivers import build_receivers
+    from podwatch.serve import ServeOptions, alerting_settings
+
+    opts = ServeOptions(db=str(tmp_path / "x.duckdb"), host="10.0.0.5", port=8081, alertmanager="http://am:9093")
+    am = build_receivers(alerting_settings(opts))[0]
+    url = am.to_alertmanager({"alert_id": "abc", "labels": {}, "state": "firing", "startsAt": None})["generatorURL"]
+    assert url == "http://10.0.0.5:8081/api/alerts?alert_id=abc"
+    config = tmp_path / "alerting.yaml"
+    config.write_text("alerting: {generator_url: 'https://podwatch.dc7.example', receivers: []}\n")
+    opts.alerting_config = str(config)
+    assert alerting_settings(opts).generator_url == "https://podwatch.dc7.example"
