@@ -21,7 +21,7 @@ Checks (names are the `rule` of the observations and the `check:<name>` sources 
 | pump_redundancy_lost | CDU | fewer pumps running than full flow needs, or a pump down and no standby left |
 | leak_detected | rack, CDU | leak state >= 1 (Warning) |
 | sensor_stale | device | no good sample for `stale_after_s` (default 5 × poll interval, >= 10 s) |
-| sensor_stuck | device | an analog signal has not changed at all for `stuck_after_s` |
+| sensor_stuck | device | an analog signal other than an exact 0 has not changed at all for `stuck_after_s` |
 
 State kept between batches is small: the newest good value of each (device, metric) with the
 time it last changed, the newest sample time per device, and a short history (`history_s`) of
@@ -465,7 +465,10 @@ class StreamingChecks:
             if device not in self.devices:
                 continue
             info = self.devices[device]
-            stuck = [(m, u, v) for m, u, v in zip(metrics, unchanged, values) if u > s.stuck_after_s]
+            # a value at exactly 0 repeats exactly because it is true (an empty rack's PDU, no flow
+            # while the pumps are down): not evidence of a frozen sensor, and the physics checks
+            # judge a zero flow or power; a live signal's noise never repeats bit for bit
+            stuck = [(m, u, v) for m, u, v in zip(metrics, unchanged, values) if u > s.stuck_after_s and v != 0]
             worst = max(unchanged)
             labels = {"site": self.site.id, "device": device, "kind": info.kind, "entity": info.entity}
             reasons = [f"{m} unchanged at {v:g} for {u:.0f} s" for m, u, v in sorted(stuck, key=lambda x: -x[1])]

@@ -84,6 +84,16 @@ def test_check_fires_on_its_condition(rule, target, override):
     assert last.active and last.value is not None and last.reasons
 
 
+def test_a_true_zero_is_not_a_stuck_sensor():
+    """An empty rack's PDU at 0 kW and a loop without flow while its pumps are down read an exact 0
+    again and again; that must not warn 'stuck' for as long as it lasts (a frozen non-zero value does)."""
+    zero = lambda t, k, e, m, v: 0.0 if (e, m) in ((RACK, "pdu.power_kw"), (RACK, "rack.liquid_flow_lpm")) else v  # noqa: E731
+    obs = run(zero, seconds=300)
+    assert not [o for o in obs if o.rule == "sensor_stuck" and o.active]
+    frozen = run(_rack("pdu.power_kw", lambda t, v: 61.3), seconds=300)
+    assert {o.target for o in frozen if o.rule == "sensor_stuck" and o.active} == {"pdu-m1-r03-a", "pdu-m1-r03-b"}
+
+
 def test_sensor_stale_when_a_device_stops_reporting():
     obs = run(drop=lambda rows: (rows["device"] == "pdu-m1-r03-a") & (rows["ts"].dt.second() >= 0)
               & (pl.Series([True] * len(rows))))
