@@ -59,6 +59,8 @@ _CATALOG: list[Metric] = [
     Metric("cdu.diff_pressure_kpa", "kPa", "cdu", "Supply minus return pressure"),
     *[Metric(f"cdu.pump{n}.speed_pct", "%", "cdu", f"Pump {n} speed") for n in range(1, MAX_PUMPS + 1)],
     *[Metric(f"cdu.pump{n}.running", "1", "cdu", f"Pump {n} running (1) or stopped/failed (0)") for n in range(1, MAX_PUMPS + 1)],
+    *[Metric(f"cdu.pump{n}.fault", "1", "cdu", f"Pump {n} faulted (1: tripped/failed, out of service) or healthy (0), "
+             "which tells a failed pump from a standby one") for n in range(1, MAX_PUMPS + 1)],
     Metric("cdu.valve_pct", "%", "cdu", "Facility-water control valve position"),
     Metric("cdu.facility_supply_temp_c", "°C", "cdu", "Facility (primary) water supply temperature"),
     Metric("cdu.facility_return_temp_c", "°C", "cdu", "Facility (primary) water return temperature"),

@@ -59,7 +59,7 @@ RACK_METRICS = ("rack.liquid_supply_temp_c", "rack.liquid_return_temp_c", "rack.
 PDU_METRICS = ("pdu.power_kw",)
 CDU_METRICS = ("cdu.supply_temp_c", "cdu.return_temp_c", "cdu.flow_lpm", "cdu.facility_supply_temp_c",
                "cdu.dew_point_c", "cdu.leak_state", "cdu.supply_setpoint_c", "cdu.heat_removed_kw",
-               *(f"cdu.pump{n}.running" for n in range(1, 5)))
+               *(f"cdu.pump{n}.running" for n in range(1, 5)), *(f"cdu.pump{n}.fault" for n in range(1, 5)))
 WATCHED_METRICS = frozenset(RACK_METRICS + PDU_METRICS + CDU_METRICS)
 
 
@@ -201,7 +201,8 @@ class StreamingChecks:
             val("pdu.power_kw", "pdu", "sum").alias("pdu_power_kw"),
             val("pdu.power_kw", "pdu", "count").alias("pdu_count"),
         ).rename({"entity": "rack"})
-        pump_cols = [val(f"cdu.pump{n}.running", "cdu").alias(f"pump{n}") for n in range(1, 5)]
+        pump_cols = [*(val(f"cdu.pump{n}.running", "cdu").alias(f"pump{n}") for n in range(1, 5)),
+                     *(val(f"cdu.pump{n}.fault", "cdu").alias(f"pump{n}_fault") for n in range(1, 5))]
         cdus = joined.filter(pl.col("kind") == "cdu").group_by("entity").agg(
             pl.col("ts").max().alias("ts"),
             val("cdu.supply_temp_c", "cdu").alias("supply_c"),
@@ -400,14 +401,21 @@ class StreamingChecks:
                      [f"supply {supply_c:.1f} °C only {margin:.1f} K above dew point {row['dew_point_c']:.1f} °C "
                       f"(need {margin_min:.1f} K)"])
             pumps = [row[f"pump{n}"] for n in range(1, cdu.pumps + 1)]
+            faults = [row[f"pump{n}_fault"] for n in range(1, cdu.pumps + 1)]
             if all(p is not None for p in pumps):
                 running_set = {n for n, p in enumerate(pumps, start=1) if p >= 0.5}
                 seen = self._pumps_seen_running.setdefault(cdu.id, set())
                 seen |= running_set
-                # Standby pumps idle by design, so "stopped" alone is not "failed": a pump that has
-                # run and stopped is down; pumps never seen running are standby still available.
-                # (After a repair the repaired pump counts as down until it runs again.)
-                down = seen - running_set
+                if all(f is not None for f in faults):
+                    # the CDU says which pumps are faulted: a stopped healthy pump is standby, and a
+                    # repaired one is standby again at once
+                    down = {n for n, f in enumerate(faults, start=1) if f >= 0.5} - running_set
+                    self._pumps_seen_running[cdu.id] = running_set
+                else:
+                    # Without fault registers "stopped" alone is not "failed" (standby pumps idle by
+                    # design): a pump that has run and stopped is down; pumps never seen running are
+                    # standby still available. (A repaired pump counts as down until it runs again.)
+                    down = seen - running_set
                 spare = cdu.pumps - len(running_set) - len(down)
                 needed = cdu.working_pumps
                 lost = len(running_set) < needed or spare < cdu.pumps - needed

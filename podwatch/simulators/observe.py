@@ -192,6 +192,7 @@ class Observer:
             speed = np.where(installed[None, :], snap.pump_speed_pct[:, idx, p], np.nan)
             out[f"cdu.pump{p + 1}.speed_pct"] = speed
             out[f"cdu.pump{p + 1}.running"] = np.where(installed[None, :], snap.pump_running[:, idx, p], np.nan)
+            out[f"cdu.pump{p + 1}.fault"] = np.where(installed[None, :], snap.pump_fault[:, idx, p], np.nan)
         return out
 
     def _rack(self, snap: Snapshot) -> dict:

@@ -164,6 +164,7 @@ class Snapshot:
     cdu_overhead_kw: np.ndarray
     pump_speed_pct: np.ndarray  # (T, cdus, MAX_PUMPS)
     pump_running: np.ndarray  # (T, cdus, MAX_PUMPS)
+    pump_fault: np.ndarray  # (T, cdus, MAX_PUMPS): failed (tripped) pumps, 1.0; healthy ones, running or standby, 0.0
     node_power_kw: np.ndarray  # (T, nodes)
     node_energy_kwh: np.ndarray
 
@@ -424,7 +425,7 @@ class SitePhysics:
             cdu_reservoir_pct=self.reservoir_pct[None], cdu_leak_state=cdu_leak[None],
             cdu_supply_kpa=(static + loop_dp)[None], cdu_return_kpa=static[None], cdu_dp_kpa=loop_dp[None],
             cdu_status=status[None], cdu_overhead_kw=overhead[None], pump_speed_pct=pump_speed[None],
-            pump_running=running[None].astype(float), node_power_kw=node_power[None],
+            pump_running=running[None].astype(float), pump_fault=failed[None].astype(float), node_power_kw=node_power[None],
             node_energy_kwh=self.node_energy_kwh[None])
         self._last = snap
         return snap

@@ -14,10 +14,11 @@ T0 = datetime(2026, 11, 22, 3, 0, 0)
 
 
 def healthy_rows(site: Site, start_s: int = 0, seconds: int = 60, *, load: float = 0.9,
-                 override=None, noise: bool = True) -> pl.DataFrame:
+                 override=None, noise: bool = True, pump_faults: bool = False) -> pl.DataFrame:
     """Long rows (ts, device, metric, value, quality) of a healthy site, 1 s apart.
 
-    `override(t_s, device_kind, entity, metric, value) -> value` changes any point."""
+    `override(t_s, device_kind, entity, metric, value) -> value` changes any point; `pump_faults`
+    adds the CDUs' pump fault registers (all healthy)."""
     rows: dict[str, list] = {"ts": [], "device": [], "metric": [], "value": [], "quality": []}
 
     def put(t: int, device: str, kind: str, entity: str, metric: str, value: float) -> None:
@@ -61,6 +62,8 @@ def healthy_rows(site: Site, start_s: int = 0, seconds: int = 60, *, load: float
                 put(t, d.id, "cdu", d.entity, "cdu.reservoir_level_pct", 80.0 + wiggle)
                 for n in range(1, cdu.pumps + 1):
                     put(t, d.id, "cdu", d.entity, f"cdu.pump{n}.running", 1.0 if n <= cdu.working_pumps else 0.0)
+                    if pump_faults:
+                        put(t, d.id, "cdu", d.entity, f"cdu.pump{n}.fault", 0.0)
             elif d.kind == "meter":
                 put(t, d.id, "meter", d.entity, "meter.power_kw", 2000 + wiggle)
     return pl.DataFrame(rows, schema={"ts": pl.Datetime("us"), "device": pl.String, "metric": pl.String,

@@ -17,11 +17,11 @@ RACK = "m1-r03"
 CDU = "cdu-m1"
 
 
-def run(override=None, seconds=200, batch_s=10, settings=None, drop=None):
+def run(override=None, seconds=200, batch_s=10, settings=None, drop=None, pump_faults=False):
     checks = StreamingChecks(SITE, settings)
     obs = []
     for start in range(0, seconds, batch_s):
-        rows = healthy_rows(SITE, start, batch_s, override=override)
+        rows = healthy_rows(SITE, start, batch_s, override=override, pump_faults=pump_faults)
         if drop is not None:
             rows = rows.filter(~drop(rows))
         obs.extend(checks.process(rows))
@@ -82,6 +82,35 @@ def test_check_fires_on_its_condition(rule, target, override):
     # the last observation of the pair is active and carries a value and a reason
     last = [o for o in obs if o.rule == rule and o.target == target][-1]
     assert last.active and last.value is not None and last.reasons
+
+
+def _pump1_trips_then_is_repaired(t, kind, entity, metric, value):
+    """Pump 1 of cdu-m1 trips at 100 s (the standby, pump 3, takes over) and is repaired at 200 s
+    (it runs again, the standby goes back to standby)."""
+    if entity != CDU:
+        return value
+    tripped = 100 <= t < 200
+    if metric == "cdu.pump1.running":
+        return 0.0 if tripped else value
+    if metric == "cdu.pump1.fault":
+        return 1.0 if tripped else value
+    if metric == "cdu.pump3.running":
+        return 1.0 if tripped else value
+    return value
+
+
+def test_pump_fault_registers_tell_a_repaired_pump_from_a_failed_one():
+    """With the CDU's pump fault registers the redundancy alarm clears at the repair; without them
+    the standby that ran and stopped again counts as down (documented), so it stays active."""
+    def redundancy(obs):
+        return [(o.ts, o.active, o.reasons[0]) for o in obs if o.rule == "pump_redundancy_lost" and o.target == CDU]
+
+    with_faults = redundancy(run(_pump1_trips_then_is_repaired, seconds=300, pump_faults=True))
+    assert any(active for _, active, _ in with_faults)
+    assert "pump(s) 1 down" in next(r for _, a, r in with_faults if a)
+    assert with_faults[-1][1] is False and "no pump down" in with_faults[-1][2]
+    without = redundancy(run(_pump1_trips_then_is_repaired, seconds=300))
+    assert any(active for _, active, _ in without) and without[-1][1] is True
 
 
 def test_a_true_zero_is_not_a_stuck_sensor():

@@ -121,6 +121,8 @@ def test_pump_failure_with_standby_takeover_does_not_breach(demo):
     assert sim.truth.breaches == []
     obs = sim.observe().device_points("cdu-m1")
     assert obs["cdu.pump3.running"] == 1.0 and obs["cdu.pump1.running"] == 0.0
+    # the fault registers tell the tripped pump from the standby now running (and a healthy idle one)
+    assert (obs["cdu.pump1.fault"], obs["cdu.pump3.fault"]) == (1.0, 0.0)
     assert 0.5 * 1267 < obs["cdu.flow_lpm"] < 0.8 * 1267  # one pump: ~70 % of the 8 racks' design flow
 
 
