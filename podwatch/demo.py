@@ -214,7 +214,22 @@ class Demo:
             self.say(f"MQTT broker ({broker.name}) on {broker.address}")
         return kafka, mqtt
 
+    def fresh_database(self) -> None:
+        """The demo tells one story from an empty file: the previous run's DuckDB file is replaced.
+        Kept, it mixed two runs' samples, risk scores and alerts (the ground truth is per run), and
+        its stored Kafka offsets belonged to the previous run's broker: serve logged them as a
+        recreated topic at ERROR. A file another process still holds is left alone, with a clear error."""
+        from podwatch.storage.db import owner_file, read_owner
+
+        owner = read_owner(self.db_path)
+        if owner is not None:
+            raise PodwatchError(f"{self.db_path} is in use by process {owner['pid']} (a demo still running?); "
+                                "stop it or pass --data-dir")
+        for path in (self.db_path, Path(f"{self.db_path}.wal"), owner_file(self.db_path)):
+            path.unlink(missing_ok=True)
+
     def start_pipeline(self, kafka: str, mqtt: str) -> None:
+        self.fresh_database()
         offset = choose_port_offset(self.site)
         speed = str(self.opts.speed)
         wall = time.time_ns() // 1_000_000

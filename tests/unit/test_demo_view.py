@@ -99,3 +99,27 @@ def test_a_site_without_coolant_telemetry_gets_no_model_and_says_why(tmp_path):
     demo.ensure_model()  # returns at once: no training subprocess for a site with PDUs only
     assert said and "no coolant telemetry" in said[0]
     assert not demo.model_dir.exists()
+
+
+def test_each_demo_run_starts_from_an_empty_duckdb_file(tmp_path):
+    """A kept file mixed two runs' samples, scores and alerts, and its stored offsets belonged to the
+    previous run's broker (serve logged a recreated topic at ERROR). A file in use is left alone."""
+    import os
+
+    import duckdb
+    import pytest
+
+    from podwatch.errors import PodwatchError
+    from podwatch.storage.db import owner_file
+
+    demo = Demo(DemoOptions(site=ROOT / "examples/sites/demo.yaml", scenario=None, ui=False, data_dir=tmp_path))
+    demo.db_path.parent.mkdir(parents=True, exist_ok=True)
+    with duckdb.connect(str(demo.db_path)) as con:
+        con.execute("CREATE TABLE ingest_offsets AS SELECT 'podwatch.telemetry.v1' AS topic, 0 AS partition, 9999 AS next_offset")
+    owner_file(demo.db_path).write_text('{"pid": %d, "api_url": null}' % os.getpid())  # alive: this process
+    with pytest.raises(PodwatchError, match="in use by process"):
+        demo.fresh_database()
+    assert demo.db_path.exists()
+    owner_file(demo.db_path).write_text('{"pid": 999999999, "api_url": null}')  # a previous run, gone
+    demo.fresh_database()
+    assert not demo.db_path.exists() and not owner_file(demo.db_path).exists()
