@@ -68,6 +68,7 @@ class FetchReport:
     lag: dict[int, int]
     new_topic_resets: int = 0
     new_fetch_errors: int = 0
+    answered_ms: int | None = None  # wall ms of the broker's last fetch answer (empty ones too), any partition
 
 
 class _SeekToStoredOffsets(ConsumerRebalanceListener):
@@ -197,6 +198,17 @@ class Fetcher:
         )
         await self.consumer.seek_to_beginning(tp)
 
+    def _answered_ms(self) -> int | None:
+        """When the broker last answered a fetch of ours (an idle topic answers too: long polls come
+        back empty with the high watermark). The lag alone cannot tell a silent broker from a
+        caught-up sink: it keeps its last value."""
+        stamps = []
+        for tp in list(self.consumer.assignment()):
+            with contextlib.suppress(AssertionError, KeyError):
+                stamps.append(self.consumer.last_poll_timestamp(tp))
+        stamps = [t for t in stamps if t is not None]
+        return max(stamps) if stamps else None
+
     async def _update_lag(self) -> None:
         consumer = self.consumer
         for tp in list(consumer.assignment()):
@@ -235,7 +247,7 @@ class Fetcher:
         if data:
             fetched = await self._decode(data)
         await self._update_lag()
-        report = FetchReport(fetched, dict(self.lag), self._new_resets, self._new_errors)
+        report = FetchReport(fetched, dict(self.lag), self._new_resets, self._new_errors, self._answered_ms())
         self._new_resets = self._new_errors = 0
         return report
 

@@ -62,6 +62,7 @@ PIPE_BYTES = 1 << 20  # bigger pipe buffer: fewer wake-ups per 16 MB batch
 RESTARTS_ALLOWED = 5  # child deaths within RESTART_WINDOW_S before the sink gives up (fails loudly)
 RESTART_WINDOW_S = 60.0
 STOP_GRACE_S = 10.0
+ANSWER_REPORT_MS = 1000  # an idle fetch process still tells the writer, once a second, that Kafka answers
 
 _CONTEXT: multiprocessing.context.BaseContext | None = None
 
@@ -133,20 +134,20 @@ def pack_report(report: FetchReport) -> tuple:
     the fetch process is the busier of the two."""
     fb = report.batch
     if fb is None:
-        return (None, report.lag, report.new_topic_resets, report.new_fetch_errors)
+        return (None, report.lag, report.new_topic_resets, report.new_fetch_errors, report.answered_ms)
     b = fb.batch
     batch = (portable_row_parts(b), b.devices, b.seqs, b.ts_ms, b.point_counts, b.sites)
     meta = (fb.next_offsets, fb.newest_ms, fb.messages, fb.dead_letters, fb.own_site, fb.fetched_at)
-    return ((batch, meta), report.lag, report.new_topic_resets, report.new_fetch_errors)
+    return ((batch, meta), report.lag, report.new_topic_resets, report.new_fetch_errors, report.answered_ms)
 
 
 def unpack_report(packed: tuple) -> FetchReport:
-    body, lag, resets, errors = packed
+    body, lag, resets, errors, answered_ms = packed
     if body is None:
-        return FetchReport(None, lag, resets, errors)
+        return FetchReport(None, lag, resets, errors, answered_ms)
     (parts, devices, seqs, ts_ms, point_counts, sites), meta = body
     batch = restore_row_parts(DecodedBatch(np.empty(0, np.int64), devices, seqs, ts_ms, point_counts, [], sites), parts)
-    return FetchReport(FetchedBatch(batch, *meta), lag, resets, errors)
+    return FetchReport(FetchedBatch(batch, *meta), lag, resets, errors, answered_ms)
 
 
 # ---------------------------------------------------------------------- the child
@@ -245,10 +246,13 @@ async def _child_run(settings, own_site: str | None, data_w: Connection, ctl_r: 
             return
         await link.send(("started",))
         last_lag: dict[int, int] | None = None
+        last_answered = 0  # the broker's last answer as last reported: the writer's /healthz needs to know
         while not link.stop.is_set():
             report = await fetcher.poll()
-            if report.batch or report.lag != last_lag or report.new_topic_resets or report.new_fetch_errors:
-                last_lag = report.lag
+            answered = report.answered_ms or 0
+            if (report.batch or report.lag != last_lag or report.new_topic_resets or report.new_fetch_errors
+                    or answered - last_answered >= ANSWER_REPORT_MS):
+                last_lag, last_answered = report.lag, answered
                 await link.send(("report", pack_report(report)))
     except EOFError:
         pass  # the parent is gone

@@ -139,6 +139,7 @@ class SinkStats:
     topic_resets: int = 0
     lag: dict[int, int] = field(default_factory=dict)
     last_commit_monotonic: float | None = None
+    kafka_answered_ms: int | None = None  # wall ms of the broker's last fetch answer (from the fetch reports)
     last_batch_latency_s: float = 0.0
     latency_bucket_counts: list[int] = field(default_factory=lambda: [0] * (len(LATENCY_BUCKETS_S) + 1))
     latency_sum_s: float = 0.0
@@ -342,6 +343,8 @@ class DuckDBSink:
 
     def _note_report(self, report: FetchReport) -> None:
         self.stats.lag = report.lag
+        if report.answered_ms is not None:
+            self.stats.kafka_answered_ms = max(self.stats.kafka_answered_ms or 0, report.answered_ms)
         self.health.set("lag", float(self.stats.total_lag))
         if report.new_topic_resets or report.new_fetch_errors:
             self.stats.topic_resets += report.new_topic_resets
@@ -615,6 +618,12 @@ class DuckDBSink:
         idle_s = time.monotonic() - last
         if lag > 0 and idle_s > self.settings.stuck_after_s:
             problems.append(f"ingest stuck: lag {lag} messages and no batch committed for {idle_s:.0f} s")
+        answered = self.stats.kafka_answered_ms
+        silent_s = time.time() - answered / 1000 if answered else 0.0
+        if self._running and silent_s > self.settings.stuck_after_s:
+            # the lag keeps its last value while the broker is silent: a caught-up sink looked healthy
+            problems.append(f"no answer from Kafka for {silent_s:.0f} s (broker down or unreachable); "
+                            "collectors spool meanwhile")
         if lag > self.settings.lag_limit_messages and self.stats.lag_growing():
             problems.append(f"lag {lag} messages exceeds {self.settings.lag_limit_messages} and keeps growing")
         return problems

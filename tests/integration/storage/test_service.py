@@ -75,3 +75,45 @@ async def test_service_ingests_serves_and_runs_extensions(tansu_broker, tmp_path
         await service.stop()  # idempotent
     assert service.sink.running is False
     assert stop_hook_saw == [1000]
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(120)
+async def test_healthz_fails_while_kafka_is_silent_and_recovers(tmp_path):
+    """A caught-up sink whose broker stops answering (SIGSTOP: sockets open, nothing answers) kept its
+    last lag of 0 and a green /healthz; it now says Kafka has not answered, and recovers with it."""
+    from podwatch import procs
+
+    with procs.tansu() as broker:
+        topic, dl_topic = f"t.silent.{uuid.uuid4().hex[:8]}", f"t.silent.dl.{uuid.uuid4().hex[:8]}"
+        await create_topics(broker.address, (topic, 1), (dl_topic, 1))
+        service = Service(ServiceSettings(db=str(tmp_path / "silent.duckdb"), kafka=broker.address, port=0, token="t",
+                                          group_id=None, topic=topic, dead_letter_topic=dl_topic))
+        await service.start()
+        service.sink.settings.stuck_after_s = 3.0
+        try:
+            await produce(broker.address, topic, [(b"pdu-000", envelope_bytes(reading(0, seq))) for seq in range(20)])
+            async with httpx.AsyncClient(base_url=service.url, timeout=10) as client:
+                async def health() -> dict:
+                    return (await client.get("/healthz")).json()
+
+                async def failing() -> dict | None:
+                    body = await health()
+                    return None if body["ok"] else body
+
+                async def healthy() -> bool:
+                    return (await health())["ok"]
+
+                await wait_until(lambda: service.sink.stats.points == 100, 20, what="the readings ingested")
+                await wait_until(lambda: service.sink.stats.kafka_answered_ms is not None, 10, what="a fetch answer")
+                assert await healthy()
+                broker.pause()
+                try:
+                    silent = await wait_until(failing, 30, what="/healthz to fail while Kafka is silent")
+                    assert any("no answer from Kafka" in p for p in silent["problems"]), silent
+                    assert service.sink.stats.total_lag == 0  # the lag alone looked healthy
+                finally:
+                    broker.resume()
+                await wait_until(healthy, 30, what="/healthz green again once Kafka answers")
+        finally:
+            await service.stop()
