@@ -15,7 +15,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import signal
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from podwatch.logs import fields
@@ -59,6 +59,11 @@ class ServeProcess:
     def __init__(self, opts: ServeOptions) -> None:
         from podwatch.storage.service import Service, ServiceSettings
 
+        if opts.port == 0:
+            # pick the port now: notifications link to it, and the alerting is built before the API listens
+            from podwatch.procs import free_port
+
+            opts = replace(opts, port=free_port())
         self.opts = opts
         self.service = Service(ServiceSettings(db=opts.db, kafka=opts.kafka, site=opts.site, host=opts.host,
                                                port=opts.port, token=opts.token, topic=opts.topic))

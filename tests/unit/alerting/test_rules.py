@@ -225,3 +225,11 @@ def test_serve_links_notifications_to_the_api_once_and_keeps_the_configured_gene
     config.write_text("alerting: {generator_url: 'https://podwatch.dc7.example', receivers: []}\n")
     opts.alerting_config = str(config)
     assert alerting_settings(opts).generator_url == "https://podwatch.dc7.example"
+
+
+def test_serve_on_port_0_links_notifications_to_the_port_it_listens_on(tmp_path):
+    from podwatch.serve import ServeOptions, ServeProcess, alerting_settings
+
+    sp = ServeProcess(ServeOptions(db=str(tmp_path / "x.duckdb"), port=0))
+    assert sp.opts.port != 0 and sp.service.settings.port == sp.opts.port
+    assert alerting_settings(sp.opts).generator_url == f"http://127.0.0.1:{sp.opts.port}"
