@@ -6,7 +6,9 @@ as the alert's new state, one row per receiver, numbered by a per-receiver seque
 after the receiver acknowledged it (HTTP 2xx, SMTP accepted, publish returned). A retriable
 failure stops that receiver's queue (order is kept) and retries with jittered exponential
 backoff; a permanent failure (e.g. HTTP 400, SMTP 550) marks the row `dead` with the reason,
-logs it loudly and moves on. So nothing is lost while a receiver is down: it gets every event,
+logs it loudly and moves on (a rejected batch of a receiver that takes an alert again harmlessly -
+Alertmanager - is first retried one event at a time, so one bad event does not take the others
+down with it). So nothing is lost while a receiver is down: it gets every event,
 in order, after it returns. Within one process each event is sent once; a crash between the
 receiver's ack and the `delivered` mark can repeat that one event (at-least-once), which is why
 webhook deliveries carry an `X-Podwatch-Delivery` id and Alertmanager is idempotent by labels.
@@ -202,6 +204,16 @@ class OutboxDispatcher:
                     log.log(level, "alert receiver %s is failing (%s); %d event(s) queued, retry %d in %.2fs",
                             name, exc, self.pending_count(name), attempts, wait_s)
                     return delivered
+                if len(entries) > 1 and receiver.takes_updates:
+                    # One bad event must not take its batch down with it (Alertmanager answers 400
+                    # for a whole POST with one invalid alert): such a receiver takes the same
+                    # alert again harmlessly, so the batch is retried one event at a time and only
+                    # the events it rejects on their own are dead.
+                    sent, stopped = await self._deliver_one_at_a_time(receiver, entries, attempts - 1)
+                    delivered += sent
+                    if stopped:
+                        return delivered
+                    continue
                 self._mark(seqs, name, "dead", attempts, str(exc))
                 health.inc("errors", len(seqs))
                 log.error("alert receiver %s rejected %d event(s) permanently (%s); marked dead in alert_outbox "
@@ -214,6 +226,34 @@ class OutboxDispatcher:
             delivered += len(entries)
             if was_failing:
                 log.warning("alert receiver %s is back; delivering its queued events", name)
+
+    async def _deliver_one_at_a_time(self, receiver: "Receiver", entries: list[OutboxEntry],
+                                     attempts: int) -> tuple[int, bool]:
+        """Send `entries` one by one, marking each delivered or dead on its own answer. Returns
+        (delivered, stopped): a retriable failure stops the queue there (order kept, backoff)."""
+        name, health = receiver.name, self.health[receiver.name]
+        delivered = 0
+        for entry in entries:
+            try:
+                await receiver.send([entry])
+            except DeliveryError as exc:
+                if exc.retriable:
+                    wait_s = backoff_s(attempts + 1, self.initial_backoff_s, self.max_backoff_s)
+                    self._not_before[name] = time.monotonic() + wait_s
+                    self._mark([entry.seq], name, "pending", attempts + 1, str(exc),
+                               next_attempt=_now() + timedelta(seconds=wait_s))
+                    health.inc("retries")
+                    return delivered, True
+                self._mark([entry.seq], name, "dead", attempts + 1, str(exc))
+                health.inc("errors")
+                log.error("alert receiver %s rejected an event permanently (%s); marked dead in alert_outbox "
+                          "(seq %s, alert %s) - fix the receiver settings or the rule", name, exc, entry.seq,
+                          entry.alert_id)
+                continue
+            self._mark([entry.seq], name, "delivered", attempts + 1, None, delivered_at=_now())
+            health.inc("sent")
+            delivered += 1
+        return delivered, False
 
     def _mark(self, seqs: list[int], name: str, status: str, attempts: int, error: str | None,
               next_attempt: datetime | None = None, delivered_at: datetime | None = None) -> None:

@@ -100,3 +100,36 @@ async def test_check_observation_with_reasons_reaches_alertmanager(am_with_sink,
     finally:
         await runtime.aclose()
         con.close()
+
+
+async def test_one_alert_alertmanager_rejects_does_not_take_its_batch_down(am_with_sink, tmp_path):
+    """Alertmanager answers 400 for a whole POST when one alert in it is invalid (it still keeps
+    the valid ones). The batch is retried one alert at a time: the valid alerts are delivered,
+    only the rejected one is dead, with Alertmanager's reason."""
+    from podwatch.analytics.alerting.outbox import OutboxDispatcher, enqueue
+    from podwatch.analytics.alerting.settings import AlertmanagerReceiverSettings
+
+    am_url, _ = am_with_sink
+    con = duckdb.connect(str(tmp_path / "outbox.duckdb"))
+    receiver = AlertmanagerReceiver(AlertmanagerReceiverSettings(type="alertmanager", name="am", url=am_url))
+    dispatcher = OutboxDispatcher(con, [receiver])
+    now = datetime.now(UTC)
+    tag = uuid.uuid4().hex[:6]
+
+    def event(n: int, labels: dict) -> dict:
+        return {"alert_id": f"{tag}-{n}", "rule": "r", "state": "firing", "severity": "critical", "value": 1.0,
+                "startsAt": now.isoformat(), "firedAt": now.isoformat(), "annotations": {"summary": "s"},
+                "labels": {"alertname": f"batch_{tag}", "target": f"t{n}", **labels}}
+
+    try:
+        enqueue(con, ["am"], [event(1, {}), event(2, {"bad-label": "x"}), event(3, {})])
+        assert await dispatcher.tick() == 2
+        rows = con.execute("SELECT seq, status, last_error FROM alert_outbox ORDER BY seq").fetchall()
+        assert [(seq, status) for seq, status, _ in rows] == [(1, "delivered"), (2, "dead"), (3, "delivered")]
+        assert "bad-label" in rows[1][2] and "400" in rows[1][2]
+        assert dispatcher.health["am"].counters["errors"] == 1
+        held = httpx.get(f"{am_url}/api/v2/alerts", params={"filter": f'alertname="batch_{tag}"'}).json()
+        assert sorted(a["labels"]["target"] for a in held) == ["t1", "t3"]
+    finally:
+        await dispatcher.aclose()
+        con.close()
