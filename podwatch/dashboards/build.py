@@ -232,13 +232,14 @@ def site_overview() -> Dashboard:
         .with_panel(
             Stat().title("PUE-style overhead (meter / IT power)")
             .description("Power of the transformer meters (every substation transformer; feeder and busway "
-                         "meters would count the same load twice) divided by the sum of all rack PDU power, "
-                         "newest values. 1.00 would mean no cooling or distribution overhead.")
+                         "meters would count the same load twice) divided by IT power (every rack's PDUs, or "
+                         "its BMS figure where it has no PDU reading), newest values. 1.00 would mean no "
+                         "cooling or distribution overhead.")
             .datasource(SITE_DS).decimals(2).span(6).height(8)
             .with_target(InfinityQuery("A", "/api/latest", {"node_kind": "transformer", "metric": "meter.power_kw"},
                                        [Column("value", "number", "facility_kw")]))
-            .with_target(InfinityQuery("B", "/api/latest", {"metric": "pdu.power_kw"},
-                                       [Column("value", "number", "it_kw")]))
+            .with_target(InfinityQuery("B", "/api/rack_power", {"latest": "true"},
+                                       [Column("power_kw", "number", "it_kw")]))
             .with_transformation(transformation("reduce", {"mode": "reduceFields", "reducers": ["sum"]}))
             .with_transformation(transformation("concatenate", {"frameNameMode": "drop"}))
             .with_transformation(binary("facility_kw", "/", "it_kw", "overhead_ratio"))
@@ -247,13 +248,14 @@ def site_overview() -> Dashboard:
         )
         .with_panel(
             Timeseries().title("Facility power and IT power")
-            .description("Transformer meter power (all substation transformers) and the sum of rack PDU power "
-                         "per minute; their ratio is the overhead.")
+            .description("Transformer meter power (all substation transformers) and IT power (every rack's "
+                         "PDUs, or its BMS figure where it has no PDU reading) per minute; their ratio is the "
+                         "overhead.")
             .datasource(SITE_DS).unit("kwatt").min(0).span(18).height(8)
             .with_target(named_series("A", {"node_kind": "transformer", "metric": "meter.power_kw"}, "facility_kw",
                                       step="1m"))
-            .with_target(InfinityQuery("B", "/api/series", {"metric": "pdu.power_kw", **RANGE, "step": "1m"},
-                                       [TIME, DEVICE, VALUE]))
+            .with_target(InfinityQuery("B", "/api/rack_power", {**RANGE, "step": "1m"},
+                                       [TIME, Column("rack", "string"), Column("power_kw", "number", "value")]))
             .with_transformation(transformation("groupBy", {"fields": {  # one row per minute per transformer
                 "time": {"aggregations": [], "operation": "groupby"},
                 "facility_kw": {"aggregations": ["sum"], "operation": "aggregate"}}}, ref_id="A"))
@@ -398,10 +400,13 @@ def rack_thermal() -> Dashboard:
         )
         .with_panel(
             Heatmap().title("Rack power, ${module} (kW per rack per minute)")
-            .description("One row per rack (BMS rack power), one column per minute; hot cells are busy racks.")
+            .description("One row per rack (its PDUs, or its BMS figure where it has no PDU reading), one "
+                         "column per minute; hot cells are busy racks.")
             .datasource(SITE_DS).calculate(False).unit("kwatt").span(12).height(8)
-            .with_target(series_query("A", {"module": "${module}", "metric": "rack.power_kw"}, step="1m"))
-            .display_name(by_device_name())
+            .with_target(InfinityQuery("A", "/api/rack_power", {"module": "${module}", **RANGE, "step": "1m"},
+                                       [TIME, Column("rack", "string"), Column("power_kw", "number", "value")],
+                                       "timeseries"))
+            .display_name("${__field.labels.rack}")
         )
     )
 

@@ -193,6 +193,35 @@ def create_app(service, extra_routes: list[Route] | None = None) -> Starlette:
                                                     node=q.get("node"), node_kind=q.get("node_kind")))
         return rows_response(request, rows)
 
+    async def rack_power(request: Request) -> Response:
+        """
+        summary: Power of each rack per step (IT power), from its PDUs or else its BMS
+        description: "A rack's A + B PDUs (pdu.power_kw) where they read - a two-fed rack with one silent side counts that side twice - else the rack's own BMS figure (rack.power_kw): IT power on sites whose racks report only through a BMS, never counted twice where both report. latest=true: the newest value per rack."
+        parameters:
+          - {name: rack, in: query, schema: {type: string}, description: "rack id(s), comma-separated"}
+          - {name: module, in: query, schema: {type: string}}
+          - {name: from, in: query, schema: {type: string}, description: "epoch ms, ISO 8601 or now-6h (default now-1h)"}
+          - {name: to, in: query, schema: {type: string}, description: "default now"}
+          - {name: step, in: query, schema: {type: string}, description: "10s, 1m, 1h; default: about 2000 points"}
+          - {name: latest, in: query, schema: {type: boolean}, description: "newest value per rack instead of a range"}
+          - {name: format, in: query, schema: {type: string, enum: [json, csv]}}
+        responses:
+          200: {description: "[{time, rack, module, power_kw, source}] (source: pdu | pdu_one_side | bms)"}
+          400: {description: "bad parameter"}
+        """
+        async def go():
+            q = request.query_params
+            if q.get("latest", "").lower() in ("1", "true", "yes"):
+                rows = await run(lambda cur: queries.rack_power_latest(cur, rack=q.get("rack"), module=q.get("module")))
+                return rows_response(request, rows)
+            start, end = time_range(request)
+            step_s = queries.parse_step_s(q.get("step"))
+            rows = await run(lambda cur: queries.rack_power(cur, rack=q.get("rack"), module=q.get("module"),
+                                                             start=start, end=end, step_s=step_s))
+            truncated = getattr(rows, "truncated", False)
+            return rows_response(request, rows, {"X-Podwatch-Truncated": "true" if truncated else "false"})
+        return await guarded(request, go)
+
     async def topology(request: Request) -> Response:
         """
         summary: Site topology (racks, devices, power nodes, CDUs), or one part of it
@@ -347,6 +376,7 @@ def create_app(service, extra_routes: list[Route] | None = None) -> Starlette:
     routes = [
         Route("/api/series", series),
         Route("/api/latest", latest),
+        Route("/api/rack_power", rack_power),
         Route("/api/topology", topology),
         Route("/api/topology/{part}", topology),
         Route("/api/alerts", alerts),

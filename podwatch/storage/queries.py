@@ -377,3 +377,116 @@ def forecasts(con: duckdb.DuckDBPyConnection, node: str | None = None, horizon: 
         filters.append(_in("horizon", _csv(horizon), params))
     return _records(con.execute(
         f"SELECT generated_at AS time, * FROM forecasts WHERE {' AND '.join(filters)} ORDER BY generated_at, node, horizon", params))
+
+
+RACK_POWER_STALE_S = 300  # a rack's PDUs older than this (against its BMS figure) no longer count
+
+
+def _rack_power_devices(con: duckdb.DuckDBPyConnection, rack: str | None,
+                        module: str | None) -> tuple[dict[str, str | None], dict[str, tuple[str, str]], dict[str, str]]:
+    """(rack -> module, PDU device -> (rack, side), BMS rack device -> rack) for the racks in scope."""
+    filters, params = ["TRUE"], []
+    if rack:
+        filters.append(_in("rack", _csv(rack), params))
+    if module:
+        filters.append(_in("module", _csv(module), params))
+    racks = dict(con.execute(f"SELECT rack, module FROM topo_racks WHERE {' AND '.join(filters)}", params).fetchall())
+    if not racks:
+        return {}, {}, {}
+    params = list(racks)
+    marks = ", ".join("?" for _ in racks)
+    pdus, bms = {}, {}
+    for device, kind, rack_id, side in con.execute(
+            f"SELECT device, kind, rack, lower(coalesce(side, '')) FROM topo_devices WHERE rack IN ({marks})", params).fetchall():
+        if kind == "pdu":
+            pdus[device] = (rack_id, side)
+        else:
+            bms[device] = rack_id
+    return racks, pdus, bms
+
+
+def _rack_power_of(pdu_values: dict[str, float], pdu_sides: dict[str, set[str]], rack: str,
+                   bms_value: float | None) -> tuple[float | None, str | None]:
+    """One rack's power from its PDUs' values {side: kW} - a two-fed rack with one side silent
+    counts twice that side (normal sharing is even, as capacity analytics assumes) - else its
+    BMS figure. Returns (kW, source)."""
+    if pdu_values:
+        sides = pdu_sides.get(rack, set())
+        if len(sides) >= 2 and len(pdu_values) == 1:
+            return 2 * next(iter(pdu_values.values())), "pdu_one_side"
+        return sum(pdu_values.values()), "pdu"
+    if bms_value is not None:
+        return bms_value, "bms"
+    return None, None
+
+
+def rack_power(con: duckdb.DuckDBPyConnection, *, rack: str | None = None, module: str | None = None,
+               start: datetime, end: datetime, step_s: float | None = None) -> list[dict]:
+    """Power of each rack per step: its A + B PDUs (`pdu.power_kw`) where they read, else the
+    rack's own BMS figure (`rack.power_kw`) - so IT power exists on sites whose racks report only
+    through a BMS, and is not counted twice where both report. Rows: time, rack, module, power_kw,
+    source (pdu | pdu_one_side | bms)."""
+    if step_s == 0:
+        raise QueryError("parameter 'step': rack power is a per-step figure; give a step (e.g. 10s, 1m)")
+    racks, pdus, bms = _rack_power_devices(con, rack, module)
+    if not pdus and not bms:
+        return []
+    rows = series(con, device=",".join([*pdus, *bms]), metric="pdu.power_kw,rack.power_kw", start=start, end=end,
+                  step_s=step_s)
+    pdu_sides: dict[str, set[str]] = {}
+    for rack_id, side in pdus.values():
+        pdu_sides.setdefault(rack_id, set()).add(side)
+    by_bucket: dict[tuple, tuple[dict[str, float], list]] = {}
+    for row in rows:
+        if row["value"] is None:
+            continue
+        if row["metric"] == "pdu.power_kw" and row["device"] in pdus:
+            rack_id, side = pdus[row["device"]]
+            side_values, _ = by_bucket.setdefault((row["time"], rack_id), ({}, []))
+            side_values[side] = side_values.get(side, 0.0) + row["value"]
+        elif row["metric"] == "rack.power_kw" and row["device"] in bms:
+            by_bucket.setdefault((row["time"], bms[row["device"]]), ({}, []))[1].append(row["value"])
+    result = SeriesRows()
+    result.truncated = getattr(rows, "truncated", False)
+    for (time, rack_id), (side_values, bms_values) in sorted(by_bucket.items()):
+        power, source = _rack_power_of(side_values, pdu_sides, rack_id, sum(bms_values) if bms_values else None)
+        if power is not None:
+            result.append({"time": time, "rack": rack_id, "module": racks.get(rack_id), "power_kw": power,
+                           "source": source})
+    return result
+
+
+def rack_power_latest(con: duckdb.DuckDBPyConnection, *, rack: str | None = None,
+                      module: str | None = None) -> list[dict]:
+    """The newest power of each rack, by the rule of `rack_power`; PDU values more than
+    RACK_POWER_STALE_S older than the rack's BMS figure give way to it. Rows: time, rack,
+    module, power_kw, source."""
+    racks, pdus, bms = _rack_power_devices(con, rack, module)
+    if not pdus and not bms:
+        return []
+    newest = latest(con, device=",".join([*pdus, *bms]), metric="pdu.power_kw,rack.power_kw")
+    pdu_sides: dict[str, set[str]] = {}
+    for rack_id, side in pdus.values():
+        pdu_sides.setdefault(rack_id, set()).add(side)
+    per_rack: dict[str, dict] = {}
+    for row in newest:
+        if row["value"] is None:
+            continue
+        if row["metric"] == "pdu.power_kw" and row["device"] in pdus:
+            rack_id, side = pdus[row["device"]]
+            entry = per_rack.setdefault(rack_id, {"pdu": {}, "bms": None})
+            entry["pdu"][side] = (row["time"], entry["pdu"].get(side, (row["time"], 0.0))[1] + row["value"])
+        elif row["metric"] == "rack.power_kw" and row["device"] in bms:
+            per_rack.setdefault(bms[row["device"]], {"pdu": {}, "bms": None})["bms"] = (row["time"], row["value"])
+    result = []
+    for rack_id in sorted(per_rack):
+        entry = per_rack[rack_id]
+        bms_time, bms_value = entry["bms"] if entry["bms"] else (None, None)
+        fresh = {side: (t, v) for side, (t, v) in entry["pdu"].items()
+                 if bms_time is None or (bms_time - t).total_seconds() <= RACK_POWER_STALE_S}
+        power, source = _rack_power_of({side: v for side, (_, v) in fresh.items()}, pdu_sides, rack_id, bms_value)
+        if power is None:
+            continue
+        time = max(t for t, _ in fresh.values()) if source != "bms" else bms_time
+        result.append({"time": time, "rack": rack_id, "module": racks.get(rack_id), "power_kw": power, "source": source})
+    return result

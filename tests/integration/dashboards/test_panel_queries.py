@@ -316,3 +316,37 @@ def test_module_and_cdu_panels_do_not_depend_on_the_demo_naming(tmp_path):
         assert by_title["Pump speed"].rows > 0
     finally:
         runner.stop()
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(90)
+def test_it_power_panels_answer_on_a_site_whose_racks_report_only_through_a_bms(tmp_path):
+    """mqtt-only: no PDUs, the racks publish `rack.power_kw` through their BMS. The IT side of the
+    overhead panels and the rack power heatmap read PDUs (or only the BMS) and were empty; they
+    read /api/rack_power now, which takes the PDUs where they read and the BMS otherwise."""
+    from podwatch.storage.db import Database
+    from podwatch.storage.service import ServiceSettings
+
+    db_path = tmp_path / "mqtt.duckdb"
+    now = datetime.now(timezone.utc).replace(tzinfo=None, microsecond=0)
+    fill_demo_site(db_path, now, minutes=5, site_file=REPO / "examples" / "sites" / "mqtt-only.yaml")
+    db = Database(db_path)
+    try:
+        racks = db.connection.execute("SELECT count(*) FROM topo_racks").fetchone()[0]
+        assert db.connection.execute("SELECT count(*) FROM topo_devices WHERE kind = 'pdu'").fetchone()[0] == 0
+    finally:
+        db.close()
+    runner = ServiceThread(ServiceSettings(db=str(db_path), port=0))
+    api = runner.start()
+    try:
+        docs = dashboard_docs()
+        results = run_checks(api, {uid: docs[uid] for uid in ("podwatch-site-overview", "podwatch-rack-thermal")})
+        by_panel = {(r.panel_title, r.ref_id): r for r in results}
+        stat = by_panel[("PUE-style overhead (meter / IT power)", "B")]
+        assert stat.ok and stat.rows == racks, stat.problem
+        it_rows = by_panel[("Facility power and IT power", "B")].rows
+        assert it_rows >= racks * 5 and it_rows % racks == 0  # 5 min at 1 min: 5-6 buckets of every rack
+        heatmap = next(r for (title, _), r in by_panel.items() if title.startswith("Rack power,"))
+        assert heatmap.ok and heatmap.rows > 0, heatmap.problem
+    finally:
+        runner.stop()

@@ -307,3 +307,40 @@ async def test_sql_values_without_a_python_or_csv_form_are_not_500(api):
     as_csv = await api.post("/api/sql", params={"format": "csv"}, json={"sql": sql}, headers=auth)
     assert as_csv.status_code == 200, as_csv.text
     assert as_csv.text.splitlines() == ["s,t", '"{""a"": 1.5}",infinity']
+
+
+@pytest.mark.timeout(30)
+async def test_rack_power_uses_pdus_else_the_bms_and_never_both(tmp_path):
+    """/api/rack_power: m1-r01 reads on both PDUs and its BMS (PDUs count, once), m1-r02 only
+    through its BMS (a BMS-only rack still has IT power), m1-r03 on its A PDU only (twice the A
+    side: normal sharing is even)."""
+    db_path = tmp_path / "rack_power.duckdb"
+    db = Database(db_path)
+    con = db.connection
+    load_topology_file(con, str(REPO / "examples/sites/demo.yaml"))
+    start = NOW.replace(second=0) - timedelta(minutes=10)
+    insert_named_samples(con, """
+        SELECT ?::TIMESTAMP + to_seconds(i * 10) AS ts, d.device, d.metric, d.kw AS value, 0 AS quality, i AS seq
+        FROM range(30) r(i), (VALUES ('pdu-m1-r01-a', 'pdu.power_kw', 60.0), ('pdu-m1-r01-b', 'pdu.power_kw', 55.0),
+                                     ('bms-m1-r01', 'rack.power_kw', 116.0), ('bms-m1-r02', 'rack.power_kw', 90.0),
+                                     ('pdu-m1-r03-a', 'pdu.power_kw', 40.0)) d(device, metric, kw)
+        """, [start])
+    con.execute("INSERT INTO latest_values SELECT device, metric, max(ts), arg_max(value, ts), 0 FROM samples GROUP BY ALL")
+    db.close()
+    service = Service(ServiceSettings(db=str(db_path), port=0))
+    await service.start()
+    try:
+        async with httpx.AsyncClient(base_url=service.url, timeout=10) as api:
+            params = {"module": "m1", "from": str(_ms(start)), "to": str(_ms(start + timedelta(minutes=5))), "step": "1m"}
+            rows = (await api.get("/api/rack_power", params=params)).json()
+            assert rows and set(rows[0]) == {"time", "rack", "module", "power_kw", "source"}
+            first = {r["rack"]: (r["power_kw"], r["source"]) for r in rows if r["time"] == start.isoformat() + "Z"}
+            assert first == {"m1-r01": (115.0, "pdu"), "m1-r02": (90.0, "bms"), "m1-r03": (80.0, "pdu_one_side")}
+            assert len(rows) == 3 * 5
+            latest = (await api.get("/api/rack_power", params={"latest": "true", "rack": "m1-r01,m1-r02"})).json()
+            assert {r["rack"]: (r["power_kw"], r["source"]) for r in latest} == {"m1-r01": (115.0, "pdu"),
+                                                                                  "m1-r02": (90.0, "bms")}
+            assert (await api.get("/api/rack_power", params=params | {"step": "raw"})).status_code == 400
+            assert (await api.get("/api/rack_power", params={"rack": "nope"})).json() == []
+    finally:
+        await service.stop()

@@ -20,7 +20,7 @@ from podwatch.dashboards.provisioning import datasource_specs, export
 from podwatch.errors import PodwatchError
 from podwatch.metrics import CATALOG
 
-API_ENDPOINTS = {"/api/series", "/api/latest", "/api/topology/racks", "/api/topology/cdus", "/api/topology/power",
+API_ENDPOINTS = {"/api/series", "/api/latest", "/api/rack_power", "/api/topology/racks", "/api/topology/cdus", "/api/topology/power",
                  "/api/alerts", "/api/risk", "/api/headroom", "/api/forecasts", "/api/pipeline"}
 
 
