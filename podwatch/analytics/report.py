@@ -56,15 +56,31 @@ def site_feed_groups(site: Site, tops: list[str]) -> list[list[str]]:
     return list(groups.values())
 
 
+def feed_usable_kw(site: Site, transformer: str, usable_kw: float) -> float:
+    """What a transformer can deliver through the feeders it has: with A/B feeders every rack
+    fails over onto one side, so no more than the weaker side's feeders (mqtt-only: a 1,900 kW
+    transformer behind two 1,200 kW UPS delivers 1,200 kW). Busways are the modules' (their
+    headroom is in the module plot), so the feed stops at the feeders."""
+    per_side: dict[str, float] = {}
+    for node in site.power_nodes.values():
+        if node.parent == transformer and node.kind == "feeder":
+            side = (node.side or "").lower()
+            per_side[side] = per_side.get(side, 0.0) + node.usable_kw
+    if not per_side:
+        return usable_kw
+    unsided = per_side.pop("", 0.0)
+    return min(usable_kw, unsided + (min(per_side.values()) if per_side else 0.0))
+
+
 def site_capacity_kw(site: Site, rows: dict, tops: list[str], horizon: str = "24h") -> tuple[float, float]:
     """(usable, provisioned) of the site's feed: per group of A/B transformers the weaker side's
-    usable, summed over groups."""
+    usable (each as far as its feeders allow), summed over groups."""
     usable = provisioned = 0.0
     for group in site_feed_groups(site, tops):
-        parts = [rows[(n, horizon)] for n in group if (n, horizon) in rows]
+        parts = [(n, rows[(n, horizon)]) for n in group if (n, horizon) in rows]
         if parts:
-            usable += min(p.usable_kw for p in parts)
-            provisioned += max((p.provisioned_kw or 0) for p in parts)
+            usable += min(feed_usable_kw(site, n, p.usable_kw) for n, p in parts)
+            provisioned += max((p.provisioned_kw or 0) for _, p in parts)
     return usable, provisioned
 
 

@@ -44,7 +44,23 @@ def test_transformers_feeding_different_racks_add_up():
     site = parse_site(d)
     assert sorted(map(sorted, site_feed_groups(site, ["xfmr", "xfmr-2"]))) == [["xfmr"], ["xfmr-2"]]
     usable, provisioned = site_capacity_kw(site, _rows(site), ["xfmr", "xfmr-2"])
-    assert usable == pytest.approx((4000.0 + 2000.0) * 0.8) and provisioned == pytest.approx(300.0)
+    # xfmr (3,200 kW usable) is held to one side's feeder (3,000 x 0.8); xfmr-2 (1,600) to itself
+    assert usable == pytest.approx(3000.0 * 0.8 + 2000.0 * 0.8) and provisioned == pytest.approx(300.0)
+
+
+def test_site_capacity_stops_at_the_weaker_side_of_the_feeders_below_the_transformer():
+    """mqtt-only: a 2,500 kVA landlord transformer (1,900 kW usable) feeds UPS A and B of 1,500 kW
+    each. Every rack fails over onto one UPS, so the site delivers 1,200 kW; the report's plot drew
+    the transformer's 1,900 kW as the site's usable capacity."""
+    from pathlib import Path
+
+    from podwatch.site import load_site
+
+    site = load_site(Path(__file__).parents[3] / "examples" / "sites" / "mqtt-only.yaml")
+    rows = _rows(site)
+    assert rows[("landlord-xfmr", "24h")].usable_kw == pytest.approx(1900.0)
+    usable, _ = site_capacity_kw(site, rows, ["landlord-xfmr"])
+    assert usable == pytest.approx(1500.0 * 0.8)
 
 
 def test_risk_timeline_window_of_a_single_score_per_rack_is_minutes_not_years():
