@@ -46,12 +46,23 @@ log = logging.getLogger(__name__)
 
 LOAD_METRICS = ("pdu.power_kw", "meter.power_kw", "cdu.heat_removed_kw", "rack.power_kw")
 GOOD_QUALITY = 0
-FILL_LIMIT_BUCKETS = 5
-IT_SUFFIX = "#it"  # column of the IT-only (PDU) load of a node whose design load comes from its meter  # a reading carries forward over at most this many empty buckets
+FILL_LIMIT_BUCKETS = 5  # a reading carries forward over at most this many empty buckets
+IT_SUFFIX = "#it"  # column of the IT-only (PDU) load of a node whose design load comes from its meter
+# Bucketed rows read and load-grid cells built at most: `--bucket-s 1` over months of data would
+# otherwise fill the machine's memory (90 days at 1 s is 7.8 M buckets per series).
+MAX_BUCKETED_ROWS = 50_000_000
+MAX_GRID_CELLS = 200_000_000
 
 
 class DataSourceError(PodwatchError):
     """The samples could not be read (locked DuckDB file, missing folder, wrong columns)."""
+
+
+def _too_fine(bucket_s: int, span_s: float, per_bucket: int, estimate: float, what: str, cap: int) -> DataSourceError:
+    # (span / b + 1) x per_bucket <= cap  <=>  b >= span x per_bucket / (cap - per_bucket)
+    smallest = max(int(bucket_s) + 1, -(-int(span_s * per_bucket) // max(1, cap - per_bucket)))
+    return DataSourceError(f"--bucket-s {bucket_s}: {span_s / 86400:,.1f} days of data in {bucket_s} s buckets give "
+                           f"{estimate:,.0f} {what} (at most {cap:,}); use --bucket-s {smallest} or more, or less data")
 
 
 @dataclass
@@ -153,6 +164,13 @@ def read_samples_connection(con, bucket_s: int, start: datetime | None = None, e
     cond = " AND ".join(where)
     counts = con.execute(f"SELECT count(*), count(*) FILTER (WHERE quality <> {GOOD_QUALITY} OR value IS NULL) "
                          f"FROM samples WHERE {cond}", params).fetchall()[0]
+    if counts[0] > MAX_BUCKETED_ROWS:  # buckets that small might not shrink the rows enough
+        t0, t1, series = con.execute(f"SELECT min(ts), max(ts), count(DISTINCT (device, metric)) FROM samples "
+                                     f"WHERE {cond}", params).fetchall()[0]
+        span_s = (t1 - t0).total_seconds()
+        estimate = min(counts[0], (span_s / bucket_s + 1) * series)
+        if estimate > MAX_BUCKETED_ROWS:
+            raise _too_fine(bucket_s, span_s, series, estimate, "bucketed readings", MAX_BUCKETED_ROWS)
     frame = duckdb_frame(
         con, f"SELECT time_bucket(INTERVAL '{int(bucket_s)} seconds', ts) AS ts, device, metric, avg(value) AS value "
              f"FROM samples WHERE {cond} AND quality = {GOOD_QUALITY} AND value IS NOT NULL GROUP BY ALL ORDER BY ts",
@@ -216,6 +234,10 @@ def node_loads(site: Site, samples: pl.DataFrame, bucket_s: int) -> LoadData:
     every = f"{int(bucket_s)}s"
     samples = samples.with_columns(pl.col("ts").dt.truncate(every))
     t0, t1 = samples["ts"].min(), samples["ts"].max()
+    span_s = (t1 - t0).total_seconds()
+    cells = (span_s / bucket_s + 1) * max(1, len(capacities))
+    if cells > MAX_GRID_CELLS:
+        raise _too_fine(bucket_s, span_s, max(1, len(capacities)), cells, "load cells (buckets x nodes)", MAX_GRID_CELLS)
     grid = pl.DataFrame({"ts": pl.datetime_range(t0, t1, every, eager=True, time_zone="UTC")})
 
     def wide(metric: str, column_of: dict[str, str]) -> pl.DataFrame:

@@ -154,3 +154,28 @@ def test_samples_of_another_site_are_a_clear_error_not_a_table_of_dashes(site):
     rows = [(0, "bms-row1-1", "rack.power_kw", 120.0), (0, "sensor-gw-row2-1", "rack.power_kw", 100.0)]
     with pytest.raises(DataSourceError, match="no load samples of any device of site 't'.*another site"):
         node_loads(site, samples(rows), 60)
+
+
+def test_buckets_too_fine_for_the_span_are_a_clear_error_naming_the_flag(site):
+    """`headroom --bucket-s 1` over a year built a grid of 31 M buckets x every node and filled the
+    machine's memory; it is refused before the grid is built, with a bucket size that fits."""
+    rows = [(0, "pdu-m1-r01-a", "pdu.power_kw", 40.0), (400 * 24 * 60, "pdu-m1-r01-a", "pdu.power_kw", 41.0)]
+    with pytest.raises(DataSourceError, match=r"--bucket-s 1: 400\.0 days .* use --bucket-s (\d+) or more") as info:
+        node_loads(site, samples(rows), 1)
+    suggested = int(info.value.args[0].split("use --bucket-s ")[1].split()[0])
+    assert node_loads(site, samples(rows), suggested).loads.height == 400 * 86400 // suggested + 1
+
+
+def test_duckdb_reader_refuses_bucketed_rows_beyond_its_cap(tmp_path, monkeypatch):
+    import duckdb
+
+    from podwatch.analytics import load as load_module
+
+    con = duckdb.connect(str(tmp_path / "s.duckdb"))
+    con.execute("CREATE TABLE samples AS SELECT TIMESTAMP '2026-03-02' + to_seconds(i * 3600) AS ts, 'pdu-1' AS device, "
+                "'pdu.power_kw' AS metric, 50.0 AS value, 0 AS quality FROM range(48) r(i)")
+    monkeypatch.setattr(load_module, "MAX_BUCKETED_ROWS", 20)
+    with pytest.raises(DataSourceError, match=r"--bucket-s 60: 2\.0 days .* use --bucket-s 8906 or more"):
+        load_module.read_samples_connection(con, 60)
+    frame, rows, _ = load_module.read_samples_connection(con, 8906)  # the suggested bucket fits
+    assert rows == 48 and frame.height <= 20
