@@ -20,7 +20,7 @@ Checks (names are the `rule` of the observations and the `check:<name>` sources 
 | dew_point_margin_low | CDU | supply − dew point < site `thermal.dew_point_margin_c` |
 | pump_redundancy_lost | CDU | fewer pumps running than full flow needs, or a pump down and no standby left |
 | leak_detected | rack, CDU | leak state >= 1 (Warning) |
-| sensor_stale | device | no good sample for `stale_after_s` (default 5 × poll interval, >= 10 s) |
+| sensor_stale | device | no good sample for `stale_after_s` (default 5 × poll interval, >= 10 s), of the device or of one of its analog signals |
 | sensor_stuck | device | an analog signal other than an exact 0 has not changed at all for `stuck_after_s` |
 
 State kept between batches is small: the newest good value of each (device, metric) with the
@@ -438,6 +438,10 @@ class StreamingChecks:
                          [f"loop carries {coolant_kw:.0f} kW, racks put {expected_kw:.0f} kW into the liquid ({mismatch:+.0%})"])
         return out
 
+    def stale_after_s(self, info) -> float:
+        """Seconds without a good sample after which a device (or one of its signals) is stale."""
+        return self.settings.stale_after_s or max(10.0, 5 * info.poll_interval_s)
+
     def stale_observations(self, now: datetime) -> list[Observation]:
         """`sensor_stale` of every device at sample time `now`, for when no batch arrives at all
         (a dead collector or broker): without it the silence itself would never alert."""
@@ -450,33 +454,50 @@ class StreamingChecks:
         out: list[Observation] = []
         now_naive = now.replace(tzinfo=None)
         started = self._started.replace(tzinfo=None) if self._started else now_naive
+        analog_all = self._last.filter(
+            pl.any_horizontal(*[pl.col("metric").str.ends_with(x) for x in s.stuck_metric_suffixes])
+        ).with_columns(((pl.lit(now_naive) - pl.col("ts")).dt.total_milliseconds() / 1000.0).alias("age_s"),
+                       ((pl.lit(now_naive) - pl.col("changed_ts")).dt.total_milliseconds() / 1000.0).alias("unchanged_s"))
+        point_ages: dict[str, list[tuple[str, float]]] = {}
+        for device, metric, age in analog_all.select("device", "metric", "age_s").iter_rows():
+            point_ages.setdefault(device, []).append((metric, age))
         for info in self.devices.values():
-            stale_after = s.stale_after_s or max(10.0, 5 * info.poll_interval_s)
+            stale_after = self.stale_after_s(info)
             last = self._last_seen.get(info.device)
             age_s = (now_naive - (last or started)).total_seconds()
             labels = {"site": self.site.id, "device": info.device, "kind": info.kind, "entity": info.entity}
             if info.module:
                 labels["module"] = info.module
-            reason = (f"no good sample for {age_s:.0f} s (stale after {stale_after:.0f} s)" if last
-                      else f"no good sample since checks started {age_s:.0f} s ago")
-            out.append(Observation(rule="sensor_stale", target=info.device, active=age_s > stale_after,
-                                   ts=now, value=age_s, labels=labels, reasons=[reason]))
+            reasons = [f"no good sample for {age_s:.0f} s (stale after {stale_after:.0f} s)" if last
+                       else f"no good sample since checks started {age_s:.0f} s ago"]
+            active = age_s > stale_after
+            if not active:
+                # The device reports, but a signal it used to send has dropped out (one register
+                # or topic failing): stale too, named - not "stuck" at its last value.
+                dropped = sorted(((m, a) for m, a in point_ages.get(info.device, ()) if a > stale_after),
+                                 key=lambda x: -x[1])
+                if dropped:
+                    active, age_s = True, dropped[0][1]
+                    reasons = [f"{m}: no good sample for {a:.0f} s while the device reports (stale after "
+                               f"{stale_after:.0f} s)" for m, a in dropped]
+            out.append(Observation(rule="sensor_stale", target=info.device, active=active,
+                                   ts=now, value=age_s, labels=labels, reasons=reasons))
         touched = set(touched)
-        analog = self._last.filter(pl.col("device").is_in(list(touched))
-                                   & pl.any_horizontal(*[pl.col("metric").str.ends_with(x) for x in s.stuck_metric_suffixes]))
+        analog = analog_all.filter(pl.col("device").is_in(list(touched)))
         if analog.is_empty():
             return out
-        analog = analog.with_columns(
-            ((pl.lit(now_naive) - pl.col("changed_ts")).dt.total_milliseconds() / 1000.0).alias("unchanged_s"))
-        for device, metrics, unchanged, values in analog.group_by("device").agg(
-                pl.col("metric"), pl.col("unchanged_s"), pl.col("value")).iter_rows():
+        for device, metrics, unchanged, values, ages in analog.group_by("device").agg(
+                pl.col("metric"), pl.col("unchanged_s"), pl.col("value"), pl.col("age_s")).iter_rows():
             if device not in self.devices:
                 continue
             info = self.devices[device]
+            stale_after = self.stale_after_s(info)
             # a value at exactly 0 repeats exactly because it is true (an empty rack's PDU, no flow
             # while the pumps are down): not evidence of a frozen sensor, and the physics checks
-            # judge a zero flow or power; a live signal's noise never repeats bit for bit
-            stuck = [(m, u, v) for m, u, v in zip(metrics, unchanged, values) if u > s.stuck_after_s and v != 0]
+            # judge a zero flow or power; a live signal's noise never repeats bit for bit. A
+            # signal that no longer arrives is stale (above), not stuck.
+            stuck = [(m, u, v) for m, u, v, a in zip(metrics, unchanged, values, ages)
+                     if u > s.stuck_after_s and v != 0 and a <= stale_after]
             worst = max(unchanged)
             labels = {"site": self.site.id, "device": device, "kind": info.kind, "entity": info.entity}
             reasons = [f"{m} unchanged at {v:g} for {u:.0f} s" for m, u, v in sorted(stuck, key=lambda x: -x[1])]

@@ -161,3 +161,23 @@ def test_missing_column_is_a_clear_error():
 def test_coolant_heat_formula():
     # 1.2 L/min/kW at 132 kW carries ~116 kW with ΔT 11 K
     assert coolant_heat_kw(158.4, 10.5) == pytest.approx(158.4 / 60 * 4.18 * 10.5)
+
+
+def test_a_signal_that_drops_out_of_a_reporting_device_is_stale_not_stuck():
+    """bms-m1-r03 keeps reporting, but its return temperature stops arriving at 100 s (one register
+    or topic failing). It showed as `sensor_stuck` 'unchanged at 42.1 for 120 s' - its last value
+    frozen in place - and never as stale. Now: stale, the signal named; not stuck."""
+    checks = StreamingChecks(SITE)
+    obs = []
+    for start in range(0, 300, 10):
+        rows = healthy_rows(SITE, start, 10)
+        if start >= 100:
+            rows = rows.filter(~((pl.col("device") == "bms-m1-r03") & (pl.col("metric") == "rack.liquid_return_temp_c")))
+        obs.extend(checks.process(rows))
+    stale = [o for o in obs if o.rule == "sensor_stale" and o.target == "bms-m1-r03"]
+    assert not any(o.active for o in stale[:10])
+    assert stale[-1].active
+    assert stale[-1].reasons[0].startswith("rack.liquid_return_temp_c: no good sample for ")
+    assert "while the device reports" in stale[-1].reasons[0]
+    assert not [o for o in obs if o.rule == "sensor_stuck" and o.target == "bms-m1-r03" and o.active]
+    assert {o.target for o in obs if o.active and o.rule in ("sensor_stale", "sensor_stuck")} == {"bms-m1-r03"}
