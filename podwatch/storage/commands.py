@@ -86,8 +86,11 @@ def _open_read_only(db: str):
     except DatabaseLocked as exc:
         owner = read_owner(db)
         where = f" (podwatch serve, pid {owner['pid']}, API {owner['api_url']})" if owner else ""
-        raise PodwatchError(f"{db} is held by another process{where}; query it through the API "
-                            f"(podwatch sql --api URL) or stop that process. {exc}") from None
+        detail = str(exc).split("Conflicting lock is held in ", 1)[-1] if "Conflicting lock" in str(exc) else ""
+        holder = f" (lock held by {detail.split('. See also')[0].strip()})" if detail else ""
+        raise PodwatchError(f"{db} is held by another process{where or holder}; export reads the file itself: "
+                            f"stop that process first (its data stays queryable meanwhile through the API: "
+                            f"podwatch sql --api URL)") from None
 
 
 def _sql(

@@ -89,3 +89,26 @@ def test_export_reads_with_pandas(tmp_path):
     con.close()
     df = pandas.read_parquet(out / "samples")
     assert len(df) == 864 * 4 and set(df["site"].astype(str)) == {"dc1"}
+
+
+def test_export_of_a_file_another_process_holds_is_one_line_naming_the_holder(tmp_path):
+    """The message repeated the path and DuckDB's whole error; it names the holder once and says
+    what to do (export reads the file itself)."""
+    db_path = tmp_path / "held.duckdb"
+    Database(db_path).close()
+    holder = subprocess.Popen([sys.executable, "-c", "import duckdb, sys; c = duckdb.connect(sys.argv[1]); "
+                               "print('ready', flush=True); sys.stdin.read()", str(db_path)],
+                              stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "ready"
+        done = subprocess.run([str(Path(sys.executable).parent / "podwatch"), "export", "--db", str(db_path),
+                               "--to", str(tmp_path / "out")], capture_output=True, text=True, timeout=60)
+    finally:
+        holder.stdin.close()
+        holder.wait(10)
+    assert done.returncode == 1
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1 and "Traceback" not in done.stderr
+    assert lines[0].count(str(db_path)) == 1 and f"(PID {holder.pid})" in lines[0]
+    assert "stop that process first" in lines[0]
+    assert not (tmp_path / "out").exists()
