@@ -121,6 +121,11 @@ def register(app: typer.Typer) -> None:
                  fresh: bool = typer.Option(False, "--fresh", help="With --db: recompute forecasts instead of using "
                                             "the stored `forecasts` rows"),
                  flow_lpm_per_kw: float = typer.Option(1.2, "--flow-lpm-per-kw", help="Design coolant flow of the new racks"),
+                 whips_per_side: int = typer.Option(None, "--whips-per-side", min=1,
+                                                    help="Power whips per side of each new rack (default: as the "
+                                                         "site's existing racks, most common first)"),
+                 whip_amps: float = typer.Option(None, "--whip-amps", min=0.001,
+                                                 help="Rating of each whip, A (default: as the existing racks)"),
                  details: bool = typer.Option(False, "--details", help="Print every resource checked"),
                  as_json: bool = typer.Option(False, "--json", help="Print the result as JSON")) -> None:
         """Whether and where N more racks fit, against forecast P99 headroom with redundancy."""
@@ -146,7 +151,8 @@ def register(app: typer.Typer) -> None:
             if (db is None) == (history is None):
                 raise PodwatchError("give exactly one data source: --db FILE (DuckDB) or --history DIR (Parquet)")
             rows = compute_headroom(site, load_from_source(site, db=db, history=history, bucket_s=bucket_s)).rows
-        result = plan(site, rows, rack_kw, count, module=module, flow_lpm_per_kw=flow_lpm_per_kw)
+        whips = _new_rack_whips(site, module, whips_per_side, whip_amps)
+        result = plan(site, rows, rack_kw, count, module=module, flow_lpm_per_kw=flow_lpm_per_kw, whips=whips)
         if as_json:
             typer.echo(json.dumps(dataclasses.asdict(result), default=str, indent=1))
             return
@@ -213,3 +219,19 @@ def register(app: typer.Typer) -> None:
         risks, alerts = read_risk_and_alerts(db=db, history=history)
         index = write_report(ReportInputs(site=site, load=load, headroom=headroom, risk_scores=risks, alerts=alerts), out)
         typer.echo(f"wrote {index}")
+
+
+def _new_rack_whips(site, module: str | None, per_side: int | None, rating_a: float | None):
+    """The new racks' power entry: the given whips, else those of the site's existing racks (of
+    `module` when given; the most common spec) - a new rack is usually another of the same kind."""
+    from collections import Counter
+
+    from podwatch.site import RackWhips
+
+    racks = [r for r in site.racks if module is None or r.module == module] or list(site.racks)
+    specs = Counter((r.spec.whips.per_side, r.spec.whips.rating_a, r.spec.whips.voltage_v) for r in racks)
+    usual = RackWhips()
+    if specs:
+        (n, amps, volts), _ = specs.most_common(1)[0]
+        usual = RackWhips(per_side=n, rating_a=amps, voltage_v=volts)
+    return usual.model_copy(update={k: v for k, v in (("per_side", per_side), ("rating_a", rating_a)) if v is not None})

@@ -196,3 +196,19 @@ def test_new_rack_whips_are_at_the_site_voltage():
     assert result.limiting_resource == "new rack whips"
     assert result.limiting_margin_kw == pytest.approx(usable_400 - 170.0)
     assert not _fits(site, {}, 160.0, 1, None, FLOW_PER_KW, RackWhips())  # 157.9 kW usable at 400 V (163.7 at 415 V)
+
+
+def test_new_racks_get_the_whips_of_the_existing_racks_unless_told():
+    """edge-5mw racks take 6 x 63 A at 400 V a side; the planner sized every new rack on a fixed
+    5 x 60 A (159.6 kW usable a side instead of 201.1), so a 180 kW rack 'fitted nowhere'."""
+    from pathlib import Path
+
+    from podwatch.analytics.capacity_commands import _new_rack_whips
+    from podwatch.site import load_site
+
+    site = load_site(Path(__file__).parents[3] / "examples" / "sites" / "edge-5mw.yaml")
+    whips = _new_rack_whips(site, None, None, None)
+    assert (whips.per_side, whips.rating_a, whips.voltage_v) == (6, 63.0, 400.0)
+    told = _new_rack_whips(site, None, 4, 32.0)
+    assert (told.per_side, told.rating_a, told.voltage_v) == (4, 32.0, 400.0)
+    assert whips.side_kva() * site.spec.defaults.power_factor * 0.8 == pytest.approx(201.13, abs=0.01)
