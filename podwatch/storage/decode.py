@@ -164,7 +164,6 @@ def _bad_point_value(points: dict) -> str | None:
 _HEADER_GETTERS = [itemgetter(name) for name in ("v", "site", "device", "seq", "ts", "quality")]
 _POINTS = itemgetter("points")
 BULK_CHUNK = 64
-_POINT_VALUE_TYPES = {float, int, type(None)}
 
 
 def decode_messages(values: list[bytes | None]) -> DecodedBatch:
@@ -237,9 +236,6 @@ def _decode_bulk_unchecked(values: list[bytes | None]) -> DecodedBatch | None:
         point_values.extend(chain.from_iterable(map(dict.values, points)))
     if not _header_columns_valid(*columns):
         return None
-    # polars would take a JSON boolean as 1.0/0.0 (and bool is an int): the checked path names it
-    if not set(map(type, point_values)) <= _POINT_VALUE_TYPES:
-        return None
     vs, sites, devices, seqs, ts_ms, qualities = columns
     # A device sends the same metric names in the same order every time: one dict lookup per
     # message instead of building a string per point.
@@ -247,10 +243,21 @@ def _decode_bulk_unchecked(values: list[bytes | None]) -> DecodedBatch | None:
         for names in set(key_tuples) - _KEY_CODES.keys():
             _codes_for(names)
     metric_codes = list(map(_KEY_CODES.__getitem__, key_tuples))
-    value_series = _value_series(point_values)
+    value_series = _value_series(point_values)  # raises on a string, list or object: the checked path names it
+    if _holds_a_boolean(point_values, value_series):
+        return None
     quality_codes = list(map(QUALITY_CODES.__getitem__, qualities))
     return _build_batch(devices, seqs, ts_ms, quality_codes, counts, metric_codes, value_series,
                         overrides, np.arange(len(values), dtype=np.int64), [], set(sites))
+
+
+def _holds_a_boolean(point_values: list, value_series: pl.Series) -> bool:
+    """polars takes a JSON boolean as 1.0/0.0 (and bool is an int), so only a value that came out
+    exactly 0 or 1 can have been one: the types of those few are looked at, not of every value
+    (a type check of every point cost ~0.7 us per 25-point message, ~10 % of the fetch process)."""
+    values = value_series.to_numpy()
+    maybe = np.flatnonzero((values == 0.0) | (values == 1.0))
+    return any(type(point_values[i]) is bool for i in maybe.tolist())
 
 
 def _value_series(point_values: list) -> pl.Series:

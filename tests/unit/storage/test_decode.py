@@ -93,6 +93,11 @@ def test_booleans_are_rejected_like_the_stream_contract_says():
     batch = decode_messages([env(points={"cdu.pump1.running": True, "cdu.flow_lpm": 3.0}), env(device="truey")])
     assert [r.index for r in batch.rejected] == [0] and "True" in batch.rejected[0].reason
     assert batch.rows.height == 2
+    # False comes out of polars as 0.0, next to a true 0 and 1 of other messages
+    batch = decode_messages([env(points={"cdu.leak_state": 0, "cdu.flow_lpm": 1.0}),
+                             env(seq=2, points={"cdu.leak_state": False}), env(seq=3)])
+    assert [r.index for r in batch.rejected] == [1] and "False" in batch.rejected[0].reason
+    assert batch.rows.height == 4
 
 def test_metric_name_cache_is_bounded_between_batches(monkeypatch):
     from podwatch.storage import decode
