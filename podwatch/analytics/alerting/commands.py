@@ -155,7 +155,7 @@ def _rules(
     """Validate and print the effective alert rules (defaults + site file)."""
     from podwatch.analytics.alerting.rules import load_rules
 
-    rs = load_rules(rules)
+    rs = load_rules(rules)  # its warnings (a rule on no known check) go to the log, i.e. stderr
     if fmt == "json":
         typer.echo(json.dumps(rs.model_dump(by_alias=True), indent=2, ensure_ascii=False))
         return

@@ -26,6 +26,7 @@ Every error in both files is reported at once with its field path (ConfigError).
 
 from __future__ import annotations
 
+import logging
 import re
 import string
 from importlib import resources
@@ -36,6 +37,8 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from podwatch.errors import ConfigError
+
+log = logging.getLogger(__name__)
 
 Severity = Literal["info", "warning", "critical"]
 Op = Literal[">", ">=", "<", "<=", "==", "!="]
@@ -358,4 +361,28 @@ def load_rules(path: str | Path | None = None, *, text: str | None = None, inclu
             errors.extend(_pydantic_errors(exc, where))
     if errors:
         raise ConfigError(str(path) if path is not None else "alert rules", errors)
-    return RuleSet(labels=labels, rules=rules)
+    rule_set = RuleSet(labels=labels, rules=rules)
+    for warning in unknown_check_warnings(rule_set):
+        log.warning("%s", warning)
+    return rule_set
+
+
+def unknown_check_warnings(rule_set: RuleSet) -> list[str]:
+    """A rule on `check:<name>` that names none of podwatch's checks fires only when some other
+    component posts observations of that name (the observation API is open) - usually a typo
+    that would leave the rule silent forever, so it is said out loud (not refused)."""
+    import difflib
+
+    from podwatch.analytics.checks import CHECK_NAMES
+
+    out = []
+    for rule in rule_set.enabled_rules():
+        name = rule.source.removeprefix("check:") if rule.source.startswith("check:") else None
+        if name is None or name in CHECK_NAMES:
+            continue
+        close = difflib.get_close_matches(name, CHECK_NAMES, n=1)
+        hint = f"did you mean check:{close[0]}? " if close else ""
+        out.append(f"alert rule {rule.id!r}: source check:{name} is none of podwatch's checks; {hint}it fires only "
+                   f"on observations another component posts under that name (`podwatch alerts rules` lists the "
+                   f"shipped rules and their checks)")
+    return out

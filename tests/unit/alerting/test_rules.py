@@ -233,3 +233,25 @@ def test_serve_on_port_0_links_notifications_to_the_port_it_listens_on(tmp_path)
     sp = ServeProcess(ServeOptions(db=str(tmp_path / "x.duckdb"), port=0))
     assert sp.opts.port != 0 and sp.service.settings.port == sp.opts.port
     assert alerting_settings(sp.opts).generator_url == f"http://127.0.0.1:{sp.opts.port}"
+
+
+def test_a_rule_on_a_check_podwatch_does_not_have_is_warned_with_the_closest_name(caplog):
+    """`source: check:flow_per_kw_lo` (a typo) was accepted silently and the rule never fired."""
+    import logging
+
+    from podwatch.analytics.alerting.rules import load_rules, unknown_check_warnings
+
+    text = """
+rules:
+  - {id: my_flow, source: "check:flow_per_kw_lo", for: 1m, severity: warning, annotations: {summary: s}}
+  - {id: custom, source: "check:vendor_fan_speed", for: 1m, severity: info, annotations: {summary: s}}
+  - {id: unused, source: "check:nothing_here", enabled: false, annotations: {summary: s}}
+"""
+    with caplog.at_level(logging.WARNING, logger="podwatch.analytics.alerting.rules"):
+        rule_set = load_rules(text=text)
+    warnings = unknown_check_warnings(rule_set)
+    assert len(warnings) == 2
+    assert "'my_flow'" in warnings[0] and "did you mean check:flow_per_kw_low?" in warnings[0]
+    assert "'custom'" in warnings[1] and "did you mean" not in warnings[1]
+    assert [r.getMessage() for r in caplog.records] == warnings
+    assert unknown_check_warnings(load_rules()) == []  # the shipped rules name real checks
